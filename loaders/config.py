@@ -1,0 +1,227 @@
+"""The YAML mixture file: parsing, validation with errors that name the key, file or domain.
+
+::
+
+    seed: 1234                    # fixes the whole sample order
+    global_batch_size: 32         # samples per optimizer step, over all ranks
+    seq_len: 128                  # tokens per sample (windows hold seq_len + 1)
+    weighting:
+      temperature: 1.0            # only when no domain gives a weight: p ∝ size^(1/T)
+      sampling: systematic        # or multinomial
+    transform: pkg.mod:function   # optional, for domains without their own
+    domains:                      # the order of the list fixes each domain's index
+      - {name: code, source: tokenbin, path: data/code.bin, dtype: uint16, weight: 0.5}
+      - {name: prose, source: jsonl, path: data/prose.jsonl, field: text, weight: 0.5, max_epochs: 2}
+
+Relative paths resolve against the config file's folder. Weights are given
+for every domain or for none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from loaders.plan import SAMPLING_METHODS, UNLIMITED, PlanSpec
+from loaders.sources import SOURCES, Source
+from loaders.transforms import ImportedTransform
+from mixing.simplex import check_weights, temperature_weights
+
+TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains")
+WEIGHTING_KEYS = ("temperature", "sampling")
+DOMAIN_KEYS = ("name", "source", "path", "weight", "max_epochs", "transform")
+
+
+class ConfigError(ValueError):
+    """A mixture config that cannot be used; the message names the key, file or domain."""
+
+
+def _unknown_keys(given: dict, allowed: tuple[str, ...] | frozenset[str], where: str) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _integer(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass
+class DomainConfig:
+    name: str
+    source: str
+    path: Path
+    weight: float | None = None
+    max_epochs: float | None = None
+    transform: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # source-specific keys (dtype, field, ...)
+
+
+@dataclass
+class MixtureConfig:
+    domains: list[DomainConfig]
+    global_batch_size: int
+    seq_len: int
+    seed: int = 0
+    temperature: float = 1.0
+    sampling: str = "systematic"
+    transform: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for the hash
+
+    @property
+    def names(self) -> list[str]:
+        return [domain.name for domain in self.domains]
+
+    @classmethod
+    def load(cls, path: str | Path) -> MixtureConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        return cls.from_dict(raw, base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, raw: Any, base_dir: str | Path = ".") -> MixtureConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a mixture config is a mapping of keys, got {type(raw).__name__}")
+        _unknown_keys(raw, TOP_KEYS, "config")
+        for key in ("global_batch_size", "seq_len", "domains"):
+            if key not in raw:
+                raise ConfigError(f"config: missing required key {key!r}")
+        weighting = raw.get("weighting") or {}
+        if not isinstance(weighting, dict):
+            raise ConfigError(f"weighting must be a mapping, got {weighting!r}")
+        _unknown_keys(weighting, WEIGHTING_KEYS, "weighting")
+        temperature = weighting.get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"weighting.temperature must be a number > 0, got {temperature!r}")
+        sampling = weighting.get("sampling", "systematic")
+        if sampling not in SAMPLING_METHODS:
+            raise ConfigError(f"weighting.sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
+
+        domains_raw = raw["domains"]
+        if not isinstance(domains_raw, list) or not domains_raw:
+            raise ConfigError("domains must be a non-empty list")
+        domains = [_domain(entry, i, Path(base_dir)) for i, entry in enumerate(domains_raw)]
+        seen: set[str] = set()
+        for domain in domains:
+            if domain.name in seen:
+                raise ConfigError(f"domain name {domain.name!r} appears twice")
+            seen.add(domain.name)
+        given = [d.name for d in domains if d.weight is not None]
+        if given and len(given) != len(domains):
+            missing = [d.name for d in domains if d.weight is None]
+            raise ConfigError(
+                f"weights must be given for every domain or for none: missing for {missing} "
+                "(without any weight, weighting.temperature sets them)"
+            )
+        config = cls(
+            domains=domains,
+            global_batch_size=_integer(raw["global_batch_size"], "global_batch_size", 1),
+            seq_len=_integer(raw["seq_len"], "seq_len", 1),
+            seed=_integer(raw.get("seed", 0), "seed", 0),
+            temperature=float(temperature),
+            sampling=sampling,
+            transform=raw.get("transform"),
+            raw=raw,
+        )
+        if given:
+            try:
+                check_weights([d.weight for d in domains], config.names, "domain weights")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        return config
+
+    def config_hash(self) -> str:
+        """SHA-256 of the config as written (canonical JSON), to tie logs and checkpoints to it."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
+
+    def build_sources(self) -> list[Source]:
+        """Open every domain's source (index files are built here); errors name the domain."""
+        sources = []
+        for domain in self.domains:
+            transform_spec = domain.transform or self.transform
+            transform = ImportedTransform(transform_spec) if transform_spec else None
+            try:
+                source = SOURCES[domain.source](domain.path, self.seq_len, transform=transform, **domain.options)
+            except FileNotFoundError:
+                raise ConfigError(f"domain {domain.name!r}: file not found: {domain.path}") from None
+            except ValueError as error:
+                raise ConfigError(f"domain {domain.name!r}: {error}") from None
+            if len(source) == 0:
+                raise ConfigError(
+                    f"domain {domain.name!r}: {domain.path} holds no samples "
+                    f"(a {domain.source} sample needs seq_len + 1 = {self.seq_len + 1} tokens / one document)"
+                )
+            sources.append(source)
+        return sources
+
+    def initial_weights(self, sizes: list[int]) -> np.ndarray:
+        """The configured weights, or the temperature rule over the domain sizes."""
+        if self.domains[0].weight is not None:
+            return check_weights([d.weight for d in self.domains], self.names)
+        return temperature_weights(sizes, self.temperature)
+
+    def plan_spec(self, sizes: list[int]) -> PlanSpec:
+        caps = []
+        for domain, size in zip(self.domains, sizes):
+            if domain.max_epochs is None:
+                caps.append(UNLIMITED)
+                continue
+            cap = math.floor(domain.max_epochs * size)
+            if cap < 1:
+                raise ConfigError(f"domain {domain.name!r}: max_epochs {domain.max_epochs} allows no sample of {size}")
+            caps.append(cap)
+        return PlanSpec(sizes, caps, self.seed, self.global_batch_size, self.sampling)
+
+
+def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"domains[{position}] must be a mapping, got {entry!r}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"domains[{position}]: 'name' must be a non-empty string, got {name!r}")
+    where = f"domain {name!r}"
+    kind = entry.get("source")
+    if kind not in SOURCES:
+        raise ConfigError(f"{where}: source must be one of {sorted(SOURCES)}, got {kind!r}")
+    _unknown_keys(entry, DOMAIN_KEYS + tuple(SOURCES[kind].options), f"{where} ({kind})")
+    if "path" not in entry:
+        raise ConfigError(f"{where}: missing required key 'path'")
+    path = base_dir / Path(str(entry["path"])).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{where}: file not found: {path}")
+    weight = entry.get("weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+        raise ConfigError(f"{where}: weight must be a number, got {weight!r}")
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise ConfigError(f"{where}: weight must be finite and >= 0, got {weight!r}")
+    max_epochs = entry.get("max_epochs")
+    if max_epochs is not None and (
+        isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, float)) or not max_epochs > 0
+    ):
+        raise ConfigError(f"{where}: max_epochs must be a number > 0, got {max_epochs!r}")
+    options = {key: entry[key] for key in SOURCES[kind].options if key in entry}
+    return DomainConfig(
+        name=name,
+        source=kind,
+        path=path,
+        weight=None if weight is None else float(weight),
+        max_epochs=max_epochs,
+        transform=entry.get("transform"),
+        options=options,
+    )

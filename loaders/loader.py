@@ -1,0 +1,103 @@
+"""``MixedLoader``: a ``DataLoader`` over a ``MixedDataset`` that can checkpoint and resume exactly.
+
+The loader counts the batches it has handed to the training loop. Its
+``state_dict()`` is the plan position after the last of them — ``(batch,
+cursors)``, a few integers — so a run resumed from it continues with the
+very next batch, whatever ``num_workers`` either run used. Batches the
+DataLoader had prefetched but not yet handed out are simply made again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from loaders.dataset import MixedDataset
+from loaders.plan import PlanState, fast_forward
+
+STATE_VERSION = 1
+
+
+class MixedLoader:
+    """Iterate a ``MixedDataset`` through a stock ``DataLoader``, with ``state_dict`` / ``load_state_dict``.
+
+    The keyword arguments are the ``DataLoader``'s own and mean what they mean
+    there. ``num_workers`` only changes speed, never the batches. With
+    ``persistent_workers=True`` the workers survive from one ``iter()`` to the
+    next and still start where the loader stands (the start position lives in
+    shared memory).
+    """
+
+    def __init__(
+        self,
+        dataset: MixedDataset,
+        num_workers: int = 0,
+        *,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        multiprocessing_context: Any = None,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+    ):
+        self.dataset = dataset
+        self._dataloader_kwargs = dict(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            multiprocessing_context=multiprocessing_context,
+            timeout=timeout,
+            worker_init_fn=worker_init_fn,
+            batch_size=None if dataset.output == "batches" else dataset.local_batch_size,
+        )
+        self._position = dataset.start_state()
+        self._handed_out = 0  # batches yielded since _position was last brought up to date
+        self._dataloader: DataLoader | None = None
+
+    @property
+    def position(self) -> PlanState:
+        """The plan position of the next batch this loader will hand out."""
+        if self._handed_out:
+            fast_forward(self.dataset.spec, self._position, self._position.batch + self._handed_out, self.dataset.schedule)
+            self._handed_out = 0
+        return self._position.copy()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_start(self.position)
+        if self._dataloader is None or not self._dataloader_kwargs["persistent_workers"]:
+            self._dataloader = DataLoader(self.dataset, **self._dataloader_kwargs)
+        for batch in self._dataloader:
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints and strings: the position, plus what the mixture must match on resume."""
+        return {"version": STATE_VERSION, "position": self.position.state_dict(), "mixture": self.identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the checkpointed position; the next ``iter()`` starts there."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported loader state version {state.get('version')!r} (expected {STATE_VERSION})")
+        ours = self.identity()
+        for key, value in state["mixture"].items():
+            if ours.get(key) != value:
+                raise ValueError(
+                    f"checkpoint does not match this mixture: {key} was {value!r} when saved, is now {ours.get(key)!r}"
+                )
+        self._position = PlanState.from_state_dict(state["position"])
+        self._handed_out = 0
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint's mixture must share with this one (world size and workers may differ)."""
+        spec = self.dataset.spec
+        return {
+            "domains": list(self.dataset.names),
+            "sizes": [int(n) for n in spec.sizes],
+            "caps": [int(c) for c in spec.caps],
+            "seed": spec.seed,
+            "global_batch_size": spec.global_batch_size,
+            "sampling": spec.sampling,
+        }

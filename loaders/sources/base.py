@@ -1,0 +1,70 @@
+"""What every domain source is: a random-access, lazily opened, picklable sequence of samples."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from loaders.transforms import Transform, collate
+
+
+class SourceError(Exception):
+    """Bad data in a source: the message names the file and the sample."""
+
+
+class Source(abc.ABC):
+    """One domain's samples, addressed by index in ``[0, len(source))``.
+
+    Subclasses open their files on first read (not in ``__init__``) and drop
+    open handles when pickled, so a source travels cheaply to DataLoader
+    workers under both fork and spawn.
+    """
+
+    kind: ClassVar[str]  # the ``source:`` value that selects this class in a config
+    options: ClassVar[frozenset[str]] = frozenset()  # extra config keys it accepts
+
+    def __init__(self, path: str | Path, transform: Transform):
+        self.path = Path(path)
+        self.transform = transform
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    @abc.abstractmethod
+    def record(self, index: int) -> Any:
+        """The raw record at ``index``, before the transform."""
+
+    def describe(self, index: int) -> str:
+        """How error messages name sample ``index`` (a line number, a shard member...)."""
+        return f"sample {index}"
+
+    def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Transformed samples at ``indices``, stacked field by field."""
+        samples = []
+        for index in map(int, indices):
+            record = self.record(index)
+            try:
+                samples.append(self.transform(record))
+            except KeyError as error:
+                raise SourceError(f"{self.path}: {self.describe(index)} has no field {error.args[0]!r}") from None
+            except Exception as error:
+                raise SourceError(
+                    f"{self.path}: {self.describe(index)}: transform {self.transform!r} failed: {error}"
+                ) from error
+        return collate(samples, str(self.path))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this source's content cheaply (checked on resume)."""
+        stat = self.path.stat()
+        return {"kind": self.kind, "path": str(self.path), "bytes": stat.st_size, "samples": len(self)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files and memory maps are reopened lazily in the receiving process.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)

@@ -1,0 +1,127 @@
+"""JSONL: one JSON document per line, addressed through a cached line-offset index.
+
+The index (the byte offset of every non-empty line) is built once with a
+vectorised newline scan and saved beside the file as
+``<file>.onlinemix-idx.npy``, together with the file's size and
+modification time; a changed file rebuilds it. Where the folder is read-only
+the index is kept in memory for the process. Empty lines are not documents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from loaders.sources.base import Source, SourceError
+from loaders.transforms import ByteTokenizer, Transform
+
+INDEX_SUFFIX = ".onlinemix-idx.npy"
+INDEX_VERSION = 1
+_HEADER = 3  # version, file size, mtime_ns: stored ahead of the offsets
+_CHUNK = 16 << 20
+_PROGRESS_FROM = 64 << 20  # show a progress bar when indexing files at least this large
+
+
+def index_path(path: Path) -> Path:
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def _scan_line_starts(path: Path) -> np.ndarray:
+    """Byte offsets of the non-empty lines of ``path``."""
+    size = path.stat().st_size
+    starts = []
+    position = 0
+    line_start = 0  # offset where the current (unfinished) line began
+    with open(path, "rb") as file, tqdm(
+        total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}", disable=size < _PROGRESS_FROM
+    ) as progress:
+        while chunk := file.read(_CHUNK):
+            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + position
+            line_starts = np.concatenate(([line_start], newlines[:-1] + 1)) if len(newlines) else np.empty(0)
+            nonempty = newlines > line_starts  # the line has at least one byte before its newline
+            starts.append(line_starts[nonempty].astype(np.uint64))
+            if len(newlines):
+                line_start = int(newlines[-1]) + 1
+            position += len(chunk)
+            progress.update(len(chunk))
+    if line_start < size:  # last line without a trailing newline
+        starts.append(np.array([line_start], dtype=np.uint64))
+    return np.concatenate(starts) if starts else np.empty(0, dtype=np.uint64)
+
+
+def load_index(path: Path) -> np.ndarray:
+    """Line offsets of ``path``, from the cache when it matches the file, else rebuilt (and cached)."""
+    stat = path.stat()
+    header = np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.uint64)
+    cache = index_path(path)
+    if cache.exists():
+        try:
+            cached = np.load(cache, mmap_mode="r")
+            if cached.shape[0] >= _HEADER and np.array_equal(cached[:_HEADER], header):
+                return cached[_HEADER:]
+        except (ValueError, OSError):
+            pass  # unreadable cache: rebuild it
+    offsets = _scan_line_starts(path)
+    try:
+        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as file:
+            np.save(file, np.concatenate([header, offsets]))
+        os.replace(temporary, cache)  # atomic: readers never see a half-written index
+    except OSError as error:
+        warnings.warn(f"{path}: cannot cache the line index ({error}); keeping it in memory", stacklevel=2)
+    return offsets
+
+
+class JsonlSource(Source):
+    kind = "jsonl"
+    options = frozenset({"field"})
+
+    def __init__(
+        self,
+        path: str | Path,
+        seq_len: int,
+        field: str = "text",
+        transform: Transform | None = None,
+    ):
+        super().__init__(path, transform or ByteTokenizer(seq_len, field=field))
+        self.field = field
+        self._length = len(self.offsets)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def offsets(self) -> np.ndarray:
+        offsets = getattr(self, "_open_offsets", None)
+        if offsets is None:
+            offsets = self._open_offsets = load_index(self.path)
+        return offsets
+
+    def _file(self):
+        file = getattr(self, "_open_file", None)
+        if file is None:
+            file = self._open_file = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
+        return file
+
+    def describe(self, index: int) -> str:
+        offset = int(self.offsets[index])
+        with open(self.path, "rb") as file:  # slow, but only ever on the way to an error
+            line = file.read(offset).count(b"\n") + 1
+        return f"line {line} (document {index})"
+
+    def record(self, index: int) -> Any:
+        if not 0 <= index < self._length:
+            raise SourceError(f"{self.path}: document {index} out of range [0, {self._length})")
+        file = self._file()
+        file.seek(int(self.offsets[index]))
+        line = file.readline()
+        try:
+            return json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SourceError(f"{self.path}: {self.describe(index)} is not valid JSON: {error}") from None

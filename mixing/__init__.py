@@ -1,0 +1,1 @@
+"""onlinemix.mixing: deciding the mixture weights. Nothing here knows about files or workers."""

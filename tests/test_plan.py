@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loaders.plan import (
+    UNLIMITED,
+    PlanSpec,
+    PlanState,
+    StaticSchedule,
+    StreamEnded,
+    advance,
+    fast_forward,
+    plan_batch,
+    systematic_counts,
+)
+
+
+def spec(sizes=(100, 50, 30), caps=None, seed=3, batch=16, sampling="systematic"):
+    caps = [UNLIMITED] * len(sizes) if caps is None else caps
+    return PlanSpec(np.array(sizes), np.array(caps), seed, batch, sampling)
+
+
+def test_systematic_counts_hand_computed():
+    # cumulative 32 * [0.5, 0.8, 1.0] = [16, 25.6, 32]; minus u = 0.25 and ceil: [16, 26, 32]
+    assert systematic_counts(np.array([0.5, 0.3, 0.2]), 32, 0.25).tolist() == [16, 10, 6]
+    # u = 0.7: ceil([15.3, 24.9, 31.3]) = [16, 25, 32]
+    assert systematic_counts(np.array([0.5, 0.3, 0.2]), 32, 0.7).tolist() == [16, 9, 7]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    raw=st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=1, max_size=12).filter(lambda w: sum(w) > 0),
+    total=st.integers(1, 4096),
+    u=st.floats(0.0, 1.0, exclude_max=True),
+)
+def test_systematic_counts_are_floor_or_ceil_and_sum_to_total(raw, total, u):
+    weights = np.array(raw) / sum(raw)
+    counts = systematic_counts(weights, total, u)
+    assert counts.sum() == total
+    expected = weights * total
+    assert np.all(counts >= np.floor(expected - 1e-9)) and np.all(counts <= np.ceil(expected + 1e-9))
+    assert np.all(counts[weights == 0] == 0)
+
+
+def test_plan_counts_follow_weights_and_zero_weight_never_drawn():
+    s = spec(sizes=(100, 50, 30, 10))
+    weights = np.array([0.55, 0.3, 0.15, 0.0])
+    state = PlanState.start(4)
+    for _ in range(200):
+        plan = plan_batch(s, state, weights)
+        assert plan.counts.sum() == 16 and len(plan.domains) == 16
+        assert np.all(plan.counts >= np.floor(16 * weights)) and np.all(plan.counts <= np.ceil(16 * weights))
+        assert np.bincount(plan.domains, minlength=4).tolist() == plan.counts.tolist()
+    assert state.cursors[3] == 0
+
+
+def test_each_epoch_of_a_domain_takes_every_sample_once_in_a_new_order():
+    # 5 + 5 samples a batch: epochs of 40 and 20 samples end on batch boundaries
+    s = spec(sizes=(40, 20), batch=10)
+    state = PlanState.start(2)
+    taken = {0: [], 1: []}
+    for _ in range(24):
+        plan = plan_batch(s, state, np.array([0.5, 0.5]))
+        for d in (0, 1):
+            taken[d].append(plan.indices[plan.domains == d].tolist())
+    for d, size in ((0, 40), (1, 20)):
+        per_epoch = size // 5
+        epochs = [sum(taken[d][e * per_epoch : (e + 1) * per_epoch], []) for e in range(120 // size)]
+        assert all(sorted(epoch) == list(range(size)) for epoch in epochs), f"domain {d}"
+        assert epochs[0] != epochs[1]  # reshuffled each epoch
+
+
+def test_same_seed_same_plan_other_seed_other_plan():
+    def first(seed):
+        state = PlanState.start(3)
+        plan = plan_batch(spec(seed=seed), state, np.array([0.4, 0.4, 0.2]))
+        return plan.domains.tolist(), plan.indices.tolist()
+
+    assert first(1) == first(1)
+    assert first(1) != first(2)
+
+
+def test_rank_slices_partition_the_global_batch():
+    s = spec(batch=24)
+    weights = np.array([0.5, 0.25, 0.25])
+    whole = plan_batch(s, PlanState.start(3), weights)
+    parts = [plan_batch(s, PlanState.start(3), weights, rank=r, world_size=4) for r in range(4)]
+    assert np.concatenate([p.domains for p in parts]).tolist() == whole.domains.tolist()
+    assert np.concatenate([p.indices for p in parts]).tolist() == whole.indices.tolist()
+
+
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_fast_forward_equals_stepping_through_exhaustion(sampling):
+    s = spec(sizes=(40, 25, 300), caps=(80, 25, UNLIMITED), batch=16, sampling=sampling)
+    weights = np.array([0.5, 0.3, 0.2])
+    stepped = PlanState.start(3)
+    for target in (1, 7, 30, 45, 120):
+        while stepped.batch < target:
+            advance(s, stepped, weights)
+        jumped = fast_forward(s, PlanState.start(3), target, StaticSchedule(weights))
+        assert jumped == stepped, target
+
+
+def test_repeat_caps_stop_a_domain_exactly_and_renormalise_the_rest():
+    s = spec(sizes=(40, 25, 300), caps=(80, 25, UNLIMITED), batch=16)
+    weights = np.array([0.5, 0.3, 0.2])
+    state = PlanState.start(3)
+    history = []
+    for _ in range(60):
+        history.append(advance(s, state, weights))
+    assert state.cursors[0] == 80 and state.cursors[1] == 25
+    assert all(c.sum() == 16 for c in history)
+    # once both capped domains are done, every sample comes from the last one
+    assert history[-1].tolist() == [0, 0, 16]
+
+
+def test_stream_ends_when_no_weighted_domain_is_left():
+    s = spec(sizes=(20, 20), caps=(20, 40), batch=10)
+    state = PlanState.start(2)
+    with pytest.raises(StreamEnded) as ended:
+        for _ in range(100):
+            advance(s, state, np.array([0.5, 0.5]))
+    assert ended.value.batch == 6  # 60 samples in all, 10 a batch
+    assert state.cursors.tolist() == [20, 40]
+    # a zero-weight domain does not keep the stream alive
+    state = PlanState.start(2)
+    with pytest.raises(StreamEnded):
+        for _ in range(100):
+            advance(s, state, np.array([1.0, 0.0]))
+    assert state.cursors.tolist() == [20, 0]
+
+
+def test_fast_forward_rejects_going_backwards():
+    state = fast_forward(spec(), PlanState.start(3), 5, StaticSchedule(np.array([0.2, 0.3, 0.5])))
+    with pytest.raises(ValueError, match="backwards"):
+        fast_forward(spec(), state, 2, StaticSchedule(np.array([0.2, 0.3, 0.5])))
+
+
+def test_bad_spec_is_an_error():
+    with pytest.raises(ValueError, match="sampling"):
+        spec(sampling="stratified")
+    with pytest.raises(ValueError, match="at least one sample"):
+        spec(sizes=(10, 0))
