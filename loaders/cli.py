@@ -26,27 +26,28 @@ def _inspect(args: argparse.Namespace) -> None:
     config = MixtureConfig.load(args.config)
     dataset = MixedDataset.from_config(config, rank=0, world_size=1)
     spec = dataset.spec
-    weights = dataset.schedule.weights_at(0)
+    weights = dataset.schedule.weights_for(0, 1)[0]
     state = PlanState.start(spec.num_domains)
     ended = None
     try:
         fast_forward(spec, state, args.steps, dataset.schedule)
     except StreamEnded as end:
         ended = end.batch
+    weighting = "as given" if config.domains[0].weight is not None else f"by temperature {config.temperature}"
     print(
         f"{args.config}: seed {config.seed}, global batch {config.global_batch_size}, seq_len {config.seq_len}, "
-        f"{config.sampling} sampling, weights {'as given' if config.domains[0].weight is not None else f'by temperature {config.temperature}'}"
+        f"{config.sampling} sampling, weights {weighting}"
     )
-    header = f"{'domain':<16} {'source':<9} {'samples':>12} {'weight':>8} {'max_epochs':>10} {f'epochs@{state.batch}':>14}"
+    columns = f"{'domain':<16} {'source':<9} {'samples':>12} {'weight':>8} {'max_epochs':>10}"
+    header = f"{columns} {f'epochs@{state.batch}':>14}"
     print(header)
     print("-" * len(header))
     for d, domain in enumerate(config.domains):
         epochs = state.cursors[d] / spec.sizes[d]
         cap = "-" if domain.max_epochs is None else f"{domain.max_epochs:g}"
         mark = "  (exhausted)" if state.cursors[d] >= spec.caps[d] else ""
-        print(
-            f"{domain.name:<16} {domain.source:<9} {spec.sizes[d]:>12,} {weights[d]:>8.4f} {cap:>10} {epochs:>14.3f}{mark}"
-        )
+        row = f"{domain.name:<16} {domain.source:<9} {spec.sizes[d]:>12,} {weights[d]:>8.4f} {cap:>10}"
+        print(f"{row} {epochs:>14.3f}{mark}")
     if ended is not None:
         print(f"the stream ends at batch {ended}: every domain with positive weight is exhausted")
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "sample",
         help="print the (domain, index) pairs of each batch, in training order, as JSON lines",
-        description="Print one JSON line per global batch: {\"batch\": b, \"samples\": [[domain, index], ...]}, "
+        description='Print one JSON line per global batch: {"batch": b, "samples": [[domain, index], ...]}, '
         "in the exact order training sees them. The output does not depend on --workers, and --start B prints "
         "exactly the lines an uninterrupted run prints from batch B on.",
     )

@@ -20,6 +20,7 @@ index within its domain) besides the transform's fields.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,13 @@ from loaders.plan import (
     StaticSchedule,
     StreamEnded,
     WeightSchedule,
-    advance,
-    plan_batch,
+    plan_batches,
 )
 from loaders.ranks import data_parallel_rank
 from loaders.sources import Source
 
 OUTPUTS = ("batches", "samples")
+PLAN_CHUNK = 64  # batches each worker plans per call: amortises the numpy call overhead
 
 
 class MixedDataset(IterableDataset):
@@ -95,7 +96,7 @@ class MixedDataset(IterableDataset):
         # Where the next iterator starts: [batch, cursors...]. Shared memory, so that
         # persistent workers see a position set in the main process after they started.
         self._start = torch.zeros(1 + spec.num_domains, dtype=torch.int64).share_memory_()
-        self._fields: dict[str, tuple] | None = None
+        self._fields: dict[str, tuple[tuple[int, ...], str]] | None = None
 
     @classmethod
     def from_config(cls, config: MixtureConfig | str | Path, **kwargs: Any) -> MixedDataset:
@@ -126,35 +127,34 @@ class MixedDataset(IterableDataset):
 
     # -- reading -------------------------------------------------------------------
 
-    def read(self, plan: BatchPlan) -> dict[str, np.ndarray]:
-        """The samples of ``plan``, field by field, in slot order."""
+    def read(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """The samples of ``plan``, field by field, in slot order: one read per domain present."""
         size = len(plan.domains)
+        fields = {**self.fields, "domain": ((), "<i8"), "index": ((), "<i8")}
+        tensors, arrays = _allocate_batch(size, fields, shared=get_worker_info() is not None)
         order = np.argsort(plan.domains, kind="stable")
-        present, first = np.unique(plan.domains[order], return_index=True)
-        out: dict[str, np.ndarray] = {}
-        for domain, rows in zip(present, np.split(order, first[1:])):
-            fields = self.sources[domain].read_batch(plan.indices[rows])
-            self._check_fields(int(domain), fields)
-            for name, values in fields.items():
-                if name not in out:
-                    out[name] = np.empty((size, *values.shape[1:]), dtype=values.dtype)
-                out[name][rows] = values
-        out["domain"] = plan.domains
-        out["index"] = plan.indices
-        return out
+        grouped = plan.domains[order]
+        bounds = [0, *(np.flatnonzero(grouped[1:] != grouped[:-1]) + 1).tolist(), size]
+        for start, stop in itertools.pairwise(bounds):
+            rows = order[start:stop]
+            self.sources[grouped[start]].read_into(plan.indices[rows], arrays, rows)
+        arrays["domain"][:] = plan.domains
+        arrays["index"][:] = plan.indices
+        return tensors
 
-    def _check_fields(self, domain: int, fields: dict[str, np.ndarray]) -> None:
-        signature = {name: (values.shape[1:], values.dtype.str) for name, values in fields.items()}
+    @property
+    def fields(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The per-sample shape and dtype of each field every domain produces (checked to agree)."""
         if self._fields is None:
-            self._fields = {"domain": domain, **signature}
-            return
-        expected = {k: v for k, v in self._fields.items() if k != "domain"}
-        if signature != expected:
-            other = self.names[self._fields["domain"]]
-            raise ValueError(
-                f"domains {other!r} and {self.names[domain]!r} produce different fields "
-                f"({expected} vs {signature}); give them transforms with the same outputs"
-            )
+            signatures = [source.signature() for source in self.sources]
+            for name, signature in zip(self.names[1:], signatures[1:]):
+                if signature != signatures[0]:
+                    raise ValueError(
+                        f"domains {self.names[0]!r} and {name!r} produce different fields "
+                        f"({signatures[0]} vs {signature}); give them transforms with the same outputs"
+                    )
+            self._fields = signatures[0]
+        return self._fields
 
     # -- iteration -----------------------------------------------------------------
 
@@ -163,18 +163,53 @@ class MixedDataset(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         state = self.start_state()
         first = state.batch
+
+        def mine(batch: int) -> bool:  # the other workers make the other batches
+            return (batch - first) % num_workers == worker_id
+
         while state.batch < self.num_batches:
-            weights = self.schedule.weights_at(state.batch)
+            # Plan a chunk of batches at once: the plan's numpy work is then amortised over it.
+            stop = min(self.num_batches, state.batch + PLAN_CHUNK * num_workers)
+            weights = self.schedule.weights_for(state.batch, stop)
             try:
-                if (state.batch - first) % num_workers != worker_id:
-                    advance(self.spec, state, weights)  # another worker's batch: only move the cursors
-                    continue
-                plan = plan_batch(self.spec, state, weights, self.rank, self.world_size)
+                plans = plan_batches(self.spec, state, weights, self.rank, self.world_size, build=mine)
             except StreamEnded:
                 return
-            batch = {name: torch.from_numpy(values) for name, values in self.read(plan).items()}
-            if self.output == "batches":
-                yield batch
-            else:
-                for i in range(len(plan.domains)):
-                    yield {name: values[i] for name, values in batch.items()}
+            for plan in plans:
+                batch = self.read(plan)
+                if self.output == "batches":
+                    yield batch
+                else:
+                    for i in range(len(plan.domains)):
+                        yield {name: values[i] for name, values in batch.items()}
+
+
+def _allocate_batch(
+    size: int, fields: dict[str, tuple[tuple[int, ...], str]], shared: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """One buffer per dtype holding every field of that dtype, as torch tensors and numpy views.
+
+    Moving a batch out of a worker costs per storage, so a batch of token ids,
+    labels, domains and indices travels as one block. In a worker the block is
+    allocated in shared memory up front (as the DataLoader's own collate does),
+    so handing it over copies nothing.
+    """
+    by_dtype: dict[str, list[str]] = {}
+    for name, (_, dtype) in fields.items():
+        by_dtype.setdefault(dtype, []).append(name)
+    tensors, arrays = {}, {}
+    for dtype, names in by_dtype.items():
+        numels = [size * int(np.prod(fields[name][0], dtype=np.int64)) for name in names]
+        if shared:
+            block = torch.from_numpy(np.empty(0, dtype=dtype)).new_empty(sum(numels)).share_memory_()
+            flat = block.numpy()
+        else:  # numpy's allocator reuses freed pages; torch's faults in fresh ones every batch
+            flat = np.empty(sum(numels), dtype=dtype)
+            block = torch.from_numpy(flat)
+        offset = 0
+        for name, numel in zip(names, numels):
+            shape = (size, *fields[name][0])
+            arrays[name] = flat[offset : offset + numel].reshape(shape)
+            tensors[name] = block[offset : offset + numel].view(shape) if shared else torch.from_numpy(arrays[name])
+            offset += numel
+    return tensors, arrays

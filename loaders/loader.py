@@ -61,7 +61,9 @@ class MixedLoader:
     def position(self) -> PlanState:
         """The plan position of the next batch this loader will hand out."""
         if self._handed_out:
-            fast_forward(self.dataset.spec, self._position, self._position.batch + self._handed_out, self.dataset.schedule)
+            fast_forward(
+                self.dataset.spec, self._position, self._position.batch + self._handed_out, self.dataset.schedule
+            )
             self._handed_out = 0
         return self._position.copy()
 

@@ -2,9 +2,12 @@
 
 Shuffling a domain of 10**10 samples with an index array would cost 80 GB;
 this costs nothing to build and a few vectorised passes per lookup. The
-network permutes ``[0, 4**h)`` (the smallest power of four at or above ``n``);
-an output at or beyond ``n`` is fed through again ("cycle walking"), which
-stays a bijection of ``[0, n)`` and needs under 4 passes on average.
+network permutes ``[0, 2**m)``, the smallest power of two at or above ``n``,
+split into a high and a low part of ``ceil(m/2)`` and ``floor(m/2)`` bits;
+each round XORs one part with a keyed hash of the other, which is invertible
+whatever the widths. An output at or beyond ``n`` is fed through again
+("cycle walking"): still a bijection of ``[0, n)``, and since ``2**m < 2n``
+fewer than two passes on average.
 
 Every argument may be an array: one call permutes samples of many domains
 (each with its own ``n`` and key), so a batch costs the same few numpy calls
@@ -15,48 +18,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from loaders.rng import hash_array, mix64
+from loaders.rng import mix64
 
 ROUNDS = 4
+_ROUND_TAGS = [np.uint64(0x51AF_D7ED_558C_CD00 + r) for r in range(ROUNDS)]
 
 
-def half_bits(n: int) -> int:
-    """Bits in each half of the Feistel block that covers ``[0, n)``."""
-    return (max(2, (n - 1).bit_length()) + 1) // 2
+def block_bits(n: int) -> int:
+    """``m`` such that ``2**m`` is the smallest power of two >= ``n`` (at least 1)."""
+    return max(1, (n - 1).bit_length())
 
 
 def permute(
     indices: np.ndarray,
     n: int | np.ndarray,
     key: int | np.ndarray,
-    half: int | np.ndarray | None = None,
+    bits: int | np.ndarray | None = None,
 ) -> np.ndarray:
     """Image of each ``indices[i]`` (in ``[0, n[i])``) under the permutation named by ``key[i]``.
 
-    ``n`` and ``key`` broadcast against ``indices``; ``half`` is ``half_bits(n)``
+    ``n`` and ``key`` broadcast against ``indices``; ``bits`` is ``block_bits(n)``
     and may be passed in when the caller has it precomputed. Returns ``int64``.
     The same ``(n, key)`` always gives the same permutation.
     """
     x = np.asarray(indices, dtype=np.uint64)
-    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape)
-    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
-    if half is None:
-        half = np.array([half_bits(int(v)) for v in n.ravel()], dtype=np.uint64).reshape(x.shape)
-    half = np.broadcast_to(np.asarray(half, dtype=np.uint64), x.shape)
+    shape = x.shape
+    x = x.ravel()  # cycle walking works on flat positions
+    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), shape).ravel()
+    if bits is None:
+        bits = np.array([block_bits(int(v)) for v in n], dtype=np.uint64)
+    bits = np.broadcast_to(np.asarray(bits, dtype=np.uint64), shape).ravel()
+    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), shape).ravel()
     if x.size and (x >= n).any():
         raise ValueError("permute: every index must lie in [0, n)")
 
-    def network(v: np.ndarray, h: np.ndarray, k: np.ndarray) -> np.ndarray:
-        mask = (np.uint64(1) << h) - np.uint64(1)
-        left, right = v >> h, v & mask
-        for r in range(ROUNDS):
-            round_key = hash_array(r, k)
-            left, right = right, left ^ (mix64(right ^ round_key) & mask)
-        return (left << h) | right
+    one = np.uint64(1)
+    low_bits = bits >> one
+    low_mask = (one << low_bits) - one
+    high_mask = (one << (bits - low_bits)) - one
+    round_keys = [mix64(key ^ tag) for tag in _ROUND_TAGS]
 
-    out = network(x, half, key)
+    def network(v: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
+        shift = low_bits[at]
+        high, low = v >> shift, v & low_mask[at]
+        for r in range(0, ROUNDS, 2):
+            high ^= mix64(low ^ round_keys[r][at]) & high_mask[at]
+            low ^= mix64(high ^ round_keys[r + 1][at]) & low_mask[at]
+        return (high << shift) | low
+
+    out = network(x, slice(None))
     walking = np.flatnonzero(out >= n)
     while walking.size:
-        out[walking] = network(out[walking], half[walking], key[walking])
+        out[walking] = network(out[walking], walking)
         walking = walking[out[walking] >= n[walking]]
-    return out.astype(np.int64)
+    return out.astype(np.int64).reshape(shape)

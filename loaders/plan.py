@@ -25,17 +25,18 @@ A checkpoint of the plan is just ``(batch, cursors)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from loaders import rng
-from loaders.permutation import half_bits, permute
+from loaders.permutation import block_bits, permute
 
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
 SAMPLING_METHODS = ("systematic", "multinomial")
-_FAST_FORWARD_CELLS = 1 << 20  # batches x domains evaluated per vectorised chunk
+_CHUNK_CELLS = 1 << 20  # most batches x domains counted in one vectorised step
 
 
 class StreamEnded(Exception):
@@ -47,13 +48,14 @@ class StreamEnded(Exception):
 
 
 class WeightSchedule(Protocol):
-    """Where the plan gets the weights in force for a batch."""
+    """Where the plan gets the weights in force for each batch."""
 
-    def weights_at(self, batch: int) -> np.ndarray:
-        """Weights (non-negative, summing to 1) used to draw ``batch``."""
+    def weights_for(self, start: int, stop: int) -> np.ndarray:
+        """Weights of batches ``start .. stop - 1``: a ``(rows, k)`` array, one row per batch.
 
-    def constant_until(self, batch: int) -> int:
-        """First batch after ``batch`` whose weights may differ (lets the plan skip ahead in bulk)."""
+        Each row is non-negative and sums to 1. A schedule whose later weights
+        are not known yet (online mixing) may return fewer rows, but at least one.
+        """
 
 
 class StaticSchedule:
@@ -62,11 +64,8 @@ class StaticSchedule:
     def __init__(self, weights: np.ndarray):
         self.weights = np.asarray(weights, dtype=np.float64)
 
-    def weights_at(self, batch: int) -> np.ndarray:
-        return self.weights
-
-    def constant_until(self, batch: int) -> int:
-        return UNLIMITED
+    def weights_for(self, start: int, stop: int) -> np.ndarray:
+        return np.broadcast_to(self.weights, (stop - start, len(self.weights)))
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class PlanSpec:
         if (self.sizes < 1).any():
             raise ValueError(f"every domain needs at least one sample, got sizes {self.sizes.tolist()}")
         # Derived once: the per-domain Feistel block sizes and the hash keys of each decision.
-        object.__setattr__(self, "_half", np.array([half_bits(int(n)) for n in self.sizes], dtype=np.uint64))
+        object.__setattr__(self, "_bits", np.array([block_bits(int(n)) for n in self.sizes], dtype=np.uint64))
         object.__setattr__(self, "_counts_key", rng.key(self.seed, rng.TAG_COUNTS))
         object.__setattr__(self, "_slots_key", rng.key(self.seed, rng.TAG_SLOTS))
         object.__setattr__(self, "_perm_key", rng.key(self.seed, rng.TAG_PERMUTATION))
@@ -122,9 +121,7 @@ class PlanState:
 
     def __eq__(self, other: object) -> bool:
         return (
-            isinstance(other, PlanState)
-            and self.batch == other.batch
-            and np.array_equal(self.cursors, other.cursors)
+            isinstance(other, PlanState) and self.batch == other.batch and np.array_equal(self.cursors, other.cursors)
         )
 
 
@@ -144,29 +141,34 @@ class BatchPlan:
 def systematic_counts(weights: np.ndarray, total: int, u: np.ndarray | float) -> np.ndarray:
     """Counts of ``total`` evenly spaced points (offset ``u`` in [0, 1)) per weight interval.
 
-    ``u`` may be a column of offsets, one per batch; the result then has a row per batch.
-    Each count is ``floor`` or ``ceil`` of ``total * w``; zero weights get zero.
+    ``weights`` may have a row per batch, with ``u`` a matching vector of offsets.
+    Each count is ``floor`` or ``ceil`` of ``total * w`` (up to float rounding);
+    zero weights get zero.
     """
-    cumulative = np.cumsum(weights)
+    cumulative = np.cumsum(weights, axis=-1)
     # Trailing zero weights add exactly 0.0, so after this division every domain from
     # the last positive one on sits exactly at 1.0 and no zero weight gets a point.
-    cumulative /= cumulative[-1]
-    edges = np.ceil(cumulative * total - np.asarray(u)[..., None])
+    cumulative /= cumulative[..., -1:]
+    edges = np.ceil(cumulative * total - np.asarray(u, dtype=np.float64)[..., None])
     # In exact arithmetic the last edge is ceil(total - u) = total; pin it so rounding cannot lose a point.
-    edges[..., cumulative == 1.0] = total
+    edges[cumulative == 1.0] = total
     return np.diff(edges, axis=-1, prepend=0.0).astype(np.int64)
+
+
+def _offsets(spec: PlanSpec, batches: np.ndarray, round_: int) -> np.ndarray:
+    """The systematic-sampling offset in [0, 1) of each batch (re-drawn per exhaustion round)."""
+    return rng.uniform(spec._counts_key if round_ == 0 else rng.key(spec._counts_key, round_), batches)
 
 
 def _draw(spec: PlanSpec, weights: np.ndarray, total: int, batch: int, round_: int) -> np.ndarray:
     if spec.sampling == "systematic":
-        u = rng.uniform(rng.key(spec._counts_key, round_), np.array([batch]))[0]
-        return systematic_counts(weights, total, u)
+        return systematic_counts(weights, total, _offsets(spec, np.array([batch]), round_)[0])
     generator = np.random.default_rng([spec.seed, rng.TAG_MULTINOMIAL, batch, round_])
     return generator.multinomial(total, weights / weights.sum()).astype(np.int64)
 
 
 def allocate(spec: PlanSpec, cursors: np.ndarray, weights: np.ndarray, batch: int) -> np.ndarray:
-    """Samples per domain for ``batch``, honouring the repeat caps. Raises ``StreamEnded``."""
+    """Samples per domain for one batch, honouring the repeat caps. Raises ``StreamEnded``."""
     remaining = spec.caps - cursors
     live_weights = np.where(remaining > 0, weights, 0.0)
     counts = np.zeros(spec.num_domains, dtype=np.int64)
@@ -185,78 +187,103 @@ def allocate(spec: PlanSpec, cursors: np.ndarray, weights: np.ndarray, batch: in
     raise AssertionError("unreachable: every round exhausts at least one domain")
 
 
+def count_batches(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray:
+    """Counts of the next ``len(weights)`` batches (a row each), advancing ``state``.
+
+    Vectorised over the batches up to the first one that would touch a repeat
+    cap, so there may be fewer rows than weights; when the very first batch
+    touches a cap it is counted alone, exactly (always at least one row).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    counts = np.empty((0, spec.num_domains), dtype=np.int64)
+    if spec.sampling == "systematic":
+        live = state.cursors < spec.caps
+        live_weights = np.where(live, weights, 0.0)
+        fillable = live_weights.sum(axis=1) > 0
+        rows = int(np.argmin(fillable)) if not fillable.all() else len(weights)
+        batches = state.batch + np.arange(rows)
+        counts = systematic_counts(live_weights[:rows], spec.global_batch_size, _offsets(spec, batches, 0))
+        totals = state.cursors + np.cumsum(counts, axis=0)
+        reaches_cap = (totals >= spec.caps).any(axis=1)
+        if reaches_cap.any():
+            rows = int(np.argmax(reaches_cap))  # that batch is redone exactly below
+        counts = counts[:rows]
+        if rows:
+            state.cursors = totals[rows - 1].copy()
+            state.batch += rows
+    if len(counts):
+        return counts
+    single = allocate(spec, state.cursors, weights[0], state.batch)
+    state.cursors = state.cursors + single
+    state.batch += 1
+    return single[None, :]
+
+
 # ----------------------------------------------------------------------------- batches
 
 
-def advance(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray:
-    """Move ``state`` past its batch without building it; returns the batch's counts."""
-    counts = allocate(spec, state.cursors, weights, state.batch)
-    state.cursors += counts
-    state.batch += 1
-    return counts
-
-
-def plan_batch(
+def plan_batches(
     spec: PlanSpec,
     state: PlanState,
     weights: np.ndarray,
     rank: int = 0,
     world_size: int = 1,
-) -> BatchPlan:
-    """Build batch ``state.batch`` (this rank's contiguous slice of it) and advance ``state``."""
-    batch, cursors = state.batch, state.cursors.copy()
-    counts = advance(spec, state, weights)
-    size = spec.global_batch_size
+    build: Callable[[int], bool] | None = None,
+) -> list[BatchPlan]:
+    """Plan the next ``len(weights)`` batches (fewer if a domain runs dry), advancing ``state``.
 
-    # Slot order: shuffle the domain-sorted list of takes, then keep this rank's slice.
-    slot_keys = rng.hash_array(int(rng.hash_array(spec._slots_key, np.array([batch]))[0]), np.arange(size))
-    order = np.argsort(slot_keys, kind="stable")
-    per_rank = size // world_size
-    take = order[rank * per_rank : (rank + 1) * per_rank]
+    Returns this rank's slice of each batch that ``build(batch)`` selects (all
+    by default); the others are only counted. Everything is vectorised over the
+    batches, so planning a chunk costs about as much as planning one.
+    """
+    first, cursors = state.batch, state.cursors
+    counts = count_batches(spec, state, weights)
+    batches = first + np.arange(len(counts))
+    before = cursors + np.cumsum(counts, axis=0) - counts  # cursors at the start of each batch
+    if build is not None:
+        chosen = np.array([build(int(b)) for b in batches], dtype=bool)
+        batches, counts, before = batches[chosen], counts[chosen], before[chosen]
+    if not len(batches):
+        return []
+    size, per_rank = spec.global_batch_size, spec.global_batch_size // world_size
 
-    # Which take is each slot: domain d's takes are cursors[d], cursors[d] + 1, ...
-    starts = np.cumsum(counts) - counts
-    domains = np.repeat(np.arange(spec.num_domains), counts)[take]
-    j = cursors[domains] + (take - starts[domains])
+    # Slot order: shuffle each batch's domain-sorted list of takes, keep this rank's slice.
+    batch_keys = rng.mix64(np.uint64(spec._slots_key) ^ batches.astype(np.uint64))
+    slot_keys = rng.mix64(batch_keys[:, None] ^ np.arange(size, dtype=np.uint64))
+    take = np.argsort(slot_keys, axis=1, kind="stable")[:, rank * per_rank : (rank + 1) * per_rank]
+
+    # Which sample each take is: domain d's takes in a batch are its cursor, cursor + 1, ...
+    sorted_domains = np.repeat(np.tile(np.arange(spec.num_domains), len(batches)), counts.ravel())
+    domains = np.take_along_axis(sorted_domains.reshape(len(batches), size), take, axis=1)
+    starts = np.cumsum(counts, axis=1) - counts
+    j = np.take_along_axis(before, domains, axis=1) + take - np.take_along_axis(starts, domains, axis=1)
     sizes = spec.sizes[domains]
     epochs = j // sizes
     keys = rng.mix64(rng.mix64(np.uint64(spec._perm_key) ^ domains.astype(np.uint64)) ^ epochs.astype(np.uint64))
-    indices = permute(j % sizes, sizes, keys, spec._half[domains])
-    return BatchPlan(batch=batch, domains=domains, indices=indices, counts=counts)
+    indices = permute(j % sizes, sizes, keys, spec._bits[domains])
+    return [
+        BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
+    ]
+
+
+def plan_batch(spec: PlanSpec, state: PlanState, weights: np.ndarray, rank: int = 0, world_size: int = 1) -> BatchPlan:
+    """Plan the single batch ``state.batch`` with ``weights`` and advance ``state``."""
+    return plan_batches(spec, state, np.asarray(weights)[None, :], rank, world_size)[0]
+
+
+def advance(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray:
+    """Move ``state`` past one batch without building it; returns the batch's counts."""
+    return count_batches(spec, state, np.asarray(weights)[None, :])[0]
 
 
 def fast_forward(spec: PlanSpec, state: PlanState, to_batch: int, schedule: WeightSchedule) -> PlanState:
-    """Advance ``state`` (in place, and returned) to ``to_batch``.
+    """Advance ``state`` (in place, and returned) to ``to_batch``, counting in vectorised chunks.
 
-    Runs of constant weights are done in vectorised chunks under systematic
-    sampling, so skipping a million batches of a few domains takes milliseconds.
+    Skipping a million batches of a few domains takes milliseconds.
     """
     if to_batch < state.batch:
         raise ValueError(f"cannot fast-forward backwards from batch {state.batch} to {to_batch}")
+    chunk = max(1, _CHUNK_CELLS // spec.num_domains)
     while state.batch < to_batch:
-        weights = schedule.weights_at(state.batch)
-        end = min(to_batch, schedule.constant_until(state.batch))
-        if spec.sampling == "systematic":
-            _skip_constant(spec, state, weights, end)
-        if state.batch < end:  # the batch where a domain runs dry, or any multinomial batch
-            advance(spec, state, weights)
+        count_batches(spec, state, schedule.weights_for(state.batch, min(to_batch, state.batch + chunk)))
     return state
-
-
-def _skip_constant(spec: PlanSpec, state: PlanState, weights: np.ndarray, end: int) -> None:
-    """Advance through ``[state.batch, end)`` in bulk, stopping before any batch that touches a cap."""
-    chunk = max(1, _FAST_FORWARD_CELLS // spec.num_domains)
-    while state.batch < end:
-        live_weights = np.where(state.cursors < spec.caps, weights, 0.0)
-        if not live_weights.sum() > 0:
-            raise StreamEnded(state.batch)
-        batches = np.arange(state.batch, min(end, state.batch + chunk))
-        u = rng.uniform(rng.key(spec._counts_key, 0), batches)
-        totals = state.cursors + np.cumsum(systematic_counts(live_weights, spec.global_batch_size, u), axis=0)
-        reaches_cap = (totals >= spec.caps).any(axis=1)
-        clean = int(np.argmax(reaches_cap)) if reaches_cap.any() else len(batches)
-        if clean:
-            state.cursors = totals[clean - 1].copy()
-            state.batch += clean
-        if clean < len(batches):
-            return  # the caller steps the capped batch exactly, then the live set changes

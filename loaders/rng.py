@@ -28,10 +28,13 @@ TAG_MULTINOMIAL = 4
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser applied elementwise to a ``uint64`` array (wraps mod 2**64)."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> _S30)) * _MUL1
-    x = (x ^ (x >> _S27)) * _MUL2
-    return x ^ (x >> _S31)
+    x = x + _GOLDEN  # the one new array; the rest works in place
+    x ^= x >> _S30
+    x *= _MUL1
+    x ^= x >> _S27
+    x *= _MUL2
+    x ^= x >> _S31
+    return x
 
 
 def key(*parts: int) -> int:

@@ -28,7 +28,9 @@ def check_weights(weights: Sequence[float], names: Sequence[str], what: str = "w
     """
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (len(names),):
-        raise ValueError(f"{what}: expected {len(names)} weights (one per domain {list(names)}), got shape {weights.shape}")
+        raise ValueError(
+            f"{what}: expected {len(names)} weights (one per domain {list(names)}), got shape {weights.shape}"
+        )
     for name, weight in zip(names, weights):
         if not np.isfinite(weight):
             raise ValueError(f"{what}: domain {name!r} has non-finite weight {weight}")

@@ -56,3 +56,15 @@ def write_config(root: Path, **overrides) -> Path:
 @pytest.fixture
 def example(tmp_path: Path) -> Path:
     return make_example(tmp_path)
+
+
+def shout(record: dict) -> dict:
+    """A config-named transform (``conftest:shout``): upper-case the text, then byte-tokenize."""
+    from loaders.transforms import ByteTokenizer
+
+    return ByteTokenizer(128)(record["text"].upper())
+
+
+def ids_only(record: dict) -> dict:
+    """A transform whose fields differ from the token-bin domains' (``conftest:ids_only``)."""
+    return {"input_ids": np.zeros(128, dtype=np.int64)}

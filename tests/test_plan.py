@@ -1,3 +1,6 @@
+import functools
+import operator
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -66,7 +69,10 @@ def test_each_epoch_of_a_domain_takes_every_sample_once_in_a_new_order():
             taken[d].append(plan.indices[plan.domains == d].tolist())
     for d, size in ((0, 40), (1, 20)):
         per_epoch = size // 5
-        epochs = [sum(taken[d][e * per_epoch : (e + 1) * per_epoch], []) for e in range(120 // size)]
+        epochs = [
+            functools.reduce(operator.iadd, taken[d][e * per_epoch : (e + 1) * per_epoch], [])
+            for e in range(120 // size)
+        ]
         assert all(sorted(epoch) == list(range(size)) for epoch in epochs), f"domain {d}"
         assert epochs[0] != epochs[1]  # reshuffled each epoch
 

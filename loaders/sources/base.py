@@ -57,6 +57,15 @@ class Source(abc.ABC):
                 ) from error
         return collate(samples, str(self.path))
 
+    def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
+        """Write the samples at ``indices`` into ``out[field][rows]`` (sources override this to skip copies)."""
+        for name, values in self.read_batch(indices).items():
+            out[name][rows] = values
+
+    def signature(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each output field's per-sample shape and dtype, from reading sample 0."""
+        return {name: (values.shape[1:], values.dtype.str) for name, values in self.read_batch(np.zeros(1)).items()}
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this source's content cheaply (checked on resume)."""
         stat = self.path.stat()

@@ -38,9 +38,12 @@ def _scan_line_starts(path: Path) -> np.ndarray:
     starts = []
     position = 0
     line_start = 0  # offset where the current (unfinished) line began
-    with open(path, "rb") as file, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}", disable=size < _PROGRESS_FROM
-    ) as progress:
+    with (
+        open(path, "rb") as file,
+        tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}", disable=size < _PROGRESS_FROM
+        ) as progress,
+    ):
         while chunk := file.read(_CHUNK):
             newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + position
             line_starts = np.concatenate(([line_start], newlines[:-1] + 1)) if len(newlines) else np.empty(0)

@@ -58,22 +58,34 @@ class TokenBinSource(Source):
         """The whole file as a read-only array (memory-mapped on first use)."""
         tokens = getattr(self, "_open_tokens", None)
         if tokens is None:
-            tokens = np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r"))
-            self._open_tokens = tokens
+            tokens = self._open_tokens = np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r"))
         return tokens
 
-    def windows(self, indices: np.ndarray) -> np.ndarray:
-        """Windows at ``indices`` as one ``(n, seq_len + 1)`` int64 array (one gather, no Python loop)."""
+    def _strided(self, offset: int, width: int) -> np.ndarray:
+        """Zero-copy ``(len, width)`` view whose row ``i`` starts at token ``i * stride + offset``."""
+        item = self.dtype.itemsize
+        return np.lib.stride_tricks.as_strided(
+            self.tokens[offset:], shape=(self._length, width), strides=(self.stride * item, item), writeable=False
+        )
+
+    @property
+    def _views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Strided views of the windows, of their inputs and of their labels (made once per process)."""
+        views = getattr(self, "_open_views", None)
+        if views is None:
+            width = self.seq_len
+            views = self._open_views = (self._strided(0, width + 1), self._strided(0, width), self._strided(1, width))
+        return views
+
+    def _check(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self._length):
             raise SourceError(f"{self.path}: window index out of range [0, {self._length})")
-        view = np.lib.stride_tricks.as_strided(
-            self.tokens,
-            shape=(self._length, self.seq_len + 1),
-            strides=(self.stride * self.dtype.itemsize, self.dtype.itemsize),
-            writeable=False,
-        )
-        return view[indices].astype(np.int64)
+        return indices
+
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        """Windows at ``indices`` as one ``(n, seq_len + 1)`` int64 array (one gather, no Python loop)."""
+        return self._views[0][self._check(indices)].astype(np.int64)
 
     def record(self, index: int) -> np.ndarray:
         return self.windows(np.array([index]))[0]
@@ -83,6 +95,15 @@ class TokenBinSource(Source):
             window = self.windows(indices)
             return {"input_ids": window[:, :-1], "labels": window[:, 1:]}
         return super().read_batch(indices)
+
+    def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
+        if self.transform != TokenWindow():
+            return super().read_into(indices, out, rows)
+        # Gather straight from the memory map into the batch (the cast to int64 happens in the same pass).
+        # No range check here: the plan only ever asks for indices below len(self).
+        _, inputs, labels = self._views
+        out["input_ids"][rows] = inputs[indices]
+        out["labels"][rows] = labels[indices]
 
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "dtype": self.dtype.name, "stride": self.stride}
