@@ -1,0 +1,157 @@
+"""The weights channel: trainer -> DataLoader workers, versioned by optimizer step.
+
+Version ``v`` is the weight vector in force after ``v`` optimizer steps
+(version 0: the initial weights). **Batch ``b`` is drawn with version
+``max(0, b - lag)``**, so the plan stays a pure function of ``(seed, b,
+weight history)``: a worker that runs ahead of training waits for the version
+it needs instead of guessing, and a recorded history replays exactly.
+
+``WeightsChannel`` keeps the latest ``capacity`` versions in a shared-memory
+ring (torch tensors: they travel to workers under fork and spawn, and
+``persistent_workers`` see new versions without restarting). The trainer
+side publishes; the workers' side reads through ``VersionedSchedule``, the
+plan's ``WeightSchedule``. ``ReplaySchedule`` serves a recorded history the
+same way, with no trainer at all.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_LAG = 4
+DEFAULT_TIMEOUT = 600.0  # seconds a worker waits for weights before it gives up
+
+
+class WeightsTimeout(RuntimeError):
+    """A worker waited too long for a version the trainer had not published."""
+
+
+class WeightTable:
+    """Something that knows weight versions: ``latest()`` and ``rows(first, last)``."""
+
+    num_domains: int
+
+    def latest(self) -> int:
+        raise NotImplementedError
+
+    def rows(self, first: int, last: int) -> np.ndarray:
+        """Versions ``first .. last`` (inclusive, all known) as a ``(rows, k)`` float64 array."""
+        raise NotImplementedError
+
+    def wait_for(self, version: int) -> None:
+        """Return once ``version`` is known (at once, for a table known in advance)."""
+
+
+class WeightsChannel(WeightTable):
+    """A shared-memory ring of the latest weight versions, written by the trainer, read by workers.
+
+    Args:
+        initial: version 0, the weights before the first step.
+        capacity: versions kept. Must exceed ``lag`` plus how far the slowest
+            worker can lag behind training (its prefetch depth); 4096 is plenty.
+        timeout: seconds a reader waits for an unpublished version.
+    """
+
+    def __init__(self, initial: np.ndarray | torch.Tensor, capacity: int = 4096, timeout: float = DEFAULT_TIMEOUT):
+        initial = torch.as_tensor(initial, dtype=torch.float64).cpu()
+        if initial.ndim != 1:
+            raise ValueError(f"initial weights must be a vector, got shape {tuple(initial.shape)}")
+        self.num_domains = initial.numel()
+        self.capacity = capacity
+        self.timeout = timeout
+        self._ring = torch.zeros(capacity, self.num_domains, dtype=torch.float64).share_memory_()
+        self._latest = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._ring[0] = initial
+
+    def latest(self) -> int:
+        """The newest published version."""
+        return int(self._latest[0])
+
+    def publish(self, version: int, weights: np.ndarray | torch.Tensor) -> None:
+        """Make ``weights`` version ``version`` (must be exactly ``latest() + 1``)."""
+        if version != self.latest() + 1:
+            raise ValueError(f"versions are published in order: expected {self.latest() + 1}, got {version}")
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (self.num_domains,):
+            raise ValueError(f"expected {self.num_domains} weights, got shape {tuple(weights.shape)}")
+        self._ring[version % self.capacity] = weights
+        self._latest[0] = version  # written last: readers never see a half-written row
+
+    def rows(self, first: int, last: int) -> np.ndarray:
+        latest = self.latest()
+        if last > latest or first < 0:
+            raise ValueError(f"versions {first}..{last} are not all published (latest {latest})")
+        if first <= latest - self.capacity:
+            raise ValueError(
+                f"weight version {first} was overwritten (the channel keeps {self.capacity} versions, latest "
+                f"{latest}); raise capacity"
+            )
+        slots = np.arange(first, last + 1) % self.capacity
+        return self._ring.numpy()[slots].copy()
+
+    def wait_for(self, version: int) -> None:
+        """Block until ``version`` is published; ``WeightsTimeout`` after ``timeout`` seconds."""
+        if self.latest() >= version:
+            return
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-4
+        while self.latest() < version:
+            if time.monotonic() > deadline:
+                raise WeightsTimeout(
+                    f"waited {self.timeout:g} s for the weights of step {version} (latest published: "
+                    f"{self.latest()}); is the training loop calling mixer.step() after each optimizer step?"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def state_dict(self, last_versions: int) -> dict[str, Any]:
+        """The newest ``last_versions`` versions (what batches still to come may need)."""
+        latest = self.latest()
+        first = max(0, latest - last_versions + 1)
+        return {"first": first, "weights": self.rows(first, latest).tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        weights = np.asarray(state["weights"], dtype=np.float64)
+        first = int(state["first"])
+        for offset, row in enumerate(weights):
+            self._ring[(first + offset) % self.capacity] = torch.from_numpy(row)
+        self._latest[0] = first + len(weights) - 1
+
+
+class ReplayTable(WeightTable):
+    """A recorded history (version ``v`` = row ``v``); versions past the end repeat the last row."""
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = np.asarray(weights, dtype=np.float64)
+        if self.weights.ndim != 2 or not len(self.weights):
+            raise ValueError("a replayed schedule needs at least one weight vector")
+        self.num_domains = self.weights.shape[1]
+
+    def latest(self) -> int:
+        return 1 << 62  # everything is known in advance
+
+    def rows(self, first: int, last: int) -> np.ndarray:
+        return self.weights[np.minimum(np.arange(first, last + 1), len(self.weights) - 1)]
+
+
+class VersionedSchedule:
+    """The plan's ``WeightSchedule`` over a table of versions: batch ``b`` uses version ``max(0, b - lag)``."""
+
+    def __init__(self, table: WeightTable, lag: int = DEFAULT_LAG):
+        if lag < 1:
+            raise ValueError(f"lag must be >= 1 (batch b uses the weights of step b - lag), got {lag}")
+        self.table = table
+        self.lag = lag
+
+    def weights_for(self, start: int, stop: int) -> np.ndarray:
+        first = max(0, start - self.lag)
+        self.table.wait_for(first)
+        # Serve every batch whose version is already known: a worker plans them in one go.
+        last = max(first, min(stop - 1 - self.lag, self.table.latest()))
+        versions = np.maximum(0, np.arange(start, stop) - self.lag)
+        versions = versions[versions <= last]
+        return self.table.rows(first, last)[versions - first]

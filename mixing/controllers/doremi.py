@@ -1,0 +1,46 @@
+"""DoReMi (Xie et al., 2023): upweight domains where the model lags a reference model most.
+
+Each step, with ``λ_d`` the mean clipped excess loss ``max(0, loss - reference)``
+of domain ``d``'s samples since the last step (0 for a domain not seen)::
+
+    α' = w_{t-1} · exp(η λ)         (exponentiated gradient, done in log space)
+    w_t = (1 - c) · α' / Σ α' + c / k
+
+``average`` holds the running mean of ``w_1 .. w_t``: the paper's final
+mixture, to train a larger model with (e.g. as a static or replayed schedule).
+
+The reference loss is given per sample to ``observe(reference=...)``: a
+column precomputed by a reference model, or its output in the same step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixing.controllers.base import Controller
+
+
+class DoReMiController(Controller):
+    name = "doremi"
+
+    def __init__(self, initial: torch.Tensor, eta: float = 1.0, smoothing: float = 1e-3, **kwargs):
+        super().__init__(initial, **kwargs)
+        if eta <= 0 or not 0 <= smoothing < 1:
+            raise ValueError(f"need eta > 0 and 0 <= smoothing < 1, got eta={eta}, smoothing={smoothing}")
+        self.eta, self.smoothing = eta, smoothing
+        self.average = torch.zeros_like(self.weights)
+
+    def observe(self, losses, domains, mask=None, *, reference: torch.Tensor, **_) -> None:
+        if reference.shape != losses.shape:
+            raise ValueError(f"reference losses {tuple(reference.shape)} differ from losses {tuple(losses.shape)}")
+        self.stats.add((losses.detach() - reference.detach()).clamp(min=0), domains, mask)
+
+    def update(self) -> torch.Tensor:
+        excess, _ = self.stats.take()
+        alpha = torch.softmax(torch.log(self.weights) + self.eta * excess, dim=0)
+        weights = (1 - self.smoothing) * alpha + self.smoothing / self.num_domains
+        self.average += (weights - self.average) / self.steps
+        return weights
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"average": self.average}

@@ -1,0 +1,192 @@
+"""``OnlineMixer``: a controller wired to a loader through the weights channel, with a schedule log.
+
+::
+
+    dataset = MixedDataset.from_config("mixture.yaml")
+    mixer = OnlineMixer(ODMController(initial), dataset, log="runs/schedule.oms")
+    loader = MixedLoader(dataset, num_workers=2)
+    for batch in loader:
+        losses = per_sample_loss(model(batch["input_ids"]), batch["labels"])
+        mixer.observe(losses, batch["domain"].to(device))     # on the device, no sync
+        losses.mean().backward(); optimizer.step()
+        mixer.step()                                          # update + publish version s
+
+``step()`` runs the controller's update on the device and starts an
+asynchronous copy of the new weights into pinned host memory; a background
+thread waits for that copy (never the training stream), then publishes the
+version to the workers and appends it to the log. On the CPU the copy is
+immediate and so is the publication.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
+from loaders.dataset import MixedDataset
+from mixing.controllers.base import Controller
+from mixing.schedule_log import ScheduleWriter
+
+NONFINITE = ("skip", "error")
+
+
+class MixingError(RuntimeError):
+    """Bad feedback reached the controller (non-finite losses with ``nonfinite="error"``, bad domain ids)."""
+
+
+class OnlineMixer:
+    """Drive ``dataset``'s weights from ``controller``.
+
+    Args:
+        lag: batch ``b`` is drawn with the weights published after step
+            ``b - lag``. Fixed for a run (it is part of the sample order);
+            make it at least the DataLoader's prefetch depth
+            (``prefetch_factor x num_workers``) or workers will wait on training.
+        log: where to record every published version (``None``: no log).
+        nonfinite: ``"skip"`` counts NaN/inf losses, leaves them out and warns;
+            ``"error"`` raises ``MixingError`` at the next ``step()``.
+        timeout: seconds a worker waits for weights before it fails.
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        dataset: MixedDataset,
+        *,
+        lag: int = DEFAULT_LAG,
+        log: str | Path | None = None,
+        nonfinite: str = "skip",
+        timeout: float = DEFAULT_TIMEOUT,
+        config_hash: str = "",
+    ):
+        if controller.num_domains != dataset.spec.num_domains:
+            raise ValueError(f"controller has {controller.num_domains} domains, the dataset {dataset.spec.num_domains}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.controller, self.dataset, self.lag, self.nonfinite = controller, dataset, lag, nonfinite
+        initial = controller.weights.detach().double().cpu().numpy()
+        self.channel = WeightsChannel(initial, timeout=timeout)
+        dataset.schedule = VersionedSchedule(self.channel, lag)
+        self.header = {
+            "domains": list(dataset.names),
+            "seed": dataset.spec.seed,
+            "lag": lag,
+            "global_batch_size": dataset.spec.global_batch_size,
+            "controller": controller.name,
+            "config_hash": config_hash,
+        }
+        self.log_path = None if log is None else Path(log)
+        self._log: ScheduleWriter | None = None  # opened on first publication, or by load_state_dict
+        self._initial = initial
+        self.step_count = 0
+        self.skipped = np.zeros(2)  # [non-finite losses, bad domain ids] seen so far
+        self._failure: BaseException | None = None
+        self._pending: queue.Queue = queue.Queue()
+        self._publisher: threading.Thread | None = None
+
+    # -- trainer side ---------------------------------------------------------
+
+    def observe(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals) -> None:
+        """Feed per-sample (or per-token with ``mask``) losses and the batch's ``domain`` ids."""
+        self._raise_failure()
+        self.controller.observe(losses, domains, mask, **signals)
+
+    def step(self) -> torch.Tensor:
+        """Update the weights once (after the optimizer step) and publish them as the next version."""
+        self._raise_failure()
+        weights = self.controller.step()
+        self.step_count += 1
+        packet = torch.cat([weights.detach().double(), self.controller.stats.problems.double()])
+        if packet.is_cuda:
+            host = torch.empty(packet.shape, dtype=packet.dtype, pin_memory=True)
+            host.copy_(packet, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._start_publisher()
+            self._pending.put((self.step_count, host, done))
+        else:
+            self._publish(self.step_count, packet.numpy())
+        return weights
+
+    def flush(self) -> None:
+        """Wait until every version handed to ``step()`` is published (e.g. before a checkpoint)."""
+        if self._publisher is not None:
+            self._pending.join()
+        self._raise_failure()
+
+    # -- publication ------------------------------------------------------------
+
+    def _start_publisher(self) -> None:
+        if self._publisher is None:
+            self._publisher = threading.Thread(target=self._publish_loop, name="onlinemix-publisher", daemon=True)
+            self._publisher.start()
+
+    def _publish_loop(self) -> None:
+        while True:
+            version, host, done = self._pending.get()
+            try:
+                done.synchronize()  # waits in this thread only; training goes on
+                self._publish(version, host.numpy())
+            except BaseException as error:  # surfaced on the trainer's next call
+                self._failure = error
+            finally:
+                self._pending.task_done()
+
+    def _publish(self, version: int, packet: np.ndarray) -> None:
+        k = self.controller.num_domains
+        weights, problems = packet[:k], packet[k:]
+        new = problems - self.skipped
+        self.skipped = problems.copy()
+        if new[1] > 0:
+            self._failure = MixingError(f"step {version}: {int(new[1])} domain ids outside [0, {k}) were observed")
+        if new[0] > 0:
+            message = f"step {version}: {int(new[0])} non-finite losses ({int(problems[0])} in all)"
+            if self.nonfinite == "error":
+                self._failure = MixingError(message)
+            else:
+                warnings.warn(message + " were left out of the statistics", stacklevel=2)
+        self.channel.publish(version, weights)
+        if self.log_path is not None:
+            if self._log is None:
+                self._log = ScheduleWriter(self.log_path, self.header)
+                self._log.append(0, self._initial)
+            self._log.append(version, weights)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    # -- checkpoint -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller state and the weight versions that batches still to come may need."""
+        self.flush()
+        return {
+            "step": self.step_count,
+            "controller": self.controller.state_dict(),
+            "channel": self.channel.state_dict(self.lag + 1),
+            "skipped": self.skipped.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.controller.load_state_dict(state["controller"])
+        self.channel.load_state_dict(state["channel"])
+        self.skipped = np.asarray(state["skipped"], dtype=np.float64)
+        if self.log_path is not None:
+            if self._log is not None:
+                self._log.close()
+            self._log = ScheduleWriter(self.log_path, self.header, resume_at=self.step_count)
+
+    def close(self) -> None:
+        self.flush()
+        if self._log:
+            self._log.close()

@@ -1,0 +1,169 @@
+"""The schedule log: every published weight version of a run, in one compact, appendable file.
+
+Layout (little-endian)::
+
+    ONLINEMIX-SCHEDULE 1\\n                 magic and format version
+    {"domains": [...], "seed": ..., ...}\\n  JSON header: domains, seed, lag, config hash
+    record*                                 one per version, in order from version 0
+
+    record = int64 step | float64 weight x k | uint32 CRC-32 of the step and weights
+
+Records have a fixed size, so a crash mid-write leaves a short last record:
+the reader drops it (and anything after a record whose CRC fails) with a
+warning and keeps every complete record before it. Weights are stored as the
+exact float64 values the loader used, so a replay is bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loaders.channel import ReplayTable, VersionedSchedule
+
+MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
+
+
+class ScheduleLogError(ValueError):
+    """A schedule log that cannot be read or does not fit the run."""
+
+
+@dataclass
+class ScheduleLog:
+    header: dict[str, Any]
+    steps: np.ndarray  # (n,) int64: 0, 1, 2, ...
+    weights: np.ndarray  # (n, k) float64
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.header["domains"])
+
+
+def _record_size(num_domains: int) -> int:
+    return 8 + 8 * num_domains + 4
+
+
+def _read_header(file) -> dict[str, Any]:
+    if file.readline() != MAGIC:
+        raise ScheduleLogError(f"{file.name}: not an onlinemix schedule log (bad magic line)")
+    line = file.readline()
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ScheduleLogError(f"{file.name}: unreadable header: {error}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("domains"), list):
+        raise ScheduleLogError(f"{file.name}: header lacks the list of domains")
+    return header
+
+
+def read_schedule(path: str | Path) -> ScheduleLog:
+    """Read a log, dropping (with a warning) a truncated or corrupt tail."""
+    path = Path(path)
+    try:
+        file = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise ScheduleLogError(f"schedule log not found: {path}") from None
+    with file:
+        header = _read_header(file)
+        body = file.read()
+    k = len(header["domains"])
+    size = _record_size(k)
+    complete = len(body) // size
+    if len(body) % size:
+        warnings.warn(
+            f"{path}: the last record is truncated ({len(body) % size} of {size} bytes); dropped it, "
+            f"kept {complete} complete records",
+            stacklevel=2,
+        )
+    records = np.frombuffer(body[: complete * size], dtype=np.uint8).reshape(complete, size)
+    steps = records[:, :8].copy().view("<i8").ravel()
+    weights = records[:, 8 : 8 + 8 * k].copy().view("<f8")
+    stored = records[:, size - 4 :].copy().view("<u4").ravel()
+    for i in range(complete):
+        if zlib.crc32(records[i, : size - 4].tobytes()) != stored[i]:
+            warnings.warn(
+                f"{path}: record {i} fails its checksum; dropped it and the {complete - i - 1} after it", stacklevel=2
+            )
+            steps, weights = steps[:i], weights[:i]
+            break
+    if not np.array_equal(steps, np.arange(len(steps))):
+        gap = int(np.argmax(steps != np.arange(len(steps))))
+        raise ScheduleLogError(f"{path}: record {gap} is for step {steps[gap]}, expected step {gap}")
+    return ScheduleLog(header, steps, weights)
+
+
+class ScheduleWriter:
+    """Appends weight versions to a log, flushed record by record.
+
+    ``resume_at`` reopens an existing log for a run resumed after step
+    ``resume_at``: records past it (written after the checkpoint, before a
+    crash) are cut off, and the header must match.
+    """
+
+    def __init__(self, path: str | Path, header: dict[str, Any], resume_at: int | None = None):
+        self.path = Path(path)
+        self.header = header
+        self.num_domains = len(header["domains"])
+        self._size = _record_size(self.num_domains)
+        if resume_at is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")  # noqa: SIM115 - kept open for the run
+            self._file.write(MAGIC + (json.dumps(header, sort_keys=True) + "\n").encode())
+            self._file.flush()
+            self.next_step = 0
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a torn tail is expected here and cut off below
+            existing = read_schedule(self.path)
+        for key in ("domains", "seed", "lag"):
+            if existing.header.get(key) != header.get(key):
+                raise ScheduleLogError(
+                    f"{self.path}: {key} is {existing.header.get(key)!r} in the log, {header.get(key)!r} in this run"
+                )
+        if len(existing.steps) <= resume_at:
+            raise ScheduleLogError(
+                f"{self.path}: holds steps up to {len(existing.steps) - 1}, cannot resume at {resume_at}"
+            )
+        self._file = open(self.path, "r+b")  # noqa: SIM115
+        self._file.truncate(self._header_length() + (resume_at + 1) * self._size)
+        self._file.seek(0, os.SEEK_END)
+        self.next_step = resume_at + 1
+
+    def _header_length(self) -> int:
+        self._file.seek(0)
+        self._file.readline()
+        self._file.readline()
+        return self._file.tell()
+
+    def append(self, step: int, weights: np.ndarray) -> None:
+        if step != self.next_step:
+            raise ScheduleLogError(f"{self.path}: expected step {self.next_step}, got {step}")
+        weights = np.asarray(weights, dtype="<f8")
+        if weights.shape != (self.num_domains,):
+            raise ScheduleLogError(f"{self.path}: expected {self.num_domains} weights, got {weights.shape}")
+        payload = struct.pack("<q", step) + weights.tobytes()
+        self._file.write(payload + struct.pack("<I", zlib.crc32(payload)))
+        self._file.flush()
+        self.next_step += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def replay_schedule(path: str | Path, domains: list[str]) -> VersionedSchedule:
+    """A loader schedule that replays a recorded log: batch ``b`` gets the version it got when recorded.
+
+    The log's domains must be the config's, in the same order.
+    """
+    log = read_schedule(path)
+    if log.domains != list(domains):
+        raise ScheduleLogError(f"{path}: the log's domains {log.domains} differ from the config's {list(domains)}")
+    return VersionedSchedule(ReplayTable(log.weights), lag=int(log.header["lag"]))

@@ -1,0 +1,201 @@
+import math
+
+import pytest
+import torch
+
+from mixing.controllers import (
+    DGAController,
+    DoReMiController,
+    ODMController,
+    ScheduledController,
+    StaticController,
+    gradient_alignment,
+)
+from mixing.controllers.odm import exploration
+from mixing.stats import DomainStats, ema
+
+UNIFORM3 = torch.full((3,), 1 / 3)
+
+
+def test_domain_stats_means_masks_and_problem_counts():
+    stats = DomainStats(3)
+    stats.add(torch.tensor([1.0, 3.0, 5.0, float("nan")]), torch.tensor([0, 0, 2, 2]))
+    per_token = torch.tensor([[1.0, 9.0], [4.0, 6.0]])
+    stats.add(per_token, torch.tensor([2, 7]), mask=torch.tensor([[1, 0], [1, 1]]))
+    means, present = stats.take()
+    assert means.tolist() == [2.0, 0.0, 3.0]  # domain 2: (5 + 1) / 2; the NaN and the id 7 are left out
+    assert present.tolist() == [True, False, True]
+    assert stats.problems.tolist() == [1.0, 1.0]
+    assert stats.take()[1].tolist() == [False, False, False]  # reset
+    with pytest.raises(ValueError, match="do not match domains"):
+        stats.add(torch.ones(3), torch.tensor([0, 1]))
+
+
+def test_ema_keeps_absent_domains():
+    out = ema(torch.tensor([1.0, 1.0]), torch.tensor([3.0, 3.0]), torch.tensor([True, False]), 0.5)
+    assert out.tolist() == [2.0, 1.0]
+
+
+def test_doremi_update_hand_computed():
+    c = DoReMiController(UNIFORM3, eta=1.0, smoothing=0.1)
+    losses, reference = torch.tensor([3.0, 2.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 2.0, 4.0])
+    c.observe(losses, torch.tensor([0, 0, 1, 2]), reference=reference)
+    w = c.step()
+    # excess: domain 0 mean(2, 1) = 1.5, domain 1 max(0, -1) = 0, domain 2 0
+    alpha = torch.tensor([math.exp(1.5), 1.0, 1.0])
+    expected = 0.9 * alpha / alpha.sum() + 0.1 / 3
+    assert torch.allclose(w, expected)
+    assert torch.allclose(c.average, expected)
+    c.step()  # nothing observed: λ = 0, only smoothing moves the weights
+    second = 0.9 * expected + 0.1 / 3
+    assert torch.allclose(c.weights, second)
+    assert torch.allclose(c.average, (expected + second) / 2)
+
+
+def test_odm_exp3_update_hand_computed():
+    c = ODMController(UNIFORM3, alpha=0.5)
+    c.observe(torch.tensor([2.0, 4.0]), torch.tensor([1, 1]))
+    w = c.step()
+    reward = torch.tensor([0.0, 0.5 * 3.0 / (1 / 3), 0.0])  # R_1 = 0.5 * 0 + 0.5 * L / π = 4.5
+    eps1, eps2 = exploration(3, 1), exploration(3, 2)
+    assert eps1 == pytest.approx(min(1 / 3, math.sqrt(math.log(3) / 3)))
+    expected = (1 - 3 * eps2) * torch.softmax(eps1 * reward, 0) + eps2
+    assert torch.allclose(c.rewards, reward)
+    assert torch.allclose(w, expected)
+
+
+def test_odm_warmup_holds_initial_weights():
+    c = ODMController(torch.tensor([0.5, 0.3, 0.2]), warmup=2)
+    for _ in range(2):
+        c.observe(torch.tensor([5.0]), torch.tensor([2]))
+        assert torch.allclose(c.step(), torch.tensor([0.5, 0.3, 0.2]))
+    assert c.rewards[2] > 0
+    c.step()
+    assert not torch.allclose(c.weights, torch.tensor([0.5, 0.3, 0.2]))
+
+
+def test_dga_mirror_descent_with_ema_every_t_steps():
+    c = DGAController(UNIFORM3, eta=2.0, ema=0.5, every=2)
+    c.observe_alignment(torch.tensor([1.0, 0.0, -1.0]))
+    assert torch.allclose(c.step(), UNIFORM3)  # step 1: not an update step
+    w = c.step()
+    proposal = torch.softmax(torch.log(UNIFORM3) + 2.0 * torch.tensor([1.0, 0.0, -1.0]), 0)
+    assert torch.allclose(w, 0.5 * UNIFORM3 + 0.5 * proposal)
+
+
+def test_gradient_alignment_matches_hand_gradients():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+
+    def loss_fn(m, x):  # loss = w . x  -> gradient = x
+        return m(x).sum()
+
+    a = gradient_alignment(
+        model, loss_fn, [torch.tensor([[1.0, 0.0]]), None, torch.tensor([[3.0, 1.0]])], torch.tensor([[2.0, 5.0]])
+    )
+    assert a.tolist() == [2.0, 0.0, 11.0]
+    assert model.weight.grad is None
+
+
+def test_scheduled_linear_and_constant():
+    waypoints = [(0, [1.0, 0.0]), (10, [0.0, 1.0])]
+    linear = ScheduledController(waypoints, "linear")
+    for _ in range(5):
+        linear.step()
+    assert torch.allclose(linear.weights, torch.tensor([0.5, 0.5]))
+    constant = ScheduledController(waypoints, "constant")
+    for _ in range(12):
+        constant.step()
+    assert torch.allclose(constant.weights, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="step 0"):
+        ScheduledController([(5, [1.0, 0.0])])
+
+
+def test_min_prob_floor_and_static():
+    c = StaticController(torch.tensor([1.0, 0.0, 0.0]), min_prob=0.1)
+    for _ in range(3):
+        c.step()
+    assert torch.allclose(c.weights, torch.tensor([0.8, 0.1, 0.1]))
+    assert torch.allclose(StaticController.from_temperature([100, 400], 2.0).weights, torch.tensor([1 / 3, 2 / 3]))
+    with pytest.raises(ValueError, match="min_prob"):
+        StaticController(UNIFORM3, min_prob=0.5)
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = ODMController(UNIFORM3)
+    for step in range(3):
+        a.observe(torch.tensor([1.0 + step, 2.0]), torch.tensor([0, 2]))
+        a.step()
+    b = ODMController(UNIFORM3)
+    b.load_state_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in a.state_dict().items()})
+    for c in (a, b):
+        c.observe(torch.tensor([5.0]), torch.tensor([1]))
+        c.step()
+    assert torch.equal(a.weights, b.weights) and torch.equal(a.rewards, b.rewards)
+    with pytest.raises(ValueError, match="controller 'odm'"):
+        DoReMiController(UNIFORM3).load_state_dict(a.state_dict())
+
+
+SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__")
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Make every tensor method that would move a value to the host raise."""
+
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name}() called")
+
+        return raiser
+
+    def install():
+        for name in SYNC_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, forbid(name))
+
+    return install
+
+
+@pytest.mark.parametrize("name", ["static", "scheduled", "doremi", "odm", "dga"])
+def test_observe_and_step_never_sync_with_the_host(name, no_host_sync):
+    k = 8
+    build = {
+        "static": lambda: StaticController(torch.full((k,), 1 / k)),
+        "scheduled": lambda: ScheduledController([(0, [1.0] * k), (4, [2.0] + [1.0] * (k - 1))]),
+        "doremi": lambda: DoReMiController(torch.full((k,), 1 / k)),
+        "odm": lambda: ODMController(torch.full((k,), 1 / k), warmup=1),
+        "dga": lambda: DGAController(torch.full((k,), 1 / k), every=2),
+    }[name]
+    controller = build()
+    losses, domains = torch.rand(64), torch.randint(0, k, (64,))
+    mask = torch.ones(64, 5)
+    no_host_sync()
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        torch.ones(1).item()  # the trap is set
+    for _ in range(4):
+        controller.observe(losses, domains, reference=losses * 0.5)
+        controller.observe(losses[:, None].expand(64, 5), domains, mask, reference=losses[:, None].expand(64, 5))
+        if name == "dga":
+            controller.observe_alignment(losses[:k])
+        controller.step()
+    assert controller.weights.shape == (k,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["doremi", "odm", "dga"])
+def test_no_sync_on_cuda(name):
+    k = 64
+    cls = {"doremi": DoReMiController, "odm": ODMController, "dga": DGAController}[name]
+    controller = cls(torch.full((k,), 1 / k, device="cuda"))
+    losses, domains = torch.rand(4096, device="cuda"), torch.randint(0, k, (4096,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            controller.observe(losses, domains, reference=losses * 0.5)
+            if name == "dga":
+                controller.observe_alignment(losses[:k])
+            controller.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
