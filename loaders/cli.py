@@ -4,6 +4,7 @@
 
     onlinemix inspect CONFIG [--steps N]        sizes, weights and epochs after N steps
     onlinemix sample CONFIG --batches N [...]   the exact batches training would see, as JSON lines
+    onlinemix schedule show|export|plot LOG     a recorded weight schedule
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from loaders.dataset import MixedDataset
 from loaders.loader import MixedLoader
 from loaders.plan import PlanState, StreamEnded, fast_forward
 from loaders.sources import SourceError
+from mixing.schedule_log import read_schedule, replay_schedule
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -56,6 +59,8 @@ def _sample(args: argparse.Namespace) -> None:
     dataset = MixedDataset.from_config(
         args.config, rank=args.rank, world_size=args.world_size, num_batches=args.start + args.batches
     )
+    if args.schedule is not None:
+        dataset.schedule = replay_schedule(args.schedule, dataset.names)
     loader = MixedLoader(dataset, num_workers=args.workers)
     if args.start:
         start = fast_forward(dataset.spec, PlanState.start(dataset.spec.num_domains), args.start, dataset.schedule)
@@ -63,6 +68,54 @@ def _sample(args: argparse.Namespace) -> None:
     for offset, batch in enumerate(loader):
         pairs = np.stack([batch["domain"].numpy(), batch["index"].numpy()], axis=1).tolist()
         print(json.dumps({"batch": args.start + offset, "samples": pairs}, separators=(",", ":")))
+
+
+def _schedule_show(args: argparse.Namespace) -> None:
+    log = read_schedule(args.log)
+    header = {key: value for key, value in log.header.items() if key != "domains"}
+    print(f"{args.log}: {len(log.steps)} versions (steps 0..{len(log.steps) - 1}), {header}")
+    print(f"{'domain':<16} {'first':>8} {'min':>8} {'mean':>8} {'max':>8} {'last':>8}")
+    for d, name in enumerate(log.domains):
+        column = log.weights[:, d]
+        print(
+            f"{name:<16} {column[0]:>8.4f} {column.min():>8.4f} {column.mean():>8.4f} "
+            f"{column.max():>8.4f} {column[-1]:>8.4f}"
+        )
+
+
+def _schedule_export(args: argparse.Namespace) -> None:
+    log = read_schedule(args.log)
+    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "csv":
+            out.write(",".join(["step", *log.domains]) + "\n")
+            for step, row in zip(log.steps, log.weights):
+                out.write(",".join([str(step), *(repr(float(w)) for w in row)]) + "\n")
+        else:
+            for step, row in zip(log.steps, log.weights):
+                out.write(json.dumps({"step": int(step), "weights": dict(zip(log.domains, row.tolist()))}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _schedule_plot(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = read_schedule(args.log)
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for d, name in enumerate(log.domains):
+        axes.plot(log.steps, log.weights[:, d], label=name)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("sampling weight")
+    axes.set_title(f"{args.log.name}: {log.header.get('controller', 'schedule')}")
+    axes.legend(loc="best")
+    figure.tight_layout()
+    figure.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--rank", type=int, default=0, help="print this rank's slice (default 0)")
     sample.add_argument("--world-size", type=int, default=1, help="number of data-parallel ranks (default 1)")
     sample.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (default jsonl)")
+    sample.add_argument(
+        "--schedule", type=Path, help="replay the weights recorded in this schedule log (as the recorded run saw them)"
+    )
     sample.set_defaults(run=_sample)
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="show, export or plot a recorded weight schedule",
+        description="Read a schedule log written by OnlineMixer(log=...): every weight version of a run.",
+    )
+    schedule_commands = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    show = schedule_commands.add_parser("show", help="summary table: first, min, mean, max, last weight per domain")
+    show.add_argument("log", type=Path)
+    show.set_defaults(run=_schedule_show)
+    export = schedule_commands.add_parser("export", help="every version as CSV (step, one column per domain) or JSONL")
+    export.add_argument("log", type=Path)
+    export.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="default csv")
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    export.set_defaults(run=_schedule_export)
+    plot = schedule_commands.add_parser("plot", help="weights over steps, one line per domain, as a PNG")
+    plot.add_argument("log", type=Path)
+    plot.add_argument("-o", "--output", type=Path, default=Path("weights.png"), help="default weights.png")
+    plot.set_defaults(run=_schedule_plot)
     return parser
 
 

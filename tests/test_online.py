@@ -1,5 +1,7 @@
 """Online mixing end to end: weights changing every step, across worker processes, replayed and resumed."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,27 @@ def test_out_of_range_domain_ids_raise(config):
     mixer.step()
     with pytest.raises(MixingError, match="outside \\[0, 3\\)"):
         mixer.observe(torch.ones(2), torch.tensor([0, 1]))
+
+
+def test_cli_replays_a_log_and_shows_exports_and_plots_it(config, recorded, tmp_path, capsys):
+    from loaders.cli import main
+
+    batches, log_path = recorded
+    assert main(["sample", str(config), "--batches", str(STEPS), "--schedule", str(log_path), "--workers", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [[tuple(p) for p in json.loads(line)["samples"]] for line in lines] == batches
+
+    assert main(["schedule", "show", str(log_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{STEPS + 1} versions" in out and out.splitlines()[2].split()[:2] == ["code", "0.5000"]
+
+    assert main(["schedule", "export", str(log_path), "--format", "csv", "-o", str(tmp_path / "w.csv")]) == 0
+    rows = (tmp_path / "w.csv").read_text().splitlines()
+    assert rows[0] == "step,code,prose,web" and len(rows) == STEPS + 2
+    assert [float(x) for x in rows[5].split(",")[1:]] == read_schedule(log_path).weights[4].tolist()
+    assert main(["schedule", "export", str(log_path), "--format", "jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[1])["step"] == 1
+
+    assert main(["schedule", "plot", str(log_path), "-o", str(tmp_path / "w.png")]) == 0
+    assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["schedule", "show", str(tmp_path / "missing.oms")]) == 1
