@@ -154,3 +154,16 @@ def test_domains_with_different_fields_are_an_error(tmp_path):
     dataset = _with_prose_transform(tmp_path, "conftest:ids_only")
     with pytest.raises(ValueError, match="domains 'code' and 'prose' produce different fields"):
         list(MixedLoader(dataset))
+
+
+def test_forked_workers_do_not_share_a_jsonl_file_offset(tmp_path):
+    # The parent reads a document first (as the field check does), then forks workers that read in parallel.
+    make_example(tmp_path, documents=3000)
+    config = tmp_path / "mixture.yaml"
+    text = config.read_text().replace("weight: 0.5", "weight: 0.0").replace("weight: 0.2", "weight: 0.0")
+    config.write_text(text.replace("weight: 0.3, max_epochs: 2", "weight: 1.0"))
+    expected = pairs(run(config, num_workers=0, num_batches=150))
+    dataset = MixedDataset.from_config(config, num_batches=150)
+    assert dataset.fields  # reads document 0 in this process, before the workers fork
+    got = MixedLoader(dataset, num_workers=3, multiprocessing_context="fork")
+    assert pairs(got) == expected

@@ -107,9 +107,12 @@ class JsonlSource(Source):
         return offsets
 
     def _file(self):
+        # One handle per process: a handle inherited through fork shares its file offset with the
+        # parent and the other workers, and their seek + readline would interleave.
         file = getattr(self, "_open_file", None)
-        if file is None:
+        if file is None or self._open_pid != os.getpid():
             file = self._open_file = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
+            self._open_pid = os.getpid()
         return file
 
     def describe(self, index: int) -> str:
