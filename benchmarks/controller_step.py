@@ -28,10 +28,16 @@ from mixing.mixer import OnlineMixer
 def controller_cost(device: str) -> None:
     print(f"\ncontroller observe+step, {device} (median µs per training step)")
     print("| controller | k=8, B=256 | k=64, B=4096 | k=1024, B=4096 |\n|---|---:|---:|---:|")
-    for name, cls in (("DoReMi", DoReMiController), ("ODM", ODMController), ("DGA", DGAController)):
+    variants = [
+        ("DoReMi", DoReMiController, False),
+        ("ODM", ODMController, False),
+        ("DGA", DGAController, False),
+        ("DoReMi, compiled accumulation", DoReMiController, True),
+    ]
+    for name, cls, compiled in variants:
         cells = []
         for k, batch in ((8, 256), (64, 4096), (1024, 4096)):
-            controller = cls(torch.full((k,), 1 / k, device=device))
+            controller = cls(torch.full((k,), 1 / k, device=device), compile=compiled)
             losses = torch.rand(batch, device=device)
             domains = torch.randint(0, k, (batch,), device=device)
             reference = losses * 0.9

@@ -199,3 +199,19 @@ def test_no_sync_on_cuda(name):
             controller.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_accumulation_is_one_graph_and_equals_eager():
+    losses = torch.rand(256)
+    losses[3] = float("inf")
+    domains = torch.randint(0, 8, (256,))
+    eager, compiled = (DoReMiController(torch.full((8,), 1 / 8), compile=c) for c in (False, "eager"))
+    for controller in (eager, compiled):
+        for _ in range(3):
+            controller.observe(losses, domains, reference=losses * 0.5)
+            controller.observe(
+                losses[:, None].expand(256, 4), domains, torch.ones(256, 4), reference=losses[:, None].expand(256, 4)
+            )
+            controller.step()
+    assert torch.equal(eager.weights, compiled.weights)
+    assert torch.equal(eager.stats.problems, compiled.stats.problems)
