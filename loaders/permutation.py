@@ -21,7 +21,19 @@ import numpy as np
 from loaders.rng import mix64
 
 ROUNDS = 4
-_ROUND_TAGS = [np.uint64(0x51AF_D7ED_558C_CD00 + r) for r in range(ROUNDS)]
+_ROUND_TAGS = [mix64(np.array([r], dtype=np.uint64))[0] for r in range(ROUNDS)]
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_THIRTY_TWO = np.uint64(32)
+
+
+def _round(half: np.ndarray, round_key: np.ndarray) -> np.ndarray:
+    """The round function: multiply-shift hashing of a half block (at most 32 bits) under a 64-bit key.
+
+    The key is a full 64-bit hash per element, so a cheap multiply-shift is
+    enough to make each round a keyed pseudo-random function of the half.
+    """
+    mixed = (half ^ round_key) * _MULTIPLIER
+    return mixed ^ (mixed >> _THIRTY_TWO)
 
 
 def block_bits(n: int) -> int:
@@ -56,14 +68,14 @@ def permute(
     low_bits = bits >> one
     low_mask = (one << low_bits) - one
     high_mask = (one << (bits - low_bits)) - one
-    round_keys = [mix64(key ^ tag) for tag in _ROUND_TAGS]
+    round_keys = [key ^ tag for tag in _ROUND_TAGS]
 
     def network(v: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
         shift = low_bits[at]
         high, low = v >> shift, v & low_mask[at]
         for r in range(0, ROUNDS, 2):
-            high ^= mix64(low ^ round_keys[r][at]) & high_mask[at]
-            low ^= mix64(high ^ round_keys[r + 1][at]) & low_mask[at]
+            high ^= _round(low, round_keys[r][at]) & high_mask[at]
+            low ^= _round(high, round_keys[r + 1][at]) & low_mask[at]
         return (high << shift) | low
 
     out = network(x, slice(None))

@@ -248,18 +248,22 @@ def plan_batches(
     size, per_rank = spec.global_batch_size, spec.global_batch_size // world_size
 
     # Slot order: shuffle each batch's domain-sorted list of takes, keep this rank's slice.
-    batch_keys = rng.mix64(np.uint64(spec._slots_key) ^ batches.astype(np.uint64))
-    slot_keys = rng.mix64(batch_keys[:, None] ^ np.arange(size, dtype=np.uint64))
+    slots = (batches[:, None] * size + np.arange(size)).astype(np.uint64)  # a global id per slot
+    slot_keys = rng.mix64(slots ^ np.uint64(spec._slots_key))
     take = np.argsort(slot_keys, axis=1, kind="stable")[:, rank * per_rank : (rank + 1) * per_rank]
 
     # Which sample each take is: domain d's takes in a batch are its cursor, cursor + 1, ...
+    rows = np.arange(len(batches))[:, None]
     sorted_domains = np.repeat(np.tile(np.arange(spec.num_domains), len(batches)), counts.ravel())
-    domains = np.take_along_axis(sorted_domains.reshape(len(batches), size), take, axis=1)
+    domains = sorted_domains.reshape(len(batches), size)[rows, take]
     starts = np.cumsum(counts, axis=1) - counts
-    j = np.take_along_axis(before, domains, axis=1) + take - np.take_along_axis(starts, domains, axis=1)
+    j = before[rows, domains] + take - starts[rows, domains]
     sizes = spec.sizes[domains]
     epochs = j // sizes
-    keys = rng.mix64(rng.mix64(np.uint64(spec._perm_key) ^ domains.astype(np.uint64)) ^ epochs.astype(np.uint64))
+    # One key per (domain, epoch): domain ids and epochs each fit 32 bits, so the packing is injective.
+    keys = rng.mix64(
+        ((domains.astype(np.uint64) << np.uint64(32)) | epochs.astype(np.uint64)) ^ np.uint64(spec._perm_key)
+    )
     indices = permute(j % sizes, sizes, keys, spec._bits[domains])
     return [
         BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
