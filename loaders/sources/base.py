@@ -66,11 +66,6 @@ class Source(abc.ABC):
         """Each output field's per-sample shape and dtype, from reading sample 0."""
         return {name: (values.shape[1:], values.dtype.str) for name, values in self.read_batch(np.zeros(1)).items()}
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies this source's content cheaply (checked on resume)."""
-        stat = self.path.stat()
-        return {"kind": self.kind, "path": str(self.path), "bytes": stat.st_size, "samples": len(self)}
-
     def __getstate__(self) -> dict[str, Any]:
         # Open files and memory maps are reopened lazily in the receiving process.
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}

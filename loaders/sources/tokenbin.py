@@ -11,7 +11,6 @@ in several contexts).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -104,6 +103,3 @@ class TokenBinSource(Source):
         _, inputs, labels = self._views
         out["input_ids"][rows] = inputs[indices]
         out["labels"][rows] = labels[indices]
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "dtype": self.dtype.name, "stride": self.stride}
