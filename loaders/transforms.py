@@ -33,9 +33,6 @@ class TokenWindow:
         window = np.asarray(window, dtype=np.int64)
         return {"input_ids": window[:-1], "labels": window[1:]}
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is TokenWindow
-
     def __repr__(self) -> str:
         return "TokenWindow()"
 

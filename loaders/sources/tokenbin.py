@@ -90,13 +90,13 @@ class TokenBinSource(Source):
         return self.windows(np.array([index]))[0]
 
     def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        if self.transform == TokenWindow():
+        if isinstance(self.transform, TokenWindow):
             window = self.windows(indices)
             return {"input_ids": window[:, :-1], "labels": window[:, 1:]}
         return super().read_batch(indices)
 
     def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
-        if self.transform != TokenWindow():
+        if not isinstance(self.transform, TokenWindow):
             return super().read_into(indices, out, rows)
         # Gather straight from the memory map into the batch (the cast to int64 happens in the same pass).
         # No range check here: the plan only ever asks for indices below len(self).
