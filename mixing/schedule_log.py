@@ -133,15 +133,10 @@ class ScheduleWriter:
                 f"{self.path}: holds steps up to {len(existing.steps) - 1}, cannot resume at {resume_at}"
             )
         self._file = open(self.path, "r+b")  # noqa: SIM115
-        self._file.truncate(self._header_length() + (resume_at + 1) * self._size)
+        _read_header(self._file)  # leaves the file at the first record
+        self._file.truncate(self._file.tell() + (resume_at + 1) * self._size)
         self._file.seek(0, os.SEEK_END)
         self.next_step = resume_at + 1
-
-    def _header_length(self) -> int:
-        self._file.seek(0)
-        self._file.readline()
-        self._file.readline()
-        return self._file.tell()
 
     def append(self, step: int, weights: np.ndarray) -> None:
         if step != self.next_step:
