@@ -236,7 +236,7 @@ def plan_batches(
     by default); the others are only counted. Everything is vectorised over the
     batches, so planning a chunk costs about as much as planning one.
     """
-    first, cursors = state.batch, state.cursors
+    first, cursors = state.batch, state.cursors.copy()
     counts = count_batches(spec, state, weights)
     batches = first + np.arange(len(counts))
     before = cursors + np.cumsum(counts, axis=0) - counts  # cursors at the start of each batch
