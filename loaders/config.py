@@ -12,6 +12,7 @@
     domains:                      # the order of the list fixes each domain's index
       - {name: code, source: tokenbin, path: data/code.bin, dtype: uint16, weight: 0.5}
       - {name: prose, source: jsonl, path: data/prose.jsonl, field: text, weight: 0.5, max_epochs: 2}
+      - {name: web, source: webdataset, path: "shards/web-{0000..0099}.tar", order: shards}
 
 Relative paths resolve against the config file's folder. Weights are given
 for every domain or for none.
@@ -36,7 +37,8 @@ from mixing.simplex import check_weights, temperature_weights
 
 TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains")
 WEIGHTING_KEYS = ("temperature", "sampling")
-DOMAIN_KEYS = ("name", "source", "path", "weight", "max_epochs", "transform")
+DOMAIN_KEYS = ("name", "source", "path", "weight", "max_epochs", "transform", "order")
+ORDERS = ("samples", "shards")
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,7 @@ class DomainConfig:
     weight: float | None = None
     max_epochs: float | None = None
     transform: str | None = None
+    order: str = "samples"  # or "shards": shuffle whole shards each epoch, read each front to back
     options: dict[str, Any] = field(default_factory=dict)  # source-specific keys (dtype, field, ...)
 
 
@@ -176,7 +179,13 @@ class MixtureConfig:
             return check_weights([d.weight for d in self.domains], self.names)
         return temperature_weights(sizes, self.temperature)
 
-    def plan_spec(self, sizes: list[int]) -> PlanSpec:
+    def plan_spec(self, sources: list[Source]) -> PlanSpec:
+        sizes = [len(source) for source in sources]
+        shards = []
+        for domain, source in zip(self.domains, sources):
+            if domain.order == "shards" and source.shard_sizes is None:
+                raise ConfigError(f"domain {domain.name!r}: order: shards needs a sharded source, not {domain.source}")
+            shards.append(source.shard_sizes if domain.order == "shards" else None)
         caps = []
         for domain, size in zip(self.domains, sizes):
             if domain.max_epochs is None:
@@ -186,7 +195,7 @@ class MixtureConfig:
             if cap < 1:
                 raise ConfigError(f"domain {domain.name!r}: max_epochs {domain.max_epochs} allows no sample of {size}")
             caps.append(cap)
-        return PlanSpec(sizes, caps, self.seed, self.global_batch_size, self.sampling)
+        return PlanSpec(sizes, caps, self.seed, self.global_batch_size, self.sampling, tuple(shards))
 
 
 def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
@@ -203,8 +212,11 @@ def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
     if "path" not in entry:
         raise ConfigError(f"{where}: missing required key 'path'")
     path = base_dir / Path(str(entry["path"])).expanduser()
-    if not path.exists():
+    if not SOURCES[kind].path_given(path, entry):
         raise ConfigError(f"{where}: file not found: {path}")
+    order = entry.get("order", "samples")
+    if order not in ORDERS:
+        raise ConfigError(f"{where}: order must be one of {ORDERS}, got {order!r}")
     weight = entry.get("weight")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
         raise ConfigError(f"{where}: weight must be a number, got {weight!r}")
@@ -223,5 +235,6 @@ def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
         weight=None if weight is None else float(weight),
         max_epochs=max_epochs,
         transform=entry.get("transform"),
+        order=order,
         options=options,
     )

@@ -106,7 +106,7 @@ class MixedDataset(IterableDataset):
         sources = config.build_sources()
         sizes = [len(source) for source in sources]
         schedule = kwargs.pop("schedule", None) or StaticSchedule(config.initial_weights(sizes))
-        return cls(sources, config.names, config.plan_spec(sizes), schedule, **kwargs)
+        return cls(sources, config.names, config.plan_spec(sources), schedule, **kwargs)
 
     @property
     def local_batch_size(self) -> int:

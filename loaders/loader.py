@@ -102,4 +102,5 @@ class MixedLoader:
             "seed": spec.seed,
             "global_batch_size": spec.global_batch_size,
             "sampling": spec.sampling,
+            "order": ["samples" if shards is None else f"shards:{len(shards)}" for shards in spec.shards],
         }

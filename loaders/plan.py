@@ -14,6 +14,10 @@ and nothing else, so every worker and rank can compute any part of it alone:
    ``permute(j % N_d, key(seed, d, j // N_d))``: a fresh shuffle each epoch.
 4. **Slot order.** The ``G`` samples are shuffled by a permutation keyed by
    ``(seed, b)``, so domains interleave within the batch.
+   A domain in *shard order* (``PlanSpec.shards``) is shuffled a shard at a
+   time instead: each epoch is a permutation of its shards, each read front
+   to back, so its reads are sequential (for stores where random access is
+   slow). Determinism is the same; only the granularity of the shuffle differs.
 5. **Repeat caps.** A domain whose cursor reaches ``max_epochs * N_d`` is
    exhausted: it drops out and the others are renormalised. A batch that
    would overrun a cap takes what is left and re-draws the shortfall among
@@ -77,6 +81,9 @@ class PlanSpec:
     seed: int
     global_batch_size: int
     sampling: str = "systematic"
+    # Per domain: ``None`` (a fresh permutation of all samples each epoch) or the sample count of
+    # each of its shards, in storage order (shard order: a permutation of the shards each epoch).
+    shards: tuple[np.ndarray | None, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", np.asarray(self.sizes, dtype=np.int64))
@@ -92,6 +99,14 @@ class PlanSpec:
         object.__setattr__(self, "_counts_key", rng.key(self.seed, rng.TAG_COUNTS))
         object.__setattr__(self, "_slots_key", rng.key(self.seed, rng.TAG_SLOTS))
         object.__setattr__(self, "_perm_key", rng.key(self.seed, rng.TAG_PERMUTATION))
+        shards = self.shards or (None,) * len(self.sizes)
+        if len(shards) != len(self.sizes):
+            raise ValueError(f"shards has {len(shards)} entries for {len(self.sizes)} domains")
+        for d, counts in enumerate(shards):
+            if counts is not None and (np.any(np.asarray(counts) < 1) or np.sum(counts) != self.sizes[d]):
+                raise ValueError(f"domain {d}: shard sizes must be >= 1 and sum to its {self.sizes[d]} samples")
+        object.__setattr__(self, "shards", tuple(None if c is None else np.asarray(c, dtype=np.int64) for c in shards))
+        object.__setattr__(self, "_shard_orders", {})  # (domain, epoch) -> (order, ends): a cache, not state
 
     @property
     def num_domains(self) -> int:
@@ -264,10 +279,47 @@ def plan_batches(
     keys = rng.mix64(
         ((domains.astype(np.uint64) << np.uint64(32)) | epochs.astype(np.uint64)) ^ np.uint64(spec._perm_key)
     )
-    indices = permute(j % sizes, sizes, keys, spec._bits[domains])
+    positions = j % sizes
+    indices = permute(positions, sizes, keys, spec._bits[domains])
+    for d, shard_sizes in enumerate(spec.shards):
+        if shard_sizes is not None:
+            _in_shard_order(spec, d, domains, epochs, positions, indices)
     return [
         BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
     ]
+
+
+def shard_order(spec: PlanSpec, domain: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shards of ``domain`` in the order epoch ``epoch`` reads them, and where each ends (in samples)."""
+    cache = spec._shard_orders
+    if (domain, epoch) not in cache:
+        counts = spec.shards[domain]
+        n = len(counts)
+        key = rng.key(spec._perm_key, rng.TAG_SHARDS, domain, epoch)
+        order = permute(np.arange(n, dtype=np.int64), np.int64(n), np.uint64(key), np.uint64(block_bits(n)))
+        if len(cache) >= 64:  # epochs only move forward: old entries are not needed again soon
+            cache.clear()
+        cache[(domain, epoch)] = (order, np.cumsum(counts[order]))
+    return cache[(domain, epoch)]
+
+
+def _in_shard_order(
+    spec: PlanSpec, d: int, domains: np.ndarray, epochs: np.ndarray, positions: np.ndarray, indices: np.ndarray
+) -> None:
+    """Rewrite ``indices`` of domain ``d`` (in place): position ``p`` of an epoch is the ``p``-th sample
+    of the concatenation of the shards in that epoch's order."""
+    mine = domains == d
+    if not mine.any():
+        return
+    counts = spec.shards[d]
+    shard_starts = np.cumsum(counts) - counts
+    for epoch in np.unique(epochs[mine]):
+        at = mine & (epochs == epoch)
+        order, ends = shard_order(spec, d, int(epoch))
+        p = positions[at]
+        rank = np.searchsorted(ends, p, side="right")  # which shard of the epoch holds position p
+        shard = order[rank]
+        indices[at] = shard_starts[shard] + p - (ends[rank] - counts[shard])
 
 
 def plan_batch(spec: PlanSpec, state: PlanState, weights: np.ndarray, rank: int = 0, world_size: int = 1) -> BatchPlan:

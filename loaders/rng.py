@@ -24,6 +24,7 @@ TAG_COUNTS = 1
 TAG_SLOTS = 2
 TAG_PERMUTATION = 3
 TAG_MULTINOMIAL = 4
+TAG_SHARDS = 5
 
 
 def mix64(x: np.ndarray) -> np.ndarray:

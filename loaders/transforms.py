@@ -47,7 +47,9 @@ class ByteTokenizer:
     were written with the same tokenizer (see ``examples/prepare_data.py``).
 
     ``field`` names the text in a dict record (JSONL); ``None`` takes the
-    record itself as the text.
+    record itself as the text. A 1-d integer array instead of text is taken
+    as token ids already (shards written by ``onlinemix convert``) and only
+    cut or padded to the window.
     """
 
     EOT = 256
@@ -70,14 +72,24 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def __call__(self, record: Any) -> dict[str, np.ndarray]:
-        text = record if self.field is None else record[self.field]
-        if not isinstance(text, str):
-            raise TypeError(f"expected text in field {self.field!r}, got {type(text).__name__}")
+        document = record if self.field is None else record[self.field]
+        if isinstance(document, str):
+            ids = self.encode(document)
+        elif isinstance(document, np.ndarray) and document.dtype.kind in "iu" and document.ndim == 1:
+            ids = document.astype(np.int64)  # already token ids (from a shard written by `onlinemix convert`)
+        else:
+            raise TypeError(
+                f"expected text or a 1-d array of token ids in field {self.field!r}, got {type(document).__name__}"
+            )
+        return self.window(ids)
+
+    def window(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The first ``seq_len + 1`` of ``ids`` as an input/label pair, padded with ``PAD`` (label: -100)."""
+        ids = ids[: self.seq_len + 1]
         window = np.full(self.seq_len + 1, self.PAD, dtype=np.int64)
-        ids = self.encode(text)[: self.seq_len + 1]
         window[: len(ids)] = ids
         labels = window[1:].copy()
-        labels[len(ids) - 1 :] = IGNORE_INDEX
+        labels[max(len(ids) - 1, 0) :] = IGNORE_INDEX
         return {"input_ids": window[:-1], "labels": labels}
 
     def __eq__(self, other: object) -> bool:

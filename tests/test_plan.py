@@ -148,3 +148,10 @@ def test_bad_spec_is_an_error():
         spec(sampling="stratified")
     with pytest.raises(ValueError, match="at least one sample"):
         spec(sizes=(10, 0))
+
+
+def test_shard_sizes_must_cover_the_domain():
+    with pytest.raises(ValueError, match="domain 1: shard sizes must be >= 1 and sum to its 10 samples"):
+        PlanSpec([5, 10], [UNLIMITED, UNLIMITED], 0, 4, shards=(None, np.array([4, 5])))
+    with pytest.raises(ValueError, match="shards has 1 entries for 2 domains"):
+        PlanSpec([5, 10], [UNLIMITED, UNLIMITED], 0, 4, shards=(None,))

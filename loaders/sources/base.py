@@ -25,10 +25,17 @@ class Source(abc.ABC):
 
     kind: ClassVar[str]  # the ``source:`` value that selects this class in a config
     options: ClassVar[frozenset[str]] = frozenset()  # extra config keys it accepts
+    # Sharded sources: the sample count of each shard, in storage order (enables ``order: shards``).
+    shard_sizes: np.ndarray | None = None
 
     def __init__(self, path: str | Path, transform: Transform):
         self.path = Path(path)
         self.transform = transform
+
+    @classmethod
+    def path_given(cls, path: Path, options: dict[str, Any]) -> bool:
+        """Whether a config's ``path`` (with the domain's other keys) names something to read."""
+        return path.exists()
 
     @abc.abstractmethod
     def __len__(self) -> int:

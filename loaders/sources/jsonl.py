@@ -10,14 +10,13 @@ the index is kept in memory for the process. Empty lines are not documents.
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from loaders.files import FileHandles, file_header, save_cache
 from loaders.sources.base import Source, SourceError
 from loaders.transforms import ByteTokenizer, Transform
 
@@ -60,8 +59,7 @@ def _scan_line_starts(path: Path) -> np.ndarray:
 
 def load_index(path: Path) -> np.ndarray:
     """Line offsets of ``path``, from the cache when it matches the file, else rebuilt (and cached)."""
-    stat = path.stat()
-    header = np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.uint64)
+    header = file_header(path, INDEX_VERSION)
     cache = index_path(path)
     if cache.exists():
         try:
@@ -71,13 +69,7 @@ def load_index(path: Path) -> np.ndarray:
         except (ValueError, OSError):
             pass  # unreadable cache: rebuild it
     offsets = _scan_line_starts(path)
-    try:
-        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as file:
-            np.save(file, np.concatenate([header, offsets]))
-        os.replace(temporary, cache)  # atomic: readers never see a half-written index
-    except OSError as error:
-        warnings.warn(f"{path}: cannot cache the line index ({error}); keeping it in memory", stacklevel=2)
+    save_cache(cache, lambda file: np.save(file, np.concatenate([header, offsets])), path)
     return offsets
 
 
@@ -95,6 +87,7 @@ class JsonlSource(Source):
         super().__init__(path, transform or ByteTokenizer(seq_len, field=field))
         self.field = field
         self._length = len(self.offsets)
+        self._files = FileHandles()
 
     def __len__(self) -> int:
         return self._length
@@ -106,15 +99,6 @@ class JsonlSource(Source):
             offsets = self._open_offsets = load_index(self.path)
         return offsets
 
-    def _file(self):
-        # One handle per process: a handle inherited through fork shares its file offset with the
-        # parent and the other workers, and their seek + readline would interleave.
-        file = getattr(self, "_open_file", None)
-        if file is None or self._open_pid != os.getpid():
-            file = self._open_file = open(self.path, "rb")  # noqa: SIM115 - kept open for the process
-            self._open_pid = os.getpid()
-        return file
-
     def describe(self, index: int) -> str:
         offset = int(self.offsets[index])
         with open(self.path, "rb") as file:  # slow, but only ever on the way to an error
@@ -124,7 +108,7 @@ class JsonlSource(Source):
     def record(self, index: int) -> Any:
         if not 0 <= index < self._length:
             raise SourceError(f"{self.path}: document {index} out of range [0, {self._length})")
-        file = self._file()
+        file = self._files.get(self.path)
         file.seek(int(self.offsets[index]))
         line = file.readline()
         try:
