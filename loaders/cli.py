@@ -5,6 +5,7 @@
     onlinemix inspect CONFIG [--steps N]        sizes, weights and epochs after N steps
     onlinemix sample CONFIG --batches N [...]   the exact batches training would see, as JSON lines
     onlinemix schedule show|export|plot LOG     a recorded weight schedule
+    onlinemix convert INPUT... -o OUT --to F    text / JSONL to token-bin, MDS or WebDataset shards
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loaders import convert
 from loaders.config import ConfigError, MixtureConfig
 from loaders.dataset import MixedDataset
 from loaders.loader import MixedLoader
@@ -174,7 +176,44 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("log", type=Path)
     plot.add_argument("-o", "--output", type=Path, default=Path("weights.png"), help="default weights.png")
     plot.set_defaults(run=_schedule_plot)
+    _add_convert(commands)
     return parser
+
+
+def _add_convert(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "convert",
+        help="tokenize text or JSONL into a token-bin file, MDS shards or WebDataset shards",
+        description="Tokenize documents into a format a mixture domain can read. A .jsonl input gives one "
+        "document per line (its --field), any other file is one document, a folder gives its files matching "
+        "--glob. The output appears only when complete (written beside it, then renamed).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, help="files or folders to read")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .bin file or the shard folder to write")
+    parser.add_argument("--to", choices=convert.FORMATS, required=True, help="output format")
+    parser.add_argument("--field", default="text", help="the text field of JSONL records")
+    parser.add_argument("--glob", default="*", help="which files of an input folder to read (recursively)")
+    parser.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="'byte' (UTF-8 bytes + end-of-text 256, what the loader's ByteTokenizer reads) or the path of a "
+        "Hugging Face tokenizer.json",
+    )
+    parser.add_argument("--eot", help="token appended to every document (tokenizer files only), e.g. '<|endoftext|>'")
+    parser.add_argument(
+        "--pack",
+        type=int,
+        metavar="SEQ_LEN",
+        help="shard formats: write windows of SEQ_LEN + 1 tokens of the concatenated documents instead of one "
+        "sample per document (use the mixture's seq_len)",
+    )
+    parser.add_argument("--shard-size", default="64MB", help="shard formats: start a new shard after this much data")
+    parser.add_argument("--compression", help="mds only: shard compression, e.g. zstd (mosaicml-streaming's names)")
+    parser.add_argument("--keep-text", action="store_true", help="shard formats: store each document's text too")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=convert.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         args.run(args)
-    except (ConfigError, SourceError, ValueError) as error:
+    except (ConfigError, SourceError, ValueError, FileExistsError) as error:
         print(f"onlinemix: error: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. piped into `head`
