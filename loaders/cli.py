@@ -55,6 +55,9 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{row} {epochs:>14.3f}{mark}")
     if ended is not None:
         print(f"the stream ends at batch {ended}: every domain with positive weight is exhausted")
+    for name, source in zip(config.names, dataset.sources):
+        for shard, why in getattr(source, "skipped", {}).items():  # on_bad: skip
+            print(f"domain {name!r} leaves out {shard}: {why}")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -18,7 +19,7 @@ from loaders import MixedDataset, MixedLoader
 from loaders.config import ConfigError, MixtureConfig
 from loaders.plan import shard_order
 from loaders.sources import MdsSource, SourceError, WebDatasetSource
-from loaders.sources.wds import ShardIndex
+from loaders.sources.wds import ShardIndex, decode_npy
 from tests.conftest import write_tokens
 
 SEQ_LEN = 16
@@ -310,3 +311,22 @@ def test_mds_remote_in_a_config(tmp_path):
         )
     )
     assert len(batches(config, 3)) == 3 and (tmp_path / "cache" / "index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(5, dtype=np.uint16),
+        np.zeros((2, 3), dtype=">i4"),
+        np.array(3.5),
+        np.arange(8, dtype=np.int64)[::2],
+        np.asfortranarray(np.ones((2, 3))),  # not matched by the fast path: np.load reads it
+        np.array(["a", "bc"]),
+    ],
+)
+def test_npy_members_decode_like_np_load(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    decoded = decode_npy(buffer.getvalue())
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
