@@ -144,6 +144,15 @@ def measure(make: Callable[[], Iterable[dict]], batches: int) -> float:
     return batches * BATCH / elapsed
 
 
+def best_rates(loaders: dict[str, Callable[[], Iterable[dict]]], rounds: int, batches: int) -> dict[str, float]:
+    """Each loader's best samples/s over ``rounds`` rounds, the loaders interleaved within each round."""
+    best = dict.fromkeys(loaders, 0.0)
+    for _ in range(rounds):
+        for name, make in loaders.items():
+            best[name] = max(best[name], measure(make, batches))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=300, help="timed batches per loader and round")
@@ -158,10 +167,7 @@ def main() -> None:
             loaders[f"onlinemix per-sample | {workers}"] = lambda w=workers: onlinemix(paths, w, "samples")
             loaders[f"webdataset RandomMix | {workers}"] = lambda w=workers: webdataset_mix(paths, w)
             loaders[f"torchdata MultiNodeWeightedSampler | {workers}"] = lambda w=workers: torchdata_mix(paths, w)
-        best = dict.fromkeys(loaders, 0.0)
-        for _ in range(args.rounds):
-            for name, make in loaders.items():
-                best[name] = max(best[name], measure(make, args.batches))
+        best = best_rates(loaders, args.rounds, args.batches)
     print(
         f"seq_len {SEQ_LEN}, batch {BATCH}, 4 token-bin domains, weights {WEIGHTS.tolist()}, "
         f"best of {args.rounds} rounds x {args.batches} batches"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from loader_throughput import BATCH, SEQ_LEN, WEIGHTS, measure
+from loader_throughput import BATCH, SEQ_LEN, WEIGHTS, best_rates
 from torch.utils.data import DataLoader, IterableDataset
 
 from loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule
@@ -120,10 +120,7 @@ def main() -> None:
             loaders[f"mosaicml-streaming StreamingDataset (MDS) | {w}"] = lambda w=w: streaming_mix(mds, w)
             loaders[f"onlinemix over WebDataset | {w}"] = lambda w=w: onlinemix(wds_sources, w)
             loaders[f"webdataset RandomMix (WebDataset) | {w}"] = lambda w=w: webdataset_mix(wds, w)
-        best = dict.fromkeys(loaders, 0.0)
-        for _ in range(args.rounds):
-            for name, make in loaders.items():
-                best[name] = max(best[name], measure(make, args.batches))
+        best = best_rates(loaders, args.rounds, args.batches)
     samples = sum(len(s) for s in mds_sources)
     print(
         f"seq_len {SEQ_LEN}, batch {BATCH}, 4 domains ({samples:,} packed windows), weights {WEIGHTS.tolist()}, "

@@ -79,3 +79,26 @@ class Source(abc.ABC):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+class ShardedSource(Source):
+    """A source stored in shards: sample ``i`` is a sample of the shard whose range holds ``i``.
+
+    Subclasses call ``_set_shards`` with each shard's sample count (storage
+    order), which also makes the domain eligible for ``order: shards``.
+    """
+
+    def _set_shards(self, sizes: list[int]) -> None:
+        self.shard_sizes = np.asarray(sizes, dtype=np.int64)
+        self.shard_starts = np.cumsum(self.shard_sizes) - self.shard_sizes
+        self._length = int(self.shard_sizes.sum())
+
+    def __len__(self) -> int:
+        return self._length
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(shard number, sample number within the shard)`` of sample ``index``."""
+        if not 0 <= index < self._length:
+            raise SourceError(f"{self.path}: sample {index} out of range [0, {self._length})")
+        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        return shard, index - int(self.shard_starts[shard])

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.sources.base import Source, SourceError
+from loaders.sources.base import ShardedSource, SourceError
 from loaders.transforms import ByteTokenizer, Transform
 
 DOCUMENT_COLUMNS = ("tokens", "input_ids", "text")  # the default ``column``, in order of preference
@@ -61,7 +61,7 @@ def _column_kind(encoding: str) -> str | None:
     return None
 
 
-class MdsSource(Source):
+class MdsSource(ShardedSource):
     kind = "mds"
     options = frozenset({"remote", "split", "column", "token_dtype", "on_bad"})
 
@@ -114,9 +114,7 @@ class MdsSource(Source):
             )
         if encoding == "bytes" and self.token_dtype is None and transform is None:
             raise SourceError(f"{self.folder}: column {self.column!r} is raw bytes: set token_dtype (e.g. uint16)")
-        self.shard_sizes = np.array([shard.samples for shard in shards], dtype=np.int64)
-        self.shard_starts = np.cumsum(self.shard_sizes) - self.shard_sizes
-        self._length = int(self.shard_sizes.sum())
+        self._set_shards([shard.samples for shard in shards])
 
     # -- opening -------------------------------------------------------------------
 
@@ -198,21 +196,11 @@ class MdsSource(Source):
             f"{self.folder}: no column named {' / '.join(DOCUMENT_COLUMNS)}: set column: (one of {names})"
         )
 
-    def __len__(self) -> int:
-        return self._length
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """``(shard number, sample number within the shard)`` of sample ``index``."""
-        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        return shard, index - int(self.shard_starts[shard])
-
     def describe(self, index: int) -> str:
         shard, row = self.locate(index)
         return f"shard {self.shards[shard].raw_data.basename}, sample {row}"
 
     def record(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self._length:
-            raise SourceError(f"{self.folder}: sample {index} out of range [0, {self._length})")
         number, row = self.locate(index)
         data, offsets = self._shard_data(number)
         try:

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.files import FileHandles, file_header, save_cache
-from loaders.sources.base import Source, SourceError
+from loaders.sources.base import ShardedSource, SourceError
 from loaders.transforms import ByteTokenizer, Transform
 
 INDEX_SUFFIX = ".onlinemix-idx.npz"
@@ -214,7 +214,7 @@ def expand_shards(path: Path) -> list[Path]:
     return [path]
 
 
-class WebDatasetSource(Source):
+class WebDatasetSource(ShardedSource):
     kind = "webdataset"
     options = frozenset({"field", "json_key", "on_bad"})
 
@@ -261,9 +261,7 @@ class WebDatasetSource(Source):
                 f"dropped): " + "; ".join(f"{shard} cut {cut}" for shard, cut in self.skipped.items()),
                 stacklevel=2,
             )
-        self.shard_sizes = np.array([len(index) for index in self.indices], dtype=np.int64)
-        self.shard_starts = np.cumsum(self.shard_sizes) - self.shard_sizes
-        self._length = int(self.shard_sizes.sum())
+        self._set_shards([len(index) for index in self.indices])
         self.json_key = json_key
         self.field = field or self._default_field()
         self._files = FileHandles(buffering=0)  # one read per member: a buffer would read ahead for nothing
@@ -281,21 +279,11 @@ class WebDatasetSource(Source):
                 )
         return FIELD_PREFERENCE[0]
 
-    def __len__(self) -> int:
-        return self._length
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """``(shard number, sample number within the shard)`` of sample ``index``."""
-        shard = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        return shard, index - int(self.shard_starts[shard])
-
     def describe(self, index: int) -> str:
         shard, row = self.locate(index)
         return f"shard {self.shards[shard].name}, sample {str(self.indices[shard].keys[row])!r} (#{row})"
 
     def record(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self._length:
-            raise SourceError(f"{self.path}: sample {index} out of range [0, {self._length})")
         shard, row = self.locate(index)
         shard_index = self.indices[shard]
         file = self._files.get(self.shards[shard])
