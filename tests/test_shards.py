@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import shutil
 import tarfile
@@ -330,3 +331,15 @@ def test_npy_members_decode_like_np_load(array):
     decoded = decode_npy(buffer.getvalue())
     assert decoded.dtype == array.dtype and decoded.shape == array.shape
     np.testing.assert_array_equal(decoded, array)
+
+
+def test_shard_sources_travel_to_workers_without_their_open_files(tmp_path):
+    docs = documents(30)
+    for source in (
+        MdsSource(write_mds(tmp_path / "mds", docs), SEQ_LEN),
+        WebDatasetSource(write_wds(tmp_path / "wds", docs), SEQ_LEN),
+    ):
+        before = source.read_batch(np.arange(30))["input_ids"]  # opens files and memory maps
+        state = pickle.dumps(source)
+        assert len(state) < 20_000  # indexes and names, no mapped data
+        np.testing.assert_array_equal(pickle.loads(state).read_batch(np.arange(30))["input_ids"], before)
