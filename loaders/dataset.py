@@ -56,8 +56,11 @@ class MixedDataset(IterableDataset):
         spec: sizes, caps, seed, global batch size, sampling method.
         schedule: the weights in force for each batch.
         output: ``"batches"`` or ``"samples"`` (see the module docstring).
-        rank, world_size: this rank's slice; default from ``torch.distributed``
-            or the ``RANK`` / ``WORLD_SIZE`` environment variables.
+        rank, world_size: this data-parallel rank's slice; default from
+            ``torch.distributed`` or the ``RANK`` / ``WORLD_SIZE`` environment
+            variables (see ``loaders/ranks.py``).
+        replicas: consecutive global ranks that see identical samples
+            (tensor / sequence parallelism); used only when ``rank`` is not given.
         num_batches: stop after global batch ``num_batches - 1``; ``None``
             streams until the repeat caps end it (or forever).
     """
@@ -72,13 +75,14 @@ class MixedDataset(IterableDataset):
         output: str = "batches",
         rank: int | None = None,
         world_size: int | None = None,
+        replicas: int = 1,
         num_batches: int | None = None,
     ):
         if len(sources) != spec.num_domains or len(names) != spec.num_domains:
             raise ValueError(f"{len(sources)} sources and {len(names)} names for {spec.num_domains} domains")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        default_rank, default_world_size = data_parallel_rank()
+        default_rank, default_world_size = data_parallel_rank(replicas)
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world_size if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:

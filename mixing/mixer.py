@@ -16,6 +16,18 @@ asynchronous copy of the new weights into pinned host memory; a background
 thread waits for that copy (never the training stream), then publishes the
 version to the workers and appends it to the log. On the CPU the copy is
 immediate and so is the publication.
+
+**Several ranks.** Every rank runs its own mixer and its own workers; the
+sample order stays identical everywhere only if every rank publishes the same
+weights. With ``torch.distributed`` initialised, ``sync="all_reduce"`` (the
+default then) sums the per-domain statistics over the ranks before each
+update, so every controller sees the global batch's statistics and computes
+the same update (a collective on the device: with NCCL it does not block the
+host). ``sync="broadcast"`` instead sends rank 0's weights to all (for
+signals that only rank 0 has, e.g. a DGA alignment measured there). Every
+``check_every`` steps the ranks compare their weights (an element-wise
+all-reduce of max and min, O(k), independent of the number of ranks; one
+host sync) and all raise ``MixingError`` naming the ranks that disagree.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
 from loaders.dataset import MixedDataset
@@ -35,6 +48,7 @@ from mixing.controllers.base import Controller
 from mixing.schedule_log import ScheduleWriter
 
 NONFINITE = ("skip", "error")
+SYNC = ("auto", "all_reduce", "broadcast", "none")
 
 
 class MixingError(RuntimeError):
@@ -53,6 +67,12 @@ class OnlineMixer:
         nonfinite: ``"skip"`` counts NaN/inf losses, leaves them out and warns;
             ``"error"`` raises ``MixingError`` at the next ``step()``.
         timeout: seconds a worker waits for weights before it fails.
+        sync: how ranks agree on the weights: ``"all_reduce"`` the statistics,
+            ``"broadcast"`` rank 0's weights, or ``"none"``; ``"auto"`` is
+            ``"all_reduce"`` when ``torch.distributed`` is initialised.
+        group: the process group to agree within (default: all ranks).
+        check_every: compare the weights across ranks every this many steps
+            (``0``: never). Each check costs one host sync.
     """
 
     def __init__(
@@ -65,12 +85,23 @@ class OnlineMixer:
         nonfinite: str = "skip",
         timeout: float = DEFAULT_TIMEOUT,
         config_hash: str = "",
+        sync: str = "auto",
+        group: dist.ProcessGroup | None = None,
+        check_every: int = 100,
     ):
         if controller.num_domains != dataset.spec.num_domains:
             raise ValueError(f"controller has {controller.num_domains} domains, the dataset {dataset.spec.num_domains}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if sync not in SYNC:
+            raise ValueError(f"sync must be one of {SYNC}, got {sync!r}")
+        distributed = dist.is_available() and dist.is_initialized()
+        if sync == "auto":
+            sync = "all_reduce" if distributed else "none"
+        if sync != "none" and not distributed:
+            raise ValueError(f"sync={sync!r} needs torch.distributed to be initialised")
         self.controller, self.dataset, self.lag, self.nonfinite = controller, dataset, lag, nonfinite
+        self.sync, self.group, self.check_every = sync, group, check_every
         initial = controller.weights.detach().double().cpu().numpy()
         self.channel = WeightsChannel(initial, timeout=timeout)
         dataset.schedule = VersionedSchedule(self.channel, lag)
@@ -101,8 +132,15 @@ class OnlineMixer:
     def step(self) -> torch.Tensor:
         """Update the weights once (after the optimizer step) and publish them as the next version."""
         self._raise_failure()
+        if self.sync == "all_reduce":
+            self._all_reduce_statistics()
         weights = self.controller.step()
+        if self.sync == "broadcast":
+            dist.broadcast(weights, src=self._global_rank(0), group=self.group)
+            self.controller.weights = weights
         self.step_count += 1
+        if self.sync != "none" and self.check_every and self.step_count % self.check_every == 0:
+            self.check_consistent(weights)
         packet = torch.cat([weights.detach().double(), self.controller.stats.problems.double()])
         if packet.is_cuda:
             host = torch.empty(packet.shape, dtype=packet.dtype, pin_memory=True)
@@ -114,6 +152,40 @@ class OnlineMixer:
         else:
             self._publish(self.step_count, packet.numpy())
         return weights
+
+    # -- several ranks ----------------------------------------------------------
+
+    def _global_rank(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def _all_reduce_statistics(self) -> None:
+        """Sum the statistics observed since the last step over the ranks, in one collective."""
+        stats = self.controller.stats
+        k = stats.num_domains
+        packed = torch.cat([stats.sums, stats.counts])
+        dist.all_reduce(packed, group=self.group)
+        stats.sums, stats.counts = packed[:k], packed[k:]
+
+    def check_consistent(self, weights: torch.Tensor | None = None) -> None:
+        """Raise ``MixingError`` on every rank if the ranks' weights are not bit-for-bit equal."""
+        weights = self.controller.weights if weights is None else weights
+        high, low = weights.detach().clone(), weights.detach().clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
+        if torch.equal(high, low):
+            return
+        # Rare path: find out who differs from rank 0, for the message.
+        reference = weights.detach().clone()
+        dist.broadcast(reference, src=self._global_rank(0), group=self.group)
+        flags = [torch.zeros(1, device=weights.device) for _ in range(dist.get_world_size(self.group))]
+        mine = torch.tensor([float(not torch.equal(reference, weights))], device=weights.device)
+        dist.all_gather(flags, mine, group=self.group)
+        differ = [rank for rank, flag in enumerate(flags) if flag.item()]
+        raise MixingError(
+            f"step {self.step_count}: the mixture weights differ across ranks (rank(s) {differ} disagree with "
+            f"rank 0; largest gap {(high - low).max().item():.3g}); every rank must feed its controller the same "
+            "statistics (sync='all_reduce') or take rank 0's weights (sync='broadcast')"
+        )
 
     def flush(self) -> None:
         """Wait until every version handed to ``step()`` is published (e.g. before a checkpoint)."""
