@@ -106,6 +106,7 @@ class PlanSpec:
             if counts is not None and (np.any(np.asarray(counts) < 1) or np.sum(counts) != self.sizes[d]):
                 raise ValueError(f"domain {d}: shard sizes must be >= 1 and sum to its {self.sizes[d]} samples")
         object.__setattr__(self, "shards", tuple(None if c is None else np.asarray(c, dtype=np.int64) for c in shards))
+        object.__setattr__(self, "_sharded", [d for d, counts in enumerate(self.shards) if counts is not None])
         object.__setattr__(self, "_shard_orders", {})  # (domain, epoch) -> (order, ends): a cache, not state
 
     @property
@@ -281,9 +282,8 @@ def plan_batches(
     )
     positions = j % sizes
     indices = permute(positions, sizes, keys, spec._bits[domains])
-    for d, shard_sizes in enumerate(spec.shards):
-        if shard_sizes is not None:
-            _in_shard_order(spec, d, domains, epochs, positions, indices)
+    for d in spec._sharded:  # a list, not a loop over all domains: 10,000 domains stay cheap
+        _in_shard_order(spec, d, domains, epochs, positions, indices)
     return [
         BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
     ]
