@@ -215,3 +215,17 @@ def test_compiled_accumulation_is_one_graph_and_equals_eager():
             controller.step()
     assert torch.equal(eager.weights, compiled.weights)
     assert torch.equal(eager.stats.problems, compiled.stats.problems)
+
+
+def test_dga_distribution_reweighting_moves_weights_over_basis_rows():
+    basis = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.25, 0.75]])
+    c = DGAController(torch.tensor([0.5, 0.5]), eta=1.0, ema=0.0, basis=basis)
+    assert torch.allclose(c.weights, torch.tensor([0.25, 0.25, 0.125, 0.375]))
+    c.observe_alignment(torch.tensor([math.log(3.0), 0.0]))  # row 0 aligns better: alpha -> [3/4, 1/4]
+    assert torch.allclose(c.step(), torch.tensor([0.375, 0.375, 0.0625, 0.1875]))
+    with pytest.raises(ValueError, match=r"alignment must have shape \(2,\)"):
+        c.observe_alignment(torch.zeros(4))
+    with pytest.raises(ValueError, match="each row of basis must be a distribution"):
+        DGAController(torch.tensor([1.0]), basis=torch.tensor([[0.5, 0.6]]))
+    with pytest.raises(ValueError, match=r"basis must be \(m, k\) with m = 2"):
+        DGAController(torch.tensor([0.5, 0.5]), basis=torch.ones(3, 2) / 2)

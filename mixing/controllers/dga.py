@@ -11,6 +11,13 @@ and the weights take a mirror-descent step smoothed by an EMA::
 Cost: one forward/backward on the target batch plus one per domain, every
 ``every`` steps — with ``every = 10`` and 4 domains about half a training
 step's compute per step on average. Between updates the weights are held.
+
+**Distribution reweighting** (``basis``, for thousands of fine-grained
+domains or clusters): the weights are ``w = α · B`` for ``m`` fixed basis
+distributions over the ``k`` domains (rows of ``B``, each on the simplex),
+and the mirror-descent step moves ``α`` on the ``m``-simplex from the
+alignments ``a_j`` of batches drawn from each basis distribution. The cost
+is one backward per basis distribution, independent of ``k``.
 """
 
 from __future__ import annotations
@@ -49,19 +56,40 @@ def gradient_alignment(
 class DGAController(Controller):
     name = "dga"
 
-    def __init__(self, initial: torch.Tensor, eta: float = 1.0, ema: float = 0.9, every: int = 1, **kwargs):
-        super().__init__(initial, **kwargs)
+    def __init__(
+        self,
+        initial: torch.Tensor,
+        eta: float = 1.0,
+        ema: float = 0.9,
+        every: int = 1,
+        basis: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """``initial``: weights over the domains, or over the ``m`` rows of ``basis`` (an ``(m, k)`` tensor)."""
         if eta <= 0 or not 0 <= ema < 1 or every < 1:
             raise ValueError(f"need eta > 0, 0 <= ema < 1, every >= 1; got {eta}, {ema}, {every}")
+        initial = torch.as_tensor(initial, dtype=torch.float32, device=kwargs.get("device"))
+        self.basis = None
+        if basis is not None:
+            basis = torch.as_tensor(basis, dtype=torch.float32, device=initial.device)
+            if basis.ndim != 2 or basis.shape[0] != initial.numel():
+                raise ValueError(
+                    f"basis must be (m, k) with m = {initial.numel()} (len(initial)), got {tuple(basis.shape)}"
+                )
+            if (basis < 0).any() or not torch.allclose(basis.sum(dim=1), torch.ones(len(basis), device=basis.device)):
+                raise ValueError("each row of basis must be a distribution over the domains (>= 0, summing to 1)")
+            self.basis = basis
+        alpha = initial / initial.sum()
+        super().__init__(alpha if basis is None else alpha @ basis, **kwargs)
         self.eta, self.ema, self.every = eta, ema, every
-        self.alignment = torch.zeros_like(self.weights)
-        self.mixture = self.initial.clone()  # before the probability floor
+        self.mixture = alpha.clone()  # over domains or basis rows, before the probability floor
+        self.alignment = torch.zeros_like(self.mixture)
         self._measured = False  # a Python flag: no tensor is looked at to decide
 
     def observe_alignment(self, alignment: torch.Tensor) -> None:
-        """Record the per-domain alignment measured for this step (see ``gradient_alignment``)."""
-        if alignment.shape != (self.num_domains,):
-            raise ValueError(f"alignment must have shape ({self.num_domains},), got {tuple(alignment.shape)}")
+        """Record the alignment of each domain (or basis row) for this step (see ``gradient_alignment``)."""
+        if alignment.shape != self.mixture.shape:
+            raise ValueError(f"alignment must have shape {tuple(self.mixture.shape)}, got {tuple(alignment.shape)}")
         self.alignment = alignment.detach().float().to(self.device)
         self._measured = True
 
@@ -71,7 +99,7 @@ class DGAController(Controller):
             proposal = torch.softmax(torch.log(self.mixture) + self.eta * self.alignment, dim=0)
             self.mixture = self.ema * self.mixture + (1 - self.ema) * proposal
             self._measured = False
-        return self.mixture
+        return self.mixture if self.basis is None else self.mixture @ self.basis
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {"alignment": self.alignment, "mixture": self.mixture}
