@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import webdataset
 import yaml
+from conftest import write_tokens
 from streaming import MDSWriter
 
 from loaders import MixedDataset, MixedLoader
@@ -21,7 +22,6 @@ from loaders.config import ConfigError, MixtureConfig
 from loaders.plan import shard_order
 from loaders.sources import MdsSource, SourceError, WebDatasetSource
 from loaders.sources.wds import ShardIndex, decode_npy
-from tests.conftest import write_tokens
 
 SEQ_LEN = 16
 
@@ -343,3 +343,23 @@ def test_shard_sources_travel_to_workers_without_their_open_files(tmp_path):
         state = pickle.dumps(source)
         assert len(state) < 20_000  # indexes and names, no mapped data
         np.testing.assert_array_equal(pickle.loads(state).read_batch(np.arange(30))["input_ids"], before)
+
+
+def test_inspect_reports_the_shards_left_out(tmp_path, capsys):
+    from loaders.cli import main
+
+    write_mds(tmp_path / "mds", documents(30))
+    (tmp_path / "mds" / "shard.00001.mds").unlink()
+    config = tmp_path / "mixture.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global_batch_size": 4,
+                "seq_len": SEQ_LEN,
+                "domains": [{"name": "books", "source": "mds", "path": "mds", "on_bad": "skip"}],
+            }
+        )
+    )
+    with pytest.warns(UserWarning, match="left out 1 bad shard"):
+        assert main(["inspect", str(config), "--steps", "3"]) == 0
+    assert "domain 'books' leaves out shard.00001.mds: missing" in capsys.readouterr().out
