@@ -9,6 +9,7 @@
       temperature: 1.0            # only when no domain gives a weight: p ∝ size^(1/T)
       sampling: systematic        # or multinomial
     transform: pkg.mod:function   # optional, for domains without their own
+    mixing: {controller: odm, lag: 4, alpha: 0.5}   # optional: OnlineMixer.from_config reads it
     domains:                      # the order of the list fixes each domain's index
       - {name: code, source: tokenbin, path: data/code.bin, dtype: uint16, weight: 0.5}
       - {name: prose, source: jsonl, path: data/prose.jsonl, field: text, weight: 0.5, max_epochs: 2}
@@ -35,7 +36,7 @@ from loaders.sources import SOURCES, Source
 from loaders.transforms import ImportedTransform
 from mixing.simplex import check_weights, temperature_weights
 
-TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains")
+TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains", "mixing")
 WEIGHTING_KEYS = ("temperature", "sampling")
 DOMAIN_KEYS = ("name", "source", "path", "weight", "max_epochs", "transform", "order")
 ORDERS = ("samples", "shards")
@@ -80,6 +81,7 @@ class MixtureConfig:
     temperature: float = 1.0
     sampling: str = "systematic"
     transform: str | None = None
+    mixing: dict[str, Any] = field(default_factory=dict)  # read by OnlineMixer.from_config, not here
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for the hash
 
     @property
@@ -116,6 +118,10 @@ class MixtureConfig:
         if sampling not in SAMPLING_METHODS:
             raise ConfigError(f"weighting.sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
 
+        mixing = raw.get("mixing") or {}
+        if not isinstance(mixing, dict):
+            raise ConfigError(f"mixing must be a mapping, got {mixing!r}")
+
         domains_raw = raw["domains"]
         if not isinstance(domains_raw, list) or not domains_raw:
             raise ConfigError("domains must be a non-empty list")
@@ -140,6 +146,7 @@ class MixtureConfig:
             temperature=float(temperature),
             sampling=sampling,
             transform=raw.get("transform"),
+            mixing=dict(mixing),
             raw=raw,
         )
         if given:

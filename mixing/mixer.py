@@ -43,12 +43,15 @@ import torch
 import torch.distributed as dist
 
 from loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
+from loaders.config import ConfigError, MixtureConfig
 from loaders.dataset import MixedDataset
+from mixing.controllers import CONTROLLERS
 from mixing.controllers.base import Controller
 from mixing.schedule_log import ScheduleWriter
 
 NONFINITE = ("skip", "error")
 SYNC = ("auto", "all_reduce", "broadcast", "none")
+MIXER_KEYS = ("lag", "log", "nonfinite", "timeout", "sync", "check_every")  # the rest of mixing: is the controller's
 
 
 class MixingError(RuntimeError):
@@ -121,6 +124,41 @@ class OnlineMixer:
         self._failure: BaseException | None = None
         self._pending: queue.Queue = queue.Queue()
         self._publisher: threading.Thread | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MixtureConfig | str | Path,
+        dataset: MixedDataset,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> OnlineMixer:
+        """The mixer a config's ``mixing:`` section describes (``overrides`` win over it)::
+
+            mixing:
+              controller: odm       # static (default), scheduled, doremi, odm, dga
+              lag: 4                # and log, nonfinite, timeout, sync, check_every
+              alpha: 0.5            # every other key goes to the controller (min_prob, eta, warmup, ...)
+
+        The controller starts from the dataset's initial weights (``scheduled``
+        takes ``waypoints`` instead).
+        """
+        if not isinstance(config, MixtureConfig):
+            config = MixtureConfig.load(config)
+        section = {**config.mixing, **overrides}
+        name = section.pop("controller", "static")
+        if name not in CONTROLLERS:
+            raise ConfigError(f"mixing.controller must be one of {sorted(CONTROLLERS)}, got {name!r}")
+        options = {key: section.pop(key) for key in MIXER_KEYS if key in section}
+        try:
+            if name == "scheduled":
+                controller = CONTROLLERS[name](device=device, **section)
+            else:
+                initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
+                controller = CONTROLLERS[name](initial, device=device, **section)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"mixing ({name} controller): {error}") from None
+        return cls(controller, dataset, config_hash=config.config_hash(), **options)
 
     # -- trainer side ---------------------------------------------------------
 

@@ -140,3 +140,32 @@ def test_cli_replays_a_log_and_shows_exports_and_plots_it(config, recorded, tmp_
     assert main(["schedule", "plot", str(log_path), "-o", str(tmp_path / "w.png")]) == 0
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["schedule", "show", str(tmp_path / "missing.oms")]) == 1
+
+
+def test_mixer_from_the_config_mixing_section(tmp_path):
+    import yaml
+
+    from loaders.config import ConfigError
+
+    path = make_example(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+
+    def mixer_for(mixing, **overrides):
+        path.write_text(yaml.safe_dump({**raw, "mixing": mixing}))
+        return OnlineMixer.from_config(path, MixedDataset.from_config(path), **overrides)
+
+    mixer = mixer_for({"controller": "odm", "alpha": 0.25, "warmup": 3, "lag": 2, "check_every": 0})
+    assert isinstance(mixer.controller, ODMController)
+    assert (mixer.controller.alpha, mixer.controller.warmup, mixer.lag) == (0.25, 3, 2)
+    assert torch.allclose(mixer.controller.weights, torch.tensor([0.5, 0.3, 0.2]))  # the config's weights
+    assert len(mixer.header["config_hash"]) == 64
+    scheduled = mixer_for({"controller": "scheduled", "waypoints": [[0, [1, 0, 0]], [10, [0, 0, 1]]]})
+    scheduled.observe(torch.ones(2), torch.tensor([0, 1]))
+    for _ in range(5):
+        weights = scheduled.step()
+    assert torch.allclose(weights, torch.tensor([0.5, 0.0, 0.5]))
+    assert mixer_for({}, lag=7).controller.name == "static" and mixer_for({}, lag=7).lag == 7
+    with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['dga', 'doremi', 'odm'"):
+        mixer_for({"controller": "bandit"})
+    with pytest.raises(ConfigError, match=r"mixing \(odm controller\): .*unexpected keyword argument 'beta'"):
+        mixer_for({"controller": "odm", "beta": 1})
