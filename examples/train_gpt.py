@@ -68,7 +68,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("examples/data/mixture.yaml"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (speed only)")
-    parser.add_argument("--controller", choices=["odm", "static"], default="odm", help="how the weights move")
+    parser.add_argument(
+        "--controller",
+        choices=["odm", "static", "config"],
+        default="odm",
+        help="how the weights move ('config': the mixture file's mixing: section)",
+    )
     parser.add_argument("--lag", type=int, default=4, help="batch b uses the weights of step b - lag")
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/tiny_gpt.pt"))
     parser.add_argument("--log", type=Path, default=Path("runs/schedule.oms"), help="schedule log")
@@ -79,8 +84,12 @@ def main() -> None:
 
     dataset = MixedDataset.from_config(args.config, num_batches=args.steps)
     initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
-    controller = ODMController(initial, warmup=10) if args.controller == "odm" else StaticController(initial)
-    mixer = OnlineMixer(controller, dataset, lag=args.lag, log=args.log)
+    if args.controller == "config":
+        mixer = OnlineMixer.from_config(args.config, dataset, lag=args.lag, log=args.log)
+    else:
+        controller = ODMController(initial, warmup=10) if args.controller == "odm" else StaticController(initial)
+        mixer = OnlineMixer(controller, dataset, lag=args.lag, log=args.log)
+    controller = mixer.controller
     loader = MixedLoader(dataset, num_workers=args.workers)
     model = TinyGPT(ByteTokenizer.vocab_size, dataset.fields["input_ids"][0][0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
