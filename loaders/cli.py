@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         args.run(args)
-    except (ConfigError, SourceError, ValueError, FileExistsError) as error:
+    except (ConfigError, SourceError, ValueError) as error:
         print(f"onlinemix: error: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. piped into `head`

@@ -244,7 +244,7 @@ def convert(
         disable=not progress,
     )
 
-    with atomic_output(output, overwrite=overwrite) as temporary, bar:
+    with atomic_output(output) as temporary, bar:
         writer = _open_writer(fmt, temporary, dtype, options)
         with writer:
             for texts in _batched(read_documents(files, text_field, bar)):

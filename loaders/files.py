@@ -21,17 +21,15 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write a file or a folder into; rename it on success.
 
     Readers see either nothing (or the old version) or the complete new one,
     never a half-written output: an interrupted write leaves only the
-    temporary, which the next attempt removes. With ``overwrite=False`` an
-    existing ``path`` is an error (raised before anything is written).
+    temporary, which the next attempt removes. An existing ``path`` is
+    replaced (callers that must not overwrite check before they start).
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite to replace it)")
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     _remove(temporary)
     try:

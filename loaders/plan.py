@@ -12,12 +12,12 @@ and nothing else, so every worker and rank can compute any part of it alone:
    batch ``b``; the batch takes the next ``counts[d]`` of them.
 3. **Per-domain order.** The ``j``-th sample ever taken from ``d`` is
    ``permute(j % N_d, key(seed, d, j // N_d))``: a fresh shuffle each epoch.
-4. **Slot order.** The ``G`` samples are shuffled by a permutation keyed by
-   ``(seed, b)``, so domains interleave within the batch.
    A domain in *shard order* (``PlanSpec.shards``) is shuffled a shard at a
    time instead: each epoch is a permutation of its shards, each read front
    to back, so its reads are sequential (for stores where random access is
    slow). Determinism is the same; only the granularity of the shuffle differs.
+4. **Slot order.** The ``G`` samples are shuffled by a permutation keyed by
+   ``(seed, b)``, so domains interleave within the batch.
 5. **Repeat caps.** A domain whose cursor reaches ``max_epochs * N_d`` is
    exhausted: it drops out and the others are renormalised. A batch that
    would overrun a cap takes what is left and re-draws the shortfall among

@@ -53,12 +53,9 @@ _STREAM_DEFAULTS = {
 }
 
 
-def _column_kind(encoding: str) -> str | None:
-    if encoding == "str":
-        return "text"
-    if encoding.startswith("ndarray") or encoding == "bytes":
-        return "ids"
-    return None
+def _default_transform_reads(encoding: str) -> bool:
+    """Whether the default transform can make a window of a column so encoded (text or token ids)."""
+    return encoding in ("str", "bytes") or encoding.startswith("ndarray")
 
 
 class MdsSource(ShardedSource):
@@ -107,7 +104,7 @@ class MdsSource(ShardedSource):
                     f"(columns: {shard.column_names})"
                 )
         encoding = shards[0].column_encodings[shards[0].column_names.index(self.column)]
-        if transform is None and _column_kind(encoding) is None:
+        if transform is None and not _default_transform_reads(encoding):
             raise SourceError(
                 f"{self.folder}: column {self.column!r} is {encoding}; the default transform reads text (str) "
                 "or token ids (ndarray, or bytes with token_dtype) — give a transform for anything else"
