@@ -2,9 +2,11 @@
 
 Version ``v`` is the weight vector in force after ``v`` optimizer steps
 (version 0: the initial weights). **Batch ``b`` is drawn with version
-``max(0, b - lag)``**, so the plan stays a pure function of ``(seed, b,
-weight history)``: a worker that runs ahead of training waits for the version
-it needs instead of guessing, and a recorded history replays exactly.
+``max(0, b // accumulation - lag)``** (``accumulation``: loader batches per
+optimizer step, 1 unless gradients are accumulated over micro-batches), so
+the plan stays a pure function of ``(seed, b, weight history)``: a worker that
+runs ahead of training waits for the version it needs instead of guessing, and
+a recorded history replays exactly.
 
 ``WeightsChannel`` keeps the latest ``capacity`` versions in a shared-memory
 ring (torch tensors: they travel to workers under fork and spawn, and
@@ -139,19 +141,31 @@ class ReplayTable(WeightTable):
 
 
 class VersionedSchedule:
-    """The plan's ``WeightSchedule`` over a table of versions: batch ``b`` uses version ``max(0, b - lag)``."""
+    """The plan's ``WeightSchedule`` over a table of versions.
 
-    def __init__(self, table: WeightTable, lag: int = DEFAULT_LAG):
+    Batch ``b`` belongs to optimizer step ``b // accumulation`` and uses version
+    ``max(0, b // accumulation - lag)``: every micro-batch of a step gets the
+    same weights, and a step's micro-batches can all be fetched before it runs.
+    """
+
+    def __init__(self, table: WeightTable, lag: int = DEFAULT_LAG, accumulation: int = 1):
         if lag < 1:
             raise ValueError(f"lag must be >= 1 (batch b uses the weights of step b - lag), got {lag}")
+        if accumulation < 1:
+            raise ValueError(f"accumulation (loader batches per optimizer step) must be >= 1, got {accumulation}")
         self.table = table
         self.lag = lag
+        self.accumulation = accumulation
+
+    def version(self, batches: np.ndarray | int) -> np.ndarray | int:
+        """The weight version batch(es) ``batches`` are drawn with."""
+        return np.maximum(0, np.asarray(batches) // self.accumulation - self.lag)
 
     def weights_for(self, start: int, stop: int) -> np.ndarray:
-        first = max(0, start - self.lag)
+        versions = self.version(np.arange(start, stop))
+        first = int(versions[0])
         self.table.wait_for(first)
         # Serve every batch whose version is already known: a worker plans them in one go.
-        last = max(first, min(stop - 1 - self.lag, self.table.latest()))
-        versions = np.maximum(0, np.arange(start, stop) - self.lag)
+        last = max(first, min(int(versions[-1]), self.table.latest()))
         versions = versions[versions <= last]
         return self.table.rows(first, last)[versions - first]

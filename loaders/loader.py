@@ -60,11 +60,24 @@ class MixedLoader:
     @property
     def position(self) -> PlanState:
         """The plan position of the next batch this loader will hand out."""
-        if self._handed_out:
-            fast_forward(
-                self.dataset.spec, self._position, self._position.batch + self._handed_out, self.dataset.schedule
+        return self.position_at(self._position.batch + self._handed_out)
+
+    def position_at(self, batch: int) -> PlanState:
+        """The plan position before ``batch``, one of the batches handed out so far (or the next).
+
+        For trainers that fetch ahead of what they train on (Lightning's
+        fetcher holds one batch back): checkpoint the batch after the last one
+        trained, not the last one fetched.
+        """
+        handed_out = self._position.batch + self._handed_out
+        if not self._position.batch <= batch <= handed_out:
+            raise ValueError(
+                f"batch {batch} is not one this loader can still checkpoint at: it has handed out batches "
+                f"up to {handed_out - 1}, and positions before batch {self._position.batch} are gone"
             )
-            self._handed_out = 0
+        if batch > self._position.batch:
+            fast_forward(self.dataset.spec, self._position, batch, self.dataset.schedule)
+            self._handed_out = handed_out - batch
         return self._position.copy()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -75,9 +88,14 @@ class MixedLoader:
             self._handed_out += 1
             yield batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain ints and strings: the position, plus what the mixture must match on resume."""
-        return {"version": STATE_VERSION, "position": self.position.state_dict(), "mixture": self.identity()}
+    def state_dict(self, batch: int | None = None) -> dict[str, Any]:
+        """Plain ints and strings: the position, plus what the mixture must match on resume.
+
+        ``batch``: checkpoint as if only the batches before it had been handed
+        out (see ``position_at``); default: every batch handed out so far.
+        """
+        position = self.position if batch is None else self.position_at(batch)
+        return {"version": STATE_VERSION, "position": position.state_dict(), "mixture": self.identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the checkpointed position; the next ``iter()`` starts there."""

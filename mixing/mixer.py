@@ -51,7 +51,8 @@ from mixing.schedule_log import ScheduleWriter
 
 NONFINITE = ("skip", "error")
 SYNC = ("auto", "all_reduce", "broadcast", "none")
-MIXER_KEYS = ("lag", "log", "nonfinite", "timeout", "sync", "check_every")  # the rest of mixing: is the controller's
+# The mixing: keys the mixer takes; every other key of the section is the controller's.
+MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every")
 
 
 class MixingError(RuntimeError):
@@ -63,9 +64,13 @@ class OnlineMixer:
 
     Args:
         lag: batch ``b`` is drawn with the weights published after step
-            ``b - lag``. Fixed for a run (it is part of the sample order);
-            make it at least the DataLoader's prefetch depth
-            (``prefetch_factor x num_workers``) or workers will wait on training.
+            ``b // accumulation - lag``. Fixed for a run (it is part of the
+            sample order); make it cover the DataLoader's prefetch depth
+            (``prefetch_factor x num_workers`` batches) or workers will wait on training.
+        accumulation: loader batches per optimizer step (gradient
+            accumulation over micro-batches). ``observe()`` every micro-batch,
+            ``step()`` once per optimizer step; all micro-batches of a step
+            are drawn with the same weights. Part of the sample order, like ``lag``.
         log: where to record every published version (``None``: no log).
         nonfinite: ``"skip"`` counts NaN/inf losses, leaves them out and warns;
             ``"error"`` raises ``MixingError`` at the next ``step()``.
@@ -84,6 +89,7 @@ class OnlineMixer:
         dataset: MixedDataset,
         *,
         lag: int = DEFAULT_LAG,
+        accumulation: int = 1,
         log: str | Path | None = None,
         nonfinite: str = "skip",
         timeout: float = DEFAULT_TIMEOUT,
@@ -107,11 +113,13 @@ class OnlineMixer:
         self.sync, self.group, self.check_every = sync, group, check_every
         initial = controller.weights.detach().double().cpu().numpy()
         self.channel = WeightsChannel(initial, timeout=timeout)
-        dataset.schedule = VersionedSchedule(self.channel, lag)
+        dataset.schedule = VersionedSchedule(self.channel, lag, accumulation)
+        self.accumulation = accumulation
         self.header = {
             "domains": list(dataset.names),
             "seed": dataset.spec.seed,
             "lag": lag,
+            "accumulation": accumulation,
             "global_batch_size": dataset.spec.global_batch_size,
             "controller": controller.name,
             "config_hash": config_hash,
@@ -137,7 +145,7 @@ class OnlineMixer:
 
             mixing:
               controller: odm       # static (default), scheduled, doremi, odm, dga
-              lag: 4                # and log, nonfinite, timeout, sync, check_every
+              lag: 4                # and accumulation, log, nonfinite, timeout, sync, check_every
               alpha: 0.5            # every other key goes to the controller (min_prob, eta, warmup, ...)
 
         The controller starts from the dataset's initial weights (``scheduled``

@@ -3,7 +3,7 @@
 Layout (little-endian)::
 
     ONLINEMIX-SCHEDULE 1\\n                 magic and format version
-    {"domains": [...], "seed": ..., ...}\\n  JSON header: domains, seed, lag, config hash
+    {"domains": [...], "seed": ..., ...}\\n  JSON header: domains, seed, lag, accumulation, config hash
     record*                                 one per version, in order from version 0
 
     record = int64 step | float64 weight x k | uint32 CRC-32 of the step and weights
@@ -30,6 +30,7 @@ import numpy as np
 from loaders.channel import ReplayTable, VersionedSchedule
 
 MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
+HEADER_DEFAULTS = {"accumulation": 1}  # keys added after format 1 was first written
 
 
 class ScheduleLogError(ValueError):
@@ -123,11 +124,10 @@ class ScheduleWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a torn tail is expected here and cut off below
             existing = read_schedule(self.path)
-        for key in ("domains", "seed", "lag"):
-            if existing.header.get(key) != header.get(key):
-                raise ScheduleLogError(
-                    f"{self.path}: {key} is {existing.header.get(key)!r} in the log, {header.get(key)!r} in this run"
-                )
+        for key in ("domains", "seed", "lag", "accumulation"):
+            logged, ours = existing.header.get(key, HEADER_DEFAULTS.get(key)), header.get(key, HEADER_DEFAULTS.get(key))
+            if logged != ours:
+                raise ScheduleLogError(f"{self.path}: {key} is {logged!r} in the log, {ours!r} in this run")
         if len(existing.steps) <= resume_at:
             raise ScheduleLogError(
                 f"{self.path}: holds steps up to {len(existing.steps) - 1}, cannot resume at {resume_at}"
@@ -161,4 +161,5 @@ def replay_schedule(path: str | Path, domains: list[str]) -> VersionedSchedule:
     log = read_schedule(path)
     if log.domains != list(domains):
         raise ScheduleLogError(f"{path}: the log's domains {log.domains} differ from the config's {list(domains)}")
-    return VersionedSchedule(ReplayTable(log.weights), lag=int(log.header["lag"]))
+    accumulation = int(log.header.get("accumulation", HEADER_DEFAULTS["accumulation"]))
+    return VersionedSchedule(ReplayTable(log.weights), lag=int(log.header["lag"]), accumulation=accumulation)

@@ -1,0 +1,124 @@
+"""``OnlineMixing``: the mixture, its mixer and its loader in one object, for any training loop.
+
+A nanoGPT-style script changes by a few lines::
+
+    mixing = OnlineMixing.from_config("mixture.yaml", device="cuda", num_workers=2)
+    for batch in mixing:                                  # a MixedLoader underneath
+        logits = model(batch["input_ids"].to(device))
+        losses = per_sample_loss(logits, batch["labels"].to(device))
+        losses.mean().backward()
+        mixing.observe(losses, batch)                     # on the device, no host sync
+        optimizer.step(); optimizer.zero_grad()
+        mixing.step()                                     # once per optimizer step
+    checkpoint["mixing"] = mixing.state_dict()            # loader position + controller + channel
+
+The controller comes from the config's ``mixing:`` section, or from keyword
+arguments (``controller="odm", warmup=10``), or build an ``OnlineMixer``
+yourself and pass it to ``OnlineMixing(mixer, ...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loaders.config import MixtureConfig
+from loaders.dataset import MixedDataset
+from loaders.loader import MixedLoader
+from loaders.transforms import IGNORE_INDEX
+from mixing.mixer import OnlineMixer
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Each sample's mean next-token cross-entropy over its real tokens (``labels != ignore_index``).
+
+    ``logits`` is ``(batch, positions, vocab)``, ``labels`` ``(batch, positions)``
+    already aligned (the loader's ``labels`` are the next tokens). A sample with
+    no real token gets loss 0. ``losses.mean()`` is the usual training loss when
+    samples have equal lengths.
+    """
+    tokens = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=ignore_index, reduction="none")
+    real = (labels != ignore_index).sum(dim=1).clamp(min=1)
+    return tokens.sum(dim=1) / real
+
+
+class OnlineMixing:
+    """A mixer and a ``MixedLoader`` over its dataset (created after the mixer, so workers get the channel).
+
+    Args:
+        mixer: an ``OnlineMixer`` wired to its dataset.
+        **loader_options: ``MixedLoader``'s (``num_workers``, ``pin_memory``, ...).
+    """
+
+    def __init__(self, mixer: OnlineMixer, **loader_options: Any):
+        self.mixer = mixer
+        self.dataset: MixedDataset = mixer.dataset
+        self.loader = MixedLoader(self.dataset, **loader_options)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MixtureConfig | str | Path,
+        *,
+        device: torch.device | str | None = None,
+        num_workers: int = 0,
+        dataset_options: Mapping[str, Any] | None = None,
+        loader_options: Mapping[str, Any] | None = None,
+        **mixing: Any,
+    ) -> OnlineMixing:
+        """Dataset, mixer and loader from a mixture file.
+
+        ``mixing`` overrides the file's ``mixing:`` section: ``controller``,
+        the mixer's keys (``lag``, ``accumulation``, ``log``, ...) and the
+        controller's knobs. ``dataset_options`` go to ``MixedDataset``
+        (``num_batches``, ``rank``, ``world_size``, ``replicas``),
+        ``loader_options`` to ``MixedLoader``.
+        """
+        if not isinstance(config, MixtureConfig):
+            config = MixtureConfig.load(config)
+        dataset = MixedDataset.from_config(config, **(dataset_options or {}))
+        mixer = OnlineMixer.from_config(config, dataset, device=device, **mixing)
+        return cls(mixer, num_workers=num_workers, **(loader_options or {}))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.loader)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The controller's current weights (on its device)."""
+        return self.mixer.controller.weights
+
+    @property
+    def names(self) -> list[str]:
+        return self.dataset.names
+
+    def observe(
+        self, losses: torch.Tensor, batch: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None, **signals: Any
+    ) -> None:
+        """Feed one (micro-)batch's per-sample (or, with ``mask``, per-token) losses; ``batch`` gives ``domain``."""
+        domains = batch["domain"].to(losses.device, non_blocking=True)
+        self.mixer.observe(losses, domains, mask, **signals)
+
+    def step(self) -> torch.Tensor:
+        """One weight update, after each optimizer step (not each micro-batch)."""
+        return self.mixer.step()
+
+    def state_dict(self, batch: int | None = None) -> dict[str, Any]:
+        """Loader position, controller and channel state.
+
+        ``batch``: the next batch to train on, when the trainer fetched ahead
+        of what it trained (default: right after the last batch handed out).
+        """
+        return {"loader": self.loader.state_dict(batch), "mixer": self.mixer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.mixer.load_state_dict(state["mixer"])
+
+    def close(self) -> None:
+        """Publish what is pending and close the schedule log."""
+        self.mixer.close()

@@ -1,0 +1,216 @@
+"""Trainer integrations, run for real on a tiny model: plain loop helper, HF ``Trainer``, Lightning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_tokens
+from torch import nn
+
+from mixing.schedule_log import read_schedule
+from mixing.training import OnlineMixing, per_sample_loss
+
+SEQ_LEN, BATCH, VOCAB = 16, 8, 258
+
+
+def tiny_mixture(root: Path) -> Path:
+    """Three token-bin domains of byte-sized ids (different statistics, so losses differ by domain)."""
+    rng = np.random.default_rng(0)
+    write_tokens(root / "a.bin", np.arange(4000) % 7)  # easy: a short cycle
+    write_tokens(root / "b.bin", rng.integers(0, 256, 4000))  # hard: noise
+    write_tokens(root / "c.bin", (np.arange(4000) * 3) % 50)
+    domains = [
+        {"name": name, "source": "tokenbin", "path": f"{name}.bin", "dtype": "uint16", "weight": w}
+        for name, w in zip("abc", (0.4, 0.3, 0.3))
+    ]
+    config = {"seed": 7, "global_batch_size": BATCH, "seq_len": SEQ_LEN, "domains": domains}
+    path = root / "mixture.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_per_sample_loss_averages_real_tokens_only():
+    logits = torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, 2, -100], [4, -100, -100]])
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    expected = torch.stack([token[0, :2].mean(), token[1, 0]])
+    torch.testing.assert_close(per_sample_loss(logits, labels), expected)
+    assert per_sample_loss(logits, torch.full((2, 3), -100)).tolist() == [0.0, 0.0]
+
+
+def test_loader_checkpoints_at_an_earlier_handed_out_batch(tmp_path):
+    config = tiny_mixture(tmp_path)
+    mixing = OnlineMixing.from_config(config, controller="static")
+    batches = iter(mixing)
+    seen = [next(batches)["index"] for _ in range(5)]
+    state = mixing.state_dict(batch=3)  # a trainer that fetched 5 but trained on 3
+    assert state["loader"]["position"]["batch"] == 3
+    fresh = OnlineMixing.from_config(config, controller="static")
+    fresh.load_state_dict(state)
+    again = iter(fresh)
+    assert [next(again)["index"].tolist() for _ in range(2)] == [s.tolist() for s in seen[3:]]
+    with pytest.raises(ValueError, match="batch 2 is not one this loader can still checkpoint at"):
+        mixing.state_dict(batch=2)
+
+
+def test_accumulation_draws_every_micro_batch_of_a_step_with_the_same_weights(tmp_path):
+    config = tiny_mixture(tmp_path)
+    mixing = OnlineMixing.from_config(config, controller="odm", accumulation=2, lag=1, warmup=0)
+    schedule = mixing.dataset.schedule
+    assert schedule.version(np.arange(8)).tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    batches = iter(mixing)
+    for _step in range(3):
+        for _ in range(2):
+            batch = next(batches)
+            mixing.observe(torch.rand(BATCH) + batch["domain"].float(), batch)
+        mixing.step()
+    assert mixing.mixer.step_count == 3
+    assert mixing.loader.position.batch == 6
+
+
+# -- Hugging Face Trainer ------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    """A randomly initialised GPT-2 from a config: no download, no dropout (so a resumed run is bit for bit)."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=16, n_layer=1, n_head=2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    return transformers.GPT2LMHeadModel(config)
+
+
+def hf_run(config: Path, out: Path, steps: int, resume: str | None = None, accumulation: int = 2):
+    from transformers import TrainingArguments
+
+    from mixing.integrations.hf import MixingTrainer
+
+    class Recording(MixingTrainer):
+        trained: list
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.trained.append(torch.stack([inputs["domain"], inputs["index"]], 1).tolist())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    mixing = OnlineMixing.from_config(
+        config, controller="odm", warmup=0, lag=2, accumulation=accumulation, log=out / "schedule.oms"
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        gradient_accumulation_steps=accumulation,
+        save_steps=3,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=1000,
+        use_cpu=True,
+        disable_tqdm=True,
+        save_safetensors=False,
+    )
+    trainer = Recording(model=model, args=args, mixing=mixing)
+    trainer.trained = []
+    trainer.train(resume_from_checkpoint=resume)
+    mixing.close()
+    return trainer, mixing
+
+
+def test_hf_trainer_mixes_online_and_resumes_from_its_checkpoint_exactly(tmp_path):
+    config = tiny_mixture(tmp_path)
+    full, mixing = hf_run(config, tmp_path / "full", steps=6)
+    assert len(full.trained) == 12  # 6 steps x 2 micro-batches
+    assert mixing.mixer.step_count == 6  # one update per optimizer step, not per micro-batch
+    log = read_schedule(tmp_path / "full/schedule.oms")
+    assert log.steps.tolist() == list(range(7))
+    assert not np.allclose(log.weights[0], log.weights[-1])  # the weights moved
+    assert (tmp_path / "full/checkpoint-3/onlinemix.pt").exists()
+
+    resumed, again = hf_run(config, tmp_path / "full", steps=6, resume=str(tmp_path / "full/checkpoint-3"))
+    assert resumed.trained == full.trained[6:]  # the exact next micro-batches
+    assert torch.equal(again.weights, mixing.weights)
+    assert read_schedule(tmp_path / "full/schedule.oms").weights.tolist() == log.weights.tolist()
+
+
+def test_hf_trainer_refuses_mismatched_accumulation(tmp_path):
+    from transformers import TrainingArguments
+
+    from mixing.integrations.hf import MixingTrainer
+
+    mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm")
+    model = tiny_gpt2()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, gradient_accumulation_steps=4, report_to=[])
+    with pytest.raises(ValueError, match="gradient_accumulation_steps is 4 but the mixer was built with accumulation"):
+        MixingTrainer(model=model, args=args, mixing=mixing)
+
+
+# -- PyTorch Lightning --------------------------------------------------------------------------
+
+
+def lightning_run(config: Path, out: Path, steps: int, resume: str | None = None, accumulation: int = 2):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    from mixing.integrations.lightning import OnlineMixingCallback
+
+    class Bigram(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(VOCAB, VOCAB)
+            self.trained: list = []
+
+        def training_step(self, batch, batch_idx):
+            self.trained.append(torch.stack([batch["domain"], batch["index"]], 1).tolist())
+            losses = per_sample_loss(self.table(batch["input_ids"]), batch["labels"])
+            return {"loss": losses.mean(), "losses": losses.detach()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    torch.manual_seed(0)
+    mixing = OnlineMixing.from_config(
+        config, controller="odm", warmup=0, lag=2, accumulation=accumulation, log=out / "schedule.oms"
+    )
+    callback = OnlineMixingCallback(mixing)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulation,
+        callbacks=[callback, checkpoints],
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Bigram()
+    trainer.fit(module, train_dataloaders=callback.train_dataloader(), ckpt_path=resume)
+    mixing.close()
+    return module, mixing
+
+
+def test_lightning_callback_mixes_online_and_resumes_from_its_checkpoint_exactly(tmp_path):
+    config = tiny_mixture(tmp_path)
+    full, mixing = lightning_run(config, tmp_path / "full", steps=6)
+    assert len(full.trained) == 12
+    assert mixing.mixer.step_count == 6
+    log = read_schedule(tmp_path / "full/schedule.oms")
+    assert log.steps.tolist() == list(range(7))
+    assert not np.allclose(log.weights[0], log.weights[-1])
+
+    checkpoint = next((tmp_path / "full").glob("*step=3.ckpt"))
+    resumed, again = lightning_run(config, tmp_path / "full", steps=6, resume=str(checkpoint))
+    assert resumed.trained == full.trained[6:]
+    assert torch.equal(again.weights, mixing.weights)
+
+
+def test_lightning_callback_needs_a_lag_of_two(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from mixing.integrations.lightning import OnlineMixingCallback
+
+    mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm", lag=1)
+    with pytest.raises(ValueError, match="lag >= 2"):
+        OnlineMixingCallback(mixing)
