@@ -9,7 +9,9 @@ Four domains, each a different kind of text a model can tell apart:
 
 Tokens are UTF-8 bytes (``loaders.ByteTokenizer``; ids 0-255, 256 ends a
 file), stored as uint16. A ``mixture.yaml`` that mixes them is written beside
-the data. Usage::
+the data, and ``heldout.yaml`` names text kept out of training: a validation
+set per domain (``val/``) and ``target``, a small set of docstrings that
+targeted mixing (DGA) aligns with. Usage::
 
     python examples/prepare_data.py --out examples/data [--max-mb 4]
 """
@@ -39,6 +41,21 @@ domains:
   - {{name: docs,  source: jsonl,    path: docs.jsonl, field: text, weight: 0.2}}
   - {{name: web,   source: tokenbin, path: web.bin,   dtype: uint16, weight: 0.2}}
 """
+HELDOUT = """\
+# Held-out text written by examples/prepare_data.py: a validation set per training domain, and
+# `target`, a few docstrings that targeted mixing aligns with (disjoint from docs' validation set).
+seed: 0
+global_batch_size: 32
+seq_len: {seq_len}
+domains:
+  - {{name: code,   source: tokenbin, path: val/code.bin,  dtype: uint16}}
+  - {{name: tests,  source: tokenbin, path: val/tests.bin, dtype: uint16}}
+  - {{name: docs,   source: jsonl,    path: val/docs.jsonl, field: text}}
+  - {{name: web,    source: tokenbin, path: val/web.bin,   dtype: uint16}}
+  - {{name: target, source: jsonl,    path: val/target.jsonl, field: text}}
+"""
+VALIDATION_BYTES = 200_000  # held-out text per token-bin domain
+VALIDATION_DOCS, TARGET_DOCS = 1024, 256
 WEB_SUFFIXES = {".html", ".htm", ".css", ".xml", ".xsl", ".js", ".json", ".svg", ".txt", ".rst"}
 
 
@@ -57,15 +74,21 @@ def docstrings(source: str) -> list[str]:
 
 
 def write_bin(path: Path, texts: list[str], max_bytes: int, tokenizer: ByteTokenizer) -> int:
+    """Tokenize ``texts`` into ``path`` until ``max_bytes`` tokens; returns how many texts were used."""
     tokens, total = [], 0
     for text in texts:
-        ids = tokenizer.encode(text)
-        tokens.append(ids)
-        total += len(ids)
         if total >= max_bytes:
             break
+        tokens.append(tokenizer.encode(text))
+        total += len(tokens[-1])
     np.concatenate(tokens).astype(np.uint16).tofile(path)
-    return total
+    return len(tokens)
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    with open(path, "w") as file:
+        for text in texts:
+            file.write(json.dumps({"text": text}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,19 +114,25 @@ def main(argv: list[str] | None = None) -> int:
             groups["web"].append(text)
 
     rng = np.random.default_rng(0)  # interleave files so a cap keeps a spread of packages
+    (args.out / "val").mkdir(exist_ok=True)
     summary = {}
     for name in ("code", "tests", "web"):
         texts = [groups[name][i] for i in rng.permutation(len(groups[name]))]
-        summary[name] = write_bin(args.out / f"{name}.bin", texts, cap, tokenizer)
-    with open(args.out / "docs.jsonl", "w") as file:
-        for doc in groups["docs"]:
-            file.write(json.dumps({"text": doc}) + "\n")
-    summary["docs"] = len(groups["docs"])
+        held_out = write_bin(args.out / "val" / f"{name}.bin", texts, VALIDATION_BYTES, tokenizer)
+        write_bin(args.out / f"{name}.bin", texts[held_out:], cap, tokenizer)
+        summary[name] = (args.out / f"{name}.bin").stat().st_size // 2
+    docs = [groups["docs"][i] for i in rng.permutation(len(groups["docs"]))]
+    held_out = VALIDATION_DOCS + TARGET_DOCS
+    write_jsonl(args.out / "val" / "docs.jsonl", docs[:VALIDATION_DOCS])
+    write_jsonl(args.out / "val" / "target.jsonl", docs[VALIDATION_DOCS:held_out])
+    write_jsonl(args.out / "docs.jsonl", docs[held_out:])
+    summary["docs"] = len(docs) - held_out
     (args.out / "mixture.yaml").write_text(MIXTURE.format(seq_len=args.seq_len))
+    (args.out / "heldout.yaml").write_text(HELDOUT.format(seq_len=args.seq_len))
     for name, size in summary.items():
         unit = "documents" if name == "docs" else "tokens"
         print(f"{name:6} {size:>12,} {unit}")
-    print(f"wrote {args.out / 'mixture.yaml'}")
+    print(f"wrote {args.out / 'mixture.yaml'} and {args.out / 'heldout.yaml'}")
     return 0
 
 
