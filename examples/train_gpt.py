@@ -37,6 +37,7 @@ from mixing.mixer import OnlineMixer
 from mixing.training import OnlineMixing, per_sample_loss
 
 METHODS = ("uniform", "proportional", "config", "odm", "doremi", "dga")
+ETA = {"doremi": 0.05, "dga": 4.0}  # step sizes that worked on the stdlib mixture at 400 steps
 
 
 class Block(nn.Module):
@@ -111,13 +112,14 @@ def build_mixer(args: argparse.Namespace, mixing_config: MixtureConfig) -> Onlin
         mixer = OnlineMixer.from_config(mixing_config, dataset, lag=args.lag, log=args.log)
         return OnlineMixing(mixer, num_workers=args.workers)
     sizes = torch.tensor([float(len(source)) for source in dataset.sources])
+    eta = args.eta or ETA.get(args.method, 1.0)
     uniform = torch.full_like(sizes, 1 / len(sizes))
     controller = {
         "uniform": lambda: StaticController(uniform),
         "proportional": lambda: StaticController(sizes / sizes.sum()),
         "odm": lambda: ODMController(uniform, warmup=10),
-        "doremi": lambda: DoReMiController(uniform, eta=args.eta, smoothing=1e-3),
-        "dga": lambda: DGAController(uniform, eta=args.eta, ema=0.5, every=args.dga_every, min_prob=0.02),
+        "doremi": lambda: DoReMiController(uniform, eta=eta, smoothing=1e-3),
+        "dga": lambda: DGAController(uniform, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.02),
     }[args.method]()
     mixer = OnlineMixer(controller, dataset, lag=args.lag, log=args.log)
     return OnlineMixing(mixer, num_workers=args.workers)
@@ -198,10 +200,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (speed only, never the batches)")
     parser.add_argument("--lag", type=int, default=4, help="batch b uses the weights of step b - lag")
-    parser.add_argument("--eta", type=float, default=1.0, help="step size of doremi / dga")
+    parser.add_argument("--eta", type=float, help=f"step size of doremi / dga (default {ETA})")
     parser.add_argument("--reference", type=Path, help="doremi: the reference model's weights")
     parser.add_argument("--target", default="target", help="dga: the heldout.yaml set to align with")
-    parser.add_argument("--dga-every", type=int, default=10, help="dga: steps between alignment measurements")
+    parser.add_argument("--dga-every", type=int, default=5, help="dga: steps between alignment measurements")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between validation reports")
     parser.add_argument("--eval-samples", type=int, default=32, help="samples per alignment batch (x2 per eval)")
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/tiny_gpt.pt"))

@@ -6,6 +6,7 @@
     onlinemix sample CONFIG --batches N [...]   the exact batches training would see, as JSON lines
     onlinemix schedule show|export|plot LOG     a recorded weight schedule
     onlinemix convert INPUT... -o OUT --to F    text / JSONL to token-bin, MDS or WebDataset shards
+    onlinemix importance fit|score|report ...   DSIR importance weights of the domains' documents
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from loaders import convert
 from loaders.config import ConfigError, MixtureConfig
 from loaders.dataset import MixedDataset
+from loaders.importance_cli import add_importance
 from loaders.loader import MixedLoader
 from loaders.plan import PlanState, StreamEnded, fast_forward
 from loaders.sources import SourceError
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", type=Path, default=Path("weights.png"), help="default weights.png")
     plot.set_defaults(run=_schedule_plot)
     _add_convert(commands)
+    add_importance(commands)
     return parser
 
 

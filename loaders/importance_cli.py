@@ -1,0 +1,252 @@
+"""``onlinemix importance fit|score|report``: DSIR importance weights for a mixture's domains.
+
+::
+
+    onlinemix importance fit --target target.jsonl --config mixture.yaml -o est.npz
+    onlinemix importance score est.npz --config mixture.yaml --out weights/
+    onlinemix importance report est.npz --config mixture.yaml --sidecars weights/ --plot hist.png
+
+``fit`` counts n-grams of the target (files, or a domain of the config) and
+of up to ``--raw-docs`` documents per domain, drawn uniformly at random from
+the whole domain (not its first lines). ``score`` writes one sidecar per
+domain, ``<domain>.importance.npy`` (float64 log weights, ``-inf`` for short
+documents) with ``<domain>.importance.json`` (the estimator's fingerprint and
+the source's length and content hash): it works in chunks and resumes where an
+interrupted run stopped. ``report`` prints per-domain statistics and draws a
+histogram of the log weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from loaders.config import MixtureConfig
+from loaders.convert import input_files, read_documents
+from loaders.importance import ImportanceError, ImportanceEstimator, NgramHasher
+from loaders.sources import Source
+
+CHUNK = 4096  # documents scored between two progress saves
+
+
+def document_text(record: Any, field: str = "text") -> str:
+    """The text of a source record: a string, a JSON/MDS/WebDataset field, or byte-tokenizer ids."""
+    if isinstance(record, dict):
+        if field not in record:
+            textual = [key for key, value in record.items() if isinstance(value, (str, bytes))]
+            if not textual:
+                raise ImportanceError(f"record has no {field!r} field and no text field (keys: {sorted(record)})")
+            field = textual[0]
+        record = record[field]
+    if isinstance(record, bytes):
+        return record.decode("utf-8", errors="replace")
+    if isinstance(record, str):
+        return record
+    ids = np.asarray(record)
+    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")  # byte-tokenizer ids
+
+
+def domain_texts(source: Source, indices: np.ndarray, field: str) -> list[str]:
+    return [document_text(source.record(int(i)), field) for i in indices]
+
+
+def source_fingerprint(source: Source, field: str) -> dict[str, Any]:
+    """Length and a hash of 16 evenly spaced documents: a sidecar must match both."""
+    size = len(source)
+    probe = np.unique(np.linspace(0, size - 1, num=min(16, size)).astype(np.int64))
+    digest = hashlib.sha256()
+    for text in domain_texts(source, probe, field):
+        digest.update(text.encode("utf-8", errors="replace") + b"\0")
+    return {"documents": size, "content": digest.hexdigest()[:16]}
+
+
+def _domains(config: MixtureConfig) -> dict[str, Source]:
+    return dict(zip(config.names, config.build_sources()))
+
+
+# -- fit ------------------------------------------------------------------------------------------
+
+
+def fit(args: argparse.Namespace) -> None:
+    config = MixtureConfig.load(args.config)
+    sources = _domains(config)
+    rng = np.random.default_rng(args.seed)
+    if args.target_domain:
+        if args.target_domain not in sources:
+            raise ImportanceError(f"--target-domain {args.target_domain!r} is not a domain of {args.config}")
+        source = sources[args.target_domain]
+        target = domain_texts(source, np.arange(len(source)), args.field)
+    else:
+        files = input_files(args.target, "*")
+        with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="target") as bar:
+            target = list(read_documents(files, args.field, bar))
+    raw = {}
+    for name, source in tqdm(sources.items(), desc="raw domains", unit="domain"):
+        size = len(source)
+        indices = np.sort(rng.choice(size, min(args.raw_docs, size), replace=False))  # uniform over the domain
+        raw[name] = domain_texts(source, indices, args.field)
+    hasher = NgramHasher(args.buckets, args.ngrams, args.seed, args.hash)
+    estimator = ImportanceEstimator.fit(target, raw, hasher, args.alpha, args.min_words)
+    estimator.save(args.output)
+    print(f"wrote {args.output}: target {len(target)} documents, " + ", ".join(f"{n} {len(t)}" for n, t in raw.items()))
+
+
+# -- score ----------------------------------------------------------------------------------------
+
+
+def sidecar_paths(folder: Path, domain: str) -> tuple[Path, Path]:
+    return folder / f"{domain}.importance.npy", folder / f"{domain}.importance.json"
+
+
+def score_domain(estimator: ImportanceEstimator, name: str, source: Source, folder: Path, field: str) -> dict:
+    """Score every document of one domain into its sidecar, resuming a partial one."""
+    weights_path, meta_path = sidecar_paths(folder, name)
+    expected = {"estimator": estimator.fingerprint(), "source": source_fingerprint(source, field), "field": field}
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() and weights_path.exists() else None
+    if meta is not None and {key: meta.get(key) for key in expected} == expected:
+        weights = np.load(weights_path, mmap_mode="r+")
+    else:
+        meta = {**expected, "done": 0, "short": 0}
+        weights = np.lib.format.open_memmap(weights_path, mode="w+", dtype=np.float64, shape=(len(source),))
+    size = len(source)
+    with tqdm(total=size, initial=meta["done"], desc=name, unit="doc") as bar:
+        while meta["done"] < size:
+            indices = np.arange(meta["done"], min(size, meta["done"] + CHUNK))
+            scores, words = estimator.score(domain_texts(source, indices, field), name)
+            weights[indices] = scores
+            weights.flush()
+            meta["short"] += int((words < estimator.min_words).sum())
+            meta["done"] = int(indices[-1]) + 1
+            meta_path.write_text(json.dumps(meta))
+            bar.update(len(indices))
+    return meta
+
+
+def load_sidecar(folder: Path, domain: str, source: Source, field: str = "text") -> np.ndarray:
+    """A domain's log weights, checked against the source it claims to score."""
+    weights_path, meta_path = sidecar_paths(folder, domain)
+    if not weights_path.exists() or not meta_path.exists():
+        raise ImportanceError(f"{weights_path}: no sidecar for domain {domain!r} (run `onlinemix importance score`)")
+    meta = json.loads(meta_path.read_text())
+    weights = np.load(weights_path, mmap_mode="r")
+    found = source_fingerprint(source, meta.get("field", field))
+    if meta.get("source") != found or len(weights) != len(source):
+        raise ImportanceError(
+            f"{weights_path} does not match domain {domain!r}: it scored {meta.get('source')}, "
+            f"the source now has {found}"
+        )
+    if meta.get("done") != len(source):
+        raise ImportanceError(f"{weights_path}: scoring stopped at {meta.get('done')} of {len(source)} documents")
+    return np.asarray(weights)
+
+
+def score(args: argparse.Namespace) -> None:
+    estimator = ImportanceEstimator.load(args.estimator)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, source in _domains(MixtureConfig.load(args.config)).items():
+        meta = score_domain(estimator, name, source, args.out, args.field)
+        print(f"{name}: {meta['done']} documents scored ({meta['short']} short) -> {sidecar_paths(args.out, name)[0]}")
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def effective_sample_size(log_weights: np.ndarray) -> float:
+    """``(Σ w)² / Σ w²`` of ``w = exp(log_weights)``, computed without overflow; ``-inf`` entries are 0."""
+    finite = log_weights[np.isfinite(log_weights)]
+    if not len(finite):
+        return 0.0
+    scaled = np.exp(finite - finite.max())
+    return float(scaled.sum() ** 2 / (scaled**2).sum())
+
+
+def report(args: argparse.Namespace) -> None:
+    estimator = ImportanceEstimator.load(args.estimator)
+    rows, histograms = [], {}
+    for name, source in _domains(MixtureConfig.load(args.config)).items():
+        weights = load_sidecar(args.sidecars, name, source, args.field)
+        finite = np.isfinite(weights)
+        k = max(1, int(args.top * finite.sum()))
+        top = np.sort(np.argsort(-np.where(finite, weights, -np.inf), kind="stable")[:k])
+        selected = estimator.hasher.counts(domain_texts(source, top, args.field))
+        rows.append(
+            (
+                name,
+                len(weights),
+                int((~finite).sum()),
+                float(weights[finite].mean()) if finite.any() else float("nan"),
+                effective_sample_size(weights),
+                effective_sample_size(args.beta * weights),
+                estimator.kl_reduction(selected, name),
+            )
+        )
+        histograms[name] = weights[finite]
+    header = f"{'domain':12} {'docs':>9} {'short':>7} {'mean log w':>11} {'ESS':>9} {'ESS(beta)':>10} {'KL red.':>8}"
+    print(header + f"   (beta={args.beta}, KL reduction of the top {args.top:.0%})")
+    for name, docs, short, mean, ess, tempered, kl in rows:
+        print(f"{name:12} {docs:9d} {short:7d} {mean:11.2f} {ess:9.1f} {tempered:10.1f} {kl:8.4f}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for name, weights in histograms.items():
+            axis.hist(weights, bins=60, alpha=0.5, label=name)
+        axis.set(xlabel="log importance weight", ylabel="documents", title="DSIR log importance weights")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(args.plot, dpi=90)
+        print(f"wrote {args.plot}")
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def add_importance(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "importance",
+        help="DSIR importance weights: fit an estimator, score domains, report",
+        description=__doc__.split("\n\n")[0],
+    )
+    actions = parser.add_subparsers(dest="importance_command", required=True, metavar="ACTION")
+
+    fit_parser = actions.add_parser("fit", help="fit target and raw n-gram distributions into an estimator file")
+    where = fit_parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", type=Path, nargs="+", help="target files (.jsonl: one document per line)")
+    where.add_argument("--target-domain", help="use this domain of the config as the target")
+    fit_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains are the raw data")
+    fit_parser.add_argument("-o", "--output", type=Path, required=True, help="estimator file to write (.npz)")
+    fit_parser.add_argument("--raw-docs", type=int, default=10_000, help="documents sampled per domain (uniformly)")
+    fit_parser.add_argument("--buckets", type=int, default=10_000, help="hash buckets (more: fewer collisions)")
+    fit_parser.add_argument("--ngrams", type=int, choices=(1, 2), default=2, help="2: unigrams and bigrams")
+    fit_parser.add_argument("--hash", choices=("fast", "sha256"), default="fast", help="sha256: data-selection's")
+    fit_parser.add_argument("--seed", type=int, default=0, help="hash key and raw-document sample")
+    fit_parser.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing added to every bucket")
+    fit_parser.add_argument("--min-words", type=int, default=1, help="shorter documents get weight 0 (counted)")
+    fit_parser.set_defaults(run=fit)
+
+    score_parser = actions.add_parser("score", help="write a per-document log-weight sidecar for every domain")
+    score_parser.add_argument("estimator", type=Path)
+    score_parser.add_argument("--config", type=Path, required=True)
+    score_parser.add_argument("--out", type=Path, default=Path("importance"), help="sidecar folder")
+    score_parser.set_defaults(run=score)
+
+    report_parser = actions.add_parser("report", help="per-domain weight statistics, KL reduction, histogram")
+    report_parser.add_argument("estimator", type=Path)
+    report_parser.add_argument("--config", type=Path, required=True)
+    report_parser.add_argument("--sidecars", type=Path, default=Path("importance"))
+    report_parser.add_argument("--top", type=float, default=0.1, help="fraction selected for the KL reduction")
+    report_parser.add_argument("--beta", type=float, default=0.5, help="temperature for the tempered ESS")
+    report_parser.add_argument("--plot", type=Path, help="write a histogram PNG here")
+    for sub in (fit_parser, score_parser, report_parser):
+        sub.add_argument("--field", default="text", help="the text field of JSON / MDS / WebDataset records")
+    report_parser.set_defaults(run=report)
+
