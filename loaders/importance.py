@@ -4,11 +4,14 @@
 punctuation (``\\w+|[^\\w\\s]+``, NLTK's ``wordpunct`` rule); every unigram
 and bigram is hashed into one of ``num_buckets`` buckets. Two hashes:
 
-- ``"fast"`` (default): each distinct word is hashed once (BLAKE2b keyed by
-  ``seed``, cached), and bigram buckets are a SplitMix64 mix of the two word
-  hashes, computed for a whole batch of documents in numpy. Stable across
-  processes and platforms (never Python's salted ``hash()``); a different
-  ``seed`` gives an independent bucketing.
+- ``"fast"`` (default): a whole batch of documents is tokenized and hashed in
+  numpy with no Python loop per word: words are runs of word bytes (ASCII
+  ``\\w`` and, unlike the regex, every non-ASCII byte, so Unicode punctuation
+  such as "—" sticks to its word) or of other non-space bytes; a word's hash
+  is a polynomial hash of its bytes mixed with ``seed`` by SplitMix64, and a
+  bigram's is a mix of its two words' hashes. Stable across processes and
+  platforms (never Python's salted ``hash()``); another ``seed`` gives an
+  independent bucketing.
 - ``"sha256"``: the ``data-selection`` package's own bucketing
   (``sha256(ngram) mod num_buckets``, bigrams as ``"w1 w2"``), for results
   comparable with it; several times slower.
@@ -39,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.rng import mix64
+from loaders.rng import key, mix64
 
 FORMAT = "onlinemix-importance"
 VERSION = 1
@@ -85,10 +88,7 @@ class NgramHasher:
                 f"got {self.num_buckets}, {self.ngrams}, {self.hash!r}"
             )
         if self.hash == "fast":
-            key = self.seed.to_bytes(8, "little", signed=False)
-            self._words = _Cache(
-                lambda w: int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8, key=key).digest(), "little")
-            )
+            self._key = np.uint64(key(self.seed, 0x44534952))  # "DSIR"
         else:  # data-selection's buckets: the cache maps an n-gram string straight to its bucket
             self._words = _Cache(lambda w: int(hashlib.sha256(w.encode()).hexdigest(), 16) % self.num_buckets)
             self._pairs = _Cache(lambda w: int(hashlib.sha256(w.encode()).hexdigest(), 16) % self.num_buckets)
@@ -102,15 +102,15 @@ class NgramHasher:
 
     def buckets(self, texts: Sequence[str]) -> Features:
         """The unigram and bigram buckets of ``texts``, in document order."""
-        tokenized = [self.words(text) for text in texts]
-        words = np.fromiter(map(len, tokenized), dtype=np.int64, count=len(tokenized))
-        flat = [w for doc in tokenized for w in doc]
         if self.hash == "sha256":
+            tokenized = [self.words(text) for text in texts]
+            words = np.fromiter(map(len, tokenized), dtype=np.int64, count=len(tokenized))
+            flat = [w for doc in tokenized for w in doc]
             unigrams = np.fromiter(map(self._words.__getitem__, flat), dtype=np.int64, count=len(flat))
             pairs = [f"{a} {b}" for doc in tokenized for a, b in itertools.pairwise(doc)] if self.ngrams == 2 else []
             bigrams = np.fromiter(map(self._pairs.__getitem__, pairs), dtype=np.int64, count=len(pairs))
             return Features(unigrams, bigrams, words)
-        hashes = np.fromiter(map(self._words.__getitem__, flat), dtype=np.uint64, count=len(flat))
+        hashes, words = _hash_words(texts, self._key)
         unigrams = (hashes % np.uint64(self.num_buckets)).astype(np.int64)
         if self.ngrams == 1:
             return Features(unigrams, np.zeros(0, dtype=np.int64), words)
@@ -142,6 +142,42 @@ class Features:
         if len(self.bigrams):
             total += _segment_sums(per_bucket[self.bigrams], np.maximum(self.words - 1, 0))
         return total
+
+
+# Byte classes of the fast tokenizer: 0 space, 1 word (ASCII \w and every non-ASCII byte), 2 punctuation.
+_CLASS = np.array(
+    [0 if chr(b).isspace() else 1 if b >= 128 or chr(b).isalnum() or b == ord("_") else 2 for b in range(256)],
+    dtype=np.int8,
+)
+_BASE = np.uint64(0x100000001B3)  # odd, so its powers are invertible mod 2**64
+_BASE_INVERSE = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+
+
+def _hash_words(texts: Sequence[str], seed_key: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every word of ``texts`` (in order) and the word count of each text, with no Python loop.
+
+    The batch is lower-cased and UTF-8 encoded as one buffer; words are runs of
+    bytes of one class; a word's hash is a polynomial hash of its bytes taken
+    from prefix sums (``(P[end] - P[start]) · BASE^-start`` mod 2**64), mixed
+    with the seed by SplitMix64.
+    """
+    encoded = [text.lower().encode("utf-8", "surrogatepass") for text in texts]
+    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+    classes = _CLASS[data]
+    before = np.concatenate([[0], classes[:-1]])
+    after = np.concatenate([classes[1:], [0]])
+    starts = np.flatnonzero((classes != 0) & (before != classes))
+    ends = np.flatnonzero((classes != 0) & (after != classes)) + 1
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(np.full(len(data) + 1, _BASE, dtype=np.uint64))  # BASE^(i+1), wrapping
+        inverses = np.cumprod(np.full(len(data) + 1, _BASE_INVERSE, dtype=np.uint64))
+        prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+        np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers[:-1], out=prefix[1:])
+        spans = (prefix[ends] - prefix[starts]) * inverses[starts]
+        hashes = mix64(spans ^ (ends - starts).astype(np.uint64) * _BIGRAM ^ seed_key)
+    text_ends = np.cumsum([len(e) + 1 for e in encoded])  # a text's bytes end before its separator
+    words = np.diff(np.searchsorted(starts, text_ends), prepend=0)
+    return hashes, words.astype(np.int64)
 
 
 def _segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:

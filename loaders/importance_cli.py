@@ -249,4 +249,3 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     for sub in (fit_parser, score_parser, report_parser):
         sub.add_argument("--field", default="text", help="the text field of JSON / MDS / WebDataset records")
     report_parser.set_defaults(run=report)
-
