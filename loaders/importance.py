@@ -49,7 +49,8 @@ VERSION = 1
 WORDS = re.compile(r"\w+|[^\w\s]+")  # NLTK's WordPunctTokenizer pattern
 HASHES = ("fast", "sha256")
 _BIGRAM = np.uint64(0x6A09E667F3BCC909)  # keeps bigram buckets independent of unigram ones
-_CACHE_LIMIT = 4_000_000  # distinct words kept hashed before the cache is cleared
+_LENGTH = _BIGRAM  # the same odd constant multiplies a word's length into its hash
+_CACHE_LIMIT = 4_000_000  # distinct n-grams kept bucketed before the cache is cleared
 
 
 class ImportanceError(ValueError):
@@ -57,7 +58,7 @@ class ImportanceError(ValueError):
 
 
 class _Cache(dict):
-    """word -> hash, computed on first use (``map(cache.__getitem__, words)`` stays in C on hits)."""
+    """n-gram -> bucket, computed on first use (``map(cache.__getitem__, ngrams)`` stays in C on hits)."""
 
     def __init__(self, compute):
         super().__init__()
@@ -78,8 +79,8 @@ class NgramHasher:
     ngrams: int = 2
     seed: int = 0
     hash: str = "fast"
-    _words: _Cache = field(init=False, repr=False, compare=False)
-    _pairs: _Cache = field(init=False, repr=False, compare=False)
+    _key: np.uint64 = field(init=False, repr=False, compare=False)  # "fast": the seed's hash key
+    _buckets: _Cache = field(init=False, repr=False, compare=False)  # "sha256": n-gram string -> bucket
 
     def __post_init__(self) -> None:
         if self.num_buckets < 1 or self.ngrams not in (1, 2) or self.hash not in HASHES:
@@ -89,9 +90,8 @@ class NgramHasher:
             )
         if self.hash == "fast":
             self._key = np.uint64(key(self.seed, 0x44534952))  # "DSIR"
-        else:  # data-selection's buckets: the cache maps an n-gram string straight to its bucket
-            self._words = _Cache(lambda w: int(hashlib.sha256(w.encode()).hexdigest(), 16) % self.num_buckets)
-            self._pairs = _Cache(lambda w: int(hashlib.sha256(w.encode()).hexdigest(), 16) % self.num_buckets)
+        else:  # data-selection's buckets; words hold no space, so "w1 w2" bigram keys never meet a word's
+            self._buckets = _Cache(lambda ngram: int(hashlib.sha256(ngram.encode()).hexdigest(), 16) % self.num_buckets)
 
     def settings(self) -> dict[str, Any]:
         return {"num_buckets": self.num_buckets, "ngrams": self.ngrams, "seed": self.seed, "hash": self.hash}
@@ -106,9 +106,9 @@ class NgramHasher:
             tokenized = [self.words(text) for text in texts]
             words = np.fromiter(map(len, tokenized), dtype=np.int64, count=len(tokenized))
             flat = [w for doc in tokenized for w in doc]
-            unigrams = np.fromiter(map(self._words.__getitem__, flat), dtype=np.int64, count=len(flat))
+            unigrams = np.fromiter(map(self._buckets.__getitem__, flat), dtype=np.int64, count=len(flat))
             pairs = [f"{a} {b}" for doc in tokenized for a, b in itertools.pairwise(doc)] if self.ngrams == 2 else []
-            bigrams = np.fromiter(map(self._pairs.__getitem__, pairs), dtype=np.int64, count=len(pairs))
+            bigrams = np.fromiter(map(self._buckets.__getitem__, pairs), dtype=np.int64, count=len(pairs))
             return Features(unigrams, bigrams, words)
         hashes, words = _hash_words(texts, self._key)
         unigrams = (hashes % np.uint64(self.num_buckets)).astype(np.int64)
@@ -174,7 +174,7 @@ def _hash_words(texts: Sequence[str], seed_key: np.uint64) -> tuple[np.ndarray, 
         prefix = np.zeros(len(data) + 1, dtype=np.uint64)
         np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers[:-1], out=prefix[1:])
         spans = (prefix[ends] - prefix[starts]) * inverses[starts]
-        hashes = mix64(spans ^ (ends - starts).astype(np.uint64) * _BIGRAM ^ seed_key)
+        hashes = mix64(spans ^ (ends - starts).astype(np.uint64) * _LENGTH ^ seed_key)
     text_ends = np.cumsum([len(e) + 1 for e in encoded])  # a text's bytes end before its separator
     words = np.diff(np.searchsorted(starts, text_ends), prepend=0)
     return hashes, words.astype(np.int64)
@@ -243,10 +243,13 @@ class ImportanceEstimator:
             raw[name], documents[name] = hasher.counts(texts), len(texts)
         return cls(hasher, hasher.counts(target_texts), raw, alpha, min_words, documents)
 
+    def _check_domain(self, domain: str) -> None:
+        if domain not in self.raw:
+            raise ImportanceError(f"no raw distribution for domain {domain!r} (fitted: {sorted(self.raw)})")
+
     def log_ratio(self, domain: str) -> np.ndarray:
         """``log p_target − log p_raw`` per bucket for ``domain``."""
-        if domain not in self._log_ratio:
-            raise ImportanceError(f"no raw distribution for domain {domain!r} (fitted: {sorted(self._log_ratio)})")
+        self._check_domain(domain)
         return self._log_ratio[domain]
 
     def score(self, texts: Sequence[str], domain: str) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +264,7 @@ class ImportanceEstimator:
 
     def kl_reduction(self, selected_counts: np.ndarray, domain: str) -> float:
         """``KL(target || raw) − KL(target || selected)``: how much closer a selection is to the target."""
+        self._check_domain(domain)
         log_raw = log_distribution(self.raw[domain], self.alpha)
         log_selected = log_distribution(selected_counts, self.alpha)
         return kl_divergence(self._log_target, log_raw) - kl_divergence(self._log_target, log_selected)

@@ -96,6 +96,14 @@ class OnlineMixing:
     def names(self) -> list[str]:
         return self.dataset.names
 
+    def check_accumulation(self, accumulation: int, setting: str) -> None:
+        """Raise unless a trainer's micro-batches per optimizer step (its ``setting``) equal the mixer's."""
+        if accumulation != self.mixer.accumulation:
+            raise ValueError(
+                f"{setting} is {accumulation} but the mixer was built with accumulation={self.mixer.accumulation}; "
+                "they must match (one weight update per optimizer step)"
+            )
+
     def observe(
         self, losses: torch.Tensor, batch: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None, **signals: Any
     ) -> None:

@@ -146,11 +146,3 @@ def test_replication_groups_see_identical_samples(config, monkeypatch):
     assert seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2]
     with pytest.raises(ValueError, match="world size 4 does not split into replication groups of 3 ranks"):
         MixedDataset.from_config(config, replicas=3)
-
-
-def test_a_changed_global_batch_size_cannot_resume(config, tmp_path):
-    loader = MixedLoader(MixedDataset.from_config(config))
-    state = loader.state_dict()
-    state["mixture"]["global_batch_size"] = 64
-    with pytest.raises(ValueError, match="global_batch_size was 64 when saved, is now 32"):
-        loader.load_state_dict(state)

@@ -74,12 +74,7 @@ class OnlineMixingMixin:
         kwargs.setdefault("train_dataset", mixing.dataset)
         super().__init__(*args, **kwargs)
         self.mixing = mixing
-        accumulation = self.args.gradient_accumulation_steps
-        if accumulation != mixing.mixer.accumulation:
-            raise ValueError(
-                f"gradient_accumulation_steps is {accumulation} but the mixer was built with accumulation="
-                f"{mixing.mixer.accumulation}; they must match (one weight update per optimizer step)"
-            )
+        mixing.check_accumulation(self.args.gradient_accumulation_steps, "gradient_accumulation_steps")
         if self.args.max_steps <= 0:
             raise ValueError("set TrainingArguments(max_steps=...): a mixture stream has no length to count epochs by")
         # The loader resumes at its checkpointed position; skipping batches would consume them twice.

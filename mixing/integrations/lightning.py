@@ -70,11 +70,7 @@ class OnlineMixingCallback(pl.Callback):
         return _Batches(self.mixing)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.accumulate_grad_batches != self.mixing.mixer.accumulation:
-            raise ValueError(
-                f"accumulate_grad_batches is {trainer.accumulate_grad_batches} but the mixer was built with "
-                f"accumulation={self.mixing.mixer.accumulation}; they must match (one update per optimizer step)"
-            )
+        self.mixing.check_accumulation(trainer.accumulate_grad_batches, "accumulate_grad_batches")
         self._steps = trainer.global_step
 
     def on_train_batch_end(
