@@ -4,7 +4,9 @@
    per-sample losses, on the CPU (and CUDA when present), median of many steps.
 2. Samples/s of ``MixedDataset`` whose weights change every step (ODM on
    synthetic losses, published through the weights channel) against the same
-   loader with static weights, side by side in one run.
+   loader with static weights, side by side in one run, for several lags: a
+   plan call costs about the same for 1 or 64 batches, and with online weights
+   it can cover only the ``lag + 1`` batches whose weights are published.
 
 Run: ``python benchmarks/controller_step.py``
 """
@@ -27,31 +29,48 @@ from mixing.mixer import OnlineMixer
 
 
 def controller_cost(device: str) -> None:
+    """µs per training step: median over single steps on the CPU; on CUDA, rounds of 100 steps between syncs
+    (what a training loop pays: the host's launches, or the GPU's work if that is longer)."""
     print(f"\ncontroller observe+step, {device} (median µs per training step)")
     print("| controller | k=8, B=256 | k=64, B=4096 | k=1024, B=4096 |\n|---|---:|---:|---:|")
     variants = [
-        ("DoReMi", DoReMiController, False),
-        ("ODM", ODMController, False),
-        ("DGA", DGAController, False),
-        ("DoReMi, compiled accumulation", DoReMiController, True),
+        ("DoReMi", DoReMiController, {}),
+        ("ODM", ODMController, {}),
+        ("DGA", DGAController, {}),
+        ("DoReMi, compiled accumulation", DoReMiController, {"compile": True}),
     ]
-    for name, cls, compiled in variants:
+    if device == "cuda":
+        variants += [("DoReMi, CUDA graphs", DoReMiController, {"graph": True})]
+        variants += [("ODM, CUDA graphs", ODMController, {"graph": True})]
+    for name, cls, options in variants:
         cells = []
         for k, batch in ((8, 256), (64, 4096), (1024, 4096)):
-            controller = cls(torch.full((k,), 1 / k, device=device), compile=compiled)
+            controller = cls(torch.full((k,), 1 / k, device=device), **options)
             losses = torch.rand(batch, device=device)
             domains = torch.randint(0, k, (batch,), device=device)
-            reference = losses * 0.9
-            times = []
-            for i in range(300):
-                start = time.perf_counter()
+            reference, alignment = losses * 0.9, losses[:k] if name == "DGA" else None
+
+            def one_step(controller=controller, losses=losses, domains=domains, reference=reference, align=alignment):
                 controller.observe(losses, domains, reference=reference)
-                if name == "DGA":
-                    controller.observe_alignment(losses[:k])
+                if align is not None:
+                    controller.observe_alignment(align)
                 controller.step()
-                if device == "cuda":
+
+            for _ in range(50):
+                one_step()
+            times = []
+            if device == "cuda":
+                for _ in range(20):
                     torch.cuda.synchronize()
-                if i >= 50:
+                    start = time.perf_counter()
+                    for _ in range(100):
+                        one_step()
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - start) / 100)
+            else:
+                for _ in range(300):
+                    start = time.perf_counter()
+                    one_step()
                     times.append(time.perf_counter() - start)
             cells.append(f"{statistics.median(times) * 1e6:,.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
@@ -71,13 +90,15 @@ def loader_throughput(batches: int = 400, rounds: int = 3) -> None:
             spec = PlanSpec([len(s) for s in sources], [UNLIMITED] * 4, seed=0, global_batch_size=size)
             return MixedDataset(sources, list("abcd"), spec, StaticSchedule(np.full(4, 0.25)))
 
-        def run(mode: str) -> float:
+        rotations = [np.roll([0.4, 0.3, 0.2, 0.1], step) for step in range(4)]
+
+        def run(mode: str, lag: int = 4) -> float:
             data = dataset()
-            mixer = OnlineMixer(ODMController(torch.full((4,), 0.25)), data, lag=4) if mode == "controller" else None
+            mixer = OnlineMixer(ODMController(torch.full((4,), 0.25)), data, lag=lag) if mode == "controller" else None
             channel = None
             if mode == "channel":
                 channel = WeightsChannel(np.full(4, 0.25))
-                data.schedule = VersionedSchedule(channel, lag=4)
+                data.schedule = VersionedSchedule(channel, lag=lag)
             loader = iter(MixedLoader(data))
             start = time.perf_counter()
             for step in range(1, batches + 1):
@@ -86,23 +107,25 @@ def loader_throughput(batches: int = 400, rounds: int = 3) -> None:
                     mixer.observe(1.0 + batch["domain"].float(), batch["domain"])
                     mixer.step()
                 if channel:  # new weights every step, without a controller: the loader's own cost
-                    channel.publish(step, np.roll([0.4, 0.3, 0.2, 0.1], step))
+                    channel.publish(step, rotations[step % 4])
             return batches * size / (time.perf_counter() - start)
 
-        best = {"static": 0.0, "channel": 0.0, "controller": 0.0}
+        runs = [("static", 0), ("channel", 4), ("channel", 16), ("channel", 64), ("controller", 4), ("controller", 64)]
+        best = dict.fromkeys(runs, 0.0)
         for _ in range(rounds):
-            for mode in best:
-                best[mode] = max(best[mode], run(mode))
+            for mode, lag in runs:
+                best[mode, lag] = max(best[mode, lag], run(mode, lag))
+    static = best["static", 0]
     print(f"\nloader throughput, seq_len {seq_len}, batch {size}, 4 domains, in-process, best of {rounds}")
-    print(f"static weights: {best['static']:,.0f} samples/s")
-    print(
-        f"new weights every step through the channel (lag 4): {best['channel']:,.0f} samples/s "
-        f"= {best['channel'] / best['static']:.2f}x static"
-    )
-    print(
-        f"the same with ODM computing them (controller and publication included): {best['controller']:,.0f} "
-        f"samples/s = {best['controller'] / best['static']:.2f}x static"
-    )
+    print(f"static weights: {static:,.0f} samples/s")
+    for (mode, lag), rate in best.items():
+        if mode == "channel":
+            what = "new weights every step through the channel"
+        elif mode == "controller":
+            what = "the same with ODM computing them (controller and publication included)"
+        else:
+            continue
+        print(f"{what}, lag {lag}: {rate:,.0f} samples/s = {rate / static:.2f}x static")
 
 
 if __name__ == "__main__":

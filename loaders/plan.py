@@ -41,6 +41,7 @@ from loaders.permutation import block_bits, permute
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
 SAMPLING_METHODS = ("systematic", "multinomial")
 _CHUNK_CELLS = 1 << 20  # most batches x domains counted in one vectorised step
+_WINDOW_CELLS = 1 << 20  # most sample indices cached ahead, over all domains (_TakeWindows)
 
 
 class StreamEnded(Exception):
@@ -108,6 +109,8 @@ class PlanSpec:
         object.__setattr__(self, "shards", tuple(None if c is None else np.asarray(c, dtype=np.int64) for c in shards))
         object.__setattr__(self, "_sharded", [d for d, counts in enumerate(self.shards) if counts is not None])
         object.__setattr__(self, "_shard_orders", {})  # (domain, epoch) -> (order, ends): a cache, not state
+        object.__setattr__(self, "_windows", None)  # _TakeWindows, made on first use
+        object.__setattr__(self, "_capped", bool((self.caps < UNLIMITED).any()))
 
     @property
     def num_domains(self) -> int:
@@ -168,7 +171,9 @@ def systematic_counts(weights: np.ndarray, total: int, u: np.ndarray | float) ->
     edges = np.ceil(cumulative * total - np.asarray(u, dtype=np.float64)[..., None])
     # In exact arithmetic the last edge is ceil(total - u) = total; pin it so rounding cannot lose a point.
     edges[cumulative == 1.0] = total
-    return np.diff(edges, axis=-1, prepend=0.0).astype(np.int64)
+    counts = edges.astype(np.int64)
+    counts[..., 1:] -= counts[..., :-1].copy()  # np.diff, without its Python overhead
+    return counts
 
 
 def _offsets(spec: PlanSpec, batches: np.ndarray, round_: int) -> np.ndarray:
@@ -213,15 +218,14 @@ def count_batches(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.n
     weights = np.asarray(weights, dtype=np.float64)
     counts = np.empty((0, spec.num_domains), dtype=np.int64)
     if spec.sampling == "systematic":
-        live = state.cursors < spec.caps
-        live_weights = np.where(live, weights, 0.0)
+        live_weights = np.where(state.cursors < spec.caps, weights, 0.0) if spec._capped else weights
         fillable = live_weights.sum(axis=1) > 0
         rows = int(np.argmin(fillable)) if not fillable.all() else len(weights)
         batches = state.batch + np.arange(rows)
         counts = systematic_counts(live_weights[:rows], spec.global_batch_size, _offsets(spec, batches, 0))
         totals = state.cursors + np.cumsum(counts, axis=0)
-        reaches_cap = (totals >= spec.caps).any(axis=1)
-        if reaches_cap.any():
+        reaches_cap = (totals >= spec.caps).any(axis=1) if spec._capped else None
+        if reaches_cap is not None and reaches_cap.any():
             rows = int(np.argmax(reaches_cap))  # that batch is redone exactly below
         counts = counts[:rows]
         if rows:
@@ -270,10 +274,18 @@ def plan_batches(
 
     # Which sample each take is: domain d's takes in a batch are its cursor, cursor + 1, ...
     rows = np.arange(len(batches))[:, None]
-    sorted_domains = np.repeat(np.tile(np.arange(spec.num_domains), len(batches)), counts.ravel())
+    sorted_domains = np.repeat(np.arange(counts.size) % spec.num_domains, counts.ravel())  # np.tile, but cheaper
     domains = sorted_domains.reshape(len(batches), size)[rows, take]
     starts = np.cumsum(counts, axis=1) - counts
     j = before[rows, domains] + take - starts[rows, domains]
+    indices = _sample_indices(spec, domains, j, cursors, state.cursors)
+    return [
+        BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
+    ]
+
+
+def indices_of_takes(spec: PlanSpec, domains: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The sample index of the ``j``-th take of each domain in ``domains``: a pure function of ``(d, j)``."""
     sizes = spec.sizes[domains]
     epochs = j // sizes
     # One key per (domain, epoch): domain ids and epochs each fit 32 bits, so the packing is injective.
@@ -284,9 +296,58 @@ def plan_batches(
     indices = permute(positions, sizes, keys, spec._bits[domains])
     for d in spec._sharded:  # a list, not a loop over all domains: 10,000 domains stay cheap
         _in_shard_order(spec, d, domains, epochs, positions, indices)
-    return [
-        BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
-    ]
+    return indices
+
+
+class _TakeWindows:
+    """Per domain, ``indices_of_takes`` for ``width`` consecutive takes from ``base[d]``: a cache, not state.
+
+    With online weights a plan call covers only the few batches whose weights
+    are published, and computing the permutation for those few takes costs as
+    much as for thousands (numpy's per-call overhead). Each domain instead
+    keeps a window of its next takes (8 MB at most over all domains), filled in one vectorised call when a
+    plan call steps outside it, so most calls are a gather.
+    """
+
+    def __init__(self, num_domains: int, global_batch_size: int):
+        # About 256 batches' worth of an average domain's takes, within a memory budget over all domains.
+        self.width = max(64, min(256 * global_batch_size // num_domains, 4096, _WINDOW_CELLS // num_domains))
+        self.base = np.full(num_domains, -(1 << 62), dtype=np.int64)  # nothing cached yet
+        self.table = np.zeros((num_domains, self.width), dtype=np.int64)
+
+
+def _sample_indices(
+    spec: PlanSpec, domains: np.ndarray, j: np.ndarray, start: np.ndarray, stop: np.ndarray
+) -> np.ndarray:
+    """``indices_of_takes(spec, domains, j)``; this call's takes of domain ``d`` lie in ``[start[d], stop[d])``."""
+    windows = spec._windows
+    if windows is None:
+        windows = _TakeWindows(spec.num_domains, spec.global_batch_size)
+        object.__setattr__(spec, "_windows", windows)
+    span = stop - start
+    # Windows save numpy calls, not arithmetic (each take is computed once either way): they pay only
+    # when most calls are served by windows filled earlier, i.e. a window outlasts several calls.
+    if windows.width < 4 * j.size or span.max() * 4 > windows.width:
+        return indices_of_takes(spec, domains, j)
+    covered = (start >= windows.base) & (stop <= windows.base + windows.width)
+    stale = np.flatnonzero((span > 0) & ~covered)
+    budget = max(1, 4 * j.size // windows.width)  # refill work per call: a few times the call's own takes
+    if stale.size > budget:  # many domains with few takes each: fill the busiest, the rest directly
+        stale = stale[np.argsort(-span[stale], kind="stable")[:budget]]
+    if stale.size:
+        takes = start[stale, None] + np.arange(windows.width)
+        owners = np.broadcast_to(stale[:, None], takes.shape)
+        windows.table[stale] = indices_of_takes(spec, owners.ravel(), takes.ravel()).reshape(takes.shape)
+        windows.base[stale] = start[stale]
+        covered[stale] = True
+    inside = covered[domains]
+    if inside.all():
+        return windows.table[domains, j - windows.base[domains]]
+    indices = np.empty(j.shape, dtype=np.int64)
+    cached, outside = domains[inside], ~inside
+    indices[inside] = windows.table[cached, j[inside] - windows.base[cached]]
+    indices[outside] = indices_of_takes(spec, domains[outside], j[outside])
+    return indices
 
 
 def shard_order(spec: PlanSpec, domain: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -206,11 +206,10 @@ class OnlineMixer:
 
     def _all_reduce_statistics(self) -> None:
         """Sum the statistics observed since the last step over the ranks, in one collective."""
-        stats = self.controller.stats
-        k = stats.num_domains
-        packed = torch.cat([stats.sums, stats.counts])
-        dist.all_reduce(packed, group=self.group)
-        stats.sums, stats.counts = packed[:k], packed[k:]
+        window = self.controller.stats.window
+        summed = window.contiguous()
+        dist.all_reduce(summed, group=self.group)
+        window.copy_(summed)  # in place: a graphed controller reads this buffer
 
     def check_consistent(self, weights: torch.Tensor | None = None) -> None:
         """Raise ``MixingError`` on every rank if the ranks' weights are not bit-for-bit equal."""

@@ -1,10 +1,13 @@
 """Per-domain statistics kept on the training device, with no host synchronisation.
 
-Everything here is fixed-size tensor arithmetic: ``index_add_`` into buffers
-of length ``k``, ``torch.where`` instead of branches, so a training step never
-waits for the host. Problems that would need a look at the values (a NaN loss,
-a domain id out of range) are counted on the device instead; the mixer reads
-the counters together with the weights, after the asynchronous copy.
+Everything here is fixed-size tensor arithmetic into one table updated in
+place: each sample is routed to a row (its domain, or a row that counts a
+problem) and a single ``index_add_`` adds its value and a count. Problems
+that would need a look at the values (a NaN loss, a domain id out of range)
+are counted on the device instead; the mixer reads the counters together with
+the weights, after the asynchronous copy. The number of operations is what
+costs: on a CPU each is a few microseconds of dispatch whatever its size, on
+a GPU each is a kernel launch.
 """
 
 from __future__ import annotations
@@ -12,33 +15,37 @@ from __future__ import annotations
 import torch
 
 
-def accumulate(
+def accumulate_(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
     values: torch.Tensor,
     domains: torch.Tensor,
     mask: torch.Tensor | None,
-    sums: torch.Tensor,
-    counts: torch.Tensor,
-    problems: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch into the buffers: a pure function of tensors, so ``torch.compile`` can fuse it whole."""
-    num_domains = sums.shape[0]
-    values = values.float()
+    ones: torch.Tensor,
+) -> None:
+    """One batch into the ``sums`` and ``counts`` rows of the table, in place (``ones``: as many as samples).
+
+    Column ``1 + d`` holds domain ``d``. The others catch what must not be
+    averaged: column 0 negative ids and column ``k + 1`` ids ``>= k`` (the
+    clamp puts them there), ``k + 2`` non-finite values (they add 0 to the
+    sums there), ``k + 3`` samples with no unmasked token. A pure function of
+    tensors, so ``torch.compile`` can fuse it whole and a CUDA graph capture it.
+    """
+    k = sums.shape[0] - 4
     if mask is not None:
         mask = mask.to(values.dtype)
         dims = tuple(range(1, values.ndim))
         tokens = mask.sum(dim=dims)
         values = torch.where(mask > 0, values, 0.0).sum(dim=dims) / tokens.clamp(min=1)
-        present = tokens > 0
-    else:
-        present = torch.ones_like(values, dtype=torch.bool)
-    finite = torch.isfinite(values)
-    valid = (domains >= 0) & (domains < num_domains)
-    keep = present & finite & valid
-    index = torch.where(valid, domains, 0).long()
-    sums = sums.index_add(0, index, torch.where(keep, values, 0.0))
-    counts = counts.index_add(0, index, keep.float())
-    problems = problems + torch.stack([(present & ~finite).sum(), (~valid).sum()]).float()
-    return sums, counts, problems
+    if values.dtype != sums.dtype:
+        values = values.to(sums.dtype)
+    finite = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    column = (domains + 1).clamp_(0, k + 1)
+    column.masked_fill_(finite != values, k + 2)
+    if mask is not None:
+        column.masked_fill_(tokens == 0, k + 3)
+    sums.scatter_add_(0, column, finite)
+    counts.scatter_add_(0, column, ones)
 
 
 class DomainStats:
@@ -50,14 +57,28 @@ class DomainStats:
 
     def __init__(self, num_domains: int, device: torch.device | str | None = None, compile: bool | str = False):
         self.num_domains = num_domains
-        self.sums = torch.zeros(num_domains, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(num_domains, dtype=torch.float32, device=device)
-        # [non-finite values skipped, out-of-range domain ids skipped], since creation
-        self.problems = torch.zeros(2, dtype=torch.float32, device=device)
-        self._accumulate = accumulate
+        self.table = torch.zeros(2, num_domains + 4, dtype=torch.float32, device=device)
+        # Views made once (making a view costs a few µs too); the table is only ever updated in place.
+        self.window = self.table[:, 1 : num_domains + 1]  # (2, k) sums and counts since the last take
+        self._sums, self._counts = self.window.unbind(0)
+        self._all_sums, self._all_counts = self.table.unbind(0)
+        self._ones: dict[int, torch.Tensor] = {}  # by batch size
+        self._accumulate = accumulate_
         if compile:
             backend = "inductor" if compile is True else compile
-            self._accumulate = torch.compile(accumulate, fullgraph=True, dynamic=False, backend=backend)
+            self._accumulate = torch.compile(accumulate_, fullgraph=True, dynamic=False, backend=backend)
+
+    @property
+    def problems(self) -> torch.Tensor:
+        """[non-finite values skipped, out-of-range domain ids skipped] since creation (or the last load)."""
+        counts, k = self.table[1], self.num_domains
+        return torch.stack([counts[k + 2], counts[0] + counts[k + 1]])
+
+    @problems.setter
+    def problems(self, problems: torch.Tensor) -> None:
+        counts, k = self.table[1], self.num_domains
+        counts[k + 1] = 0
+        counts[0], counts[k + 2] = problems[1], problems[0]
 
     def add(self, values: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add per-sample ``values`` (or per-token, with ``mask`` of the same shape) of ``domains``."""
@@ -70,19 +91,23 @@ class DomainStats:
             )
         if mask is not None and mask.shape != values.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from values shape {tuple(values.shape)}")
-        self.sums, self.counts, self.problems = self._accumulate(
-            values.detach(), domains, mask, self.sums, self.counts, self.problems
-        )
+        if values.requires_grad:  # checked first: detach() makes a new tensor, a few µs on a CPU
+            values = values.detach()
+        if domains.dtype != torch.int64:
+            domains = domains.long()
+        ones = self._ones.get(len(domains))
+        if ones is None:
+            ones = self._ones[len(domains)] = torch.ones(len(domains), device=self.table.device)
+        self._accumulate(self._all_sums, self._all_counts, values, domains, mask, ones)
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(means, present)`` since the last take, then reset. Absent domains have mean 0."""
-        present = self.counts > 0
-        means = self.sums / self.counts.clamp(min=1)
-        self.sums = torch.zeros_like(self.sums)
-        self.counts = torch.zeros_like(self.counts)
+        means = self._sums / self._counts.clamp(min=1)
+        present = self._counts.bool()
+        self.window.zero_()
         return means, present
 
 
 def ema(previous: torch.Tensor, new: torch.Tensor, present: torch.Tensor, decay: float) -> torch.Tensor:
     """Exponential moving average that leaves domains absent from the batch unchanged."""
-    return torch.where(present, decay * previous + (1 - decay) * new, previous)
+    return torch.where(present, torch.lerp(new, previous, decay), previous)

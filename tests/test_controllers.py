@@ -157,48 +157,92 @@ def no_host_sync(monkeypatch):
     return install
 
 
-@pytest.mark.parametrize("name", ["static", "scheduled", "doremi", "odm", "dga"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def build(name: str, k: int, device: str = "cpu", **kwargs):
+    """Each controller, configured so that every phase of its update() is reached within a few steps."""
+    uniform = torch.full((k,), 1 / k, device=device)
+    return {
+        "static": lambda: StaticController(uniform, min_prob=0.01, **kwargs),
+        "scheduled": lambda: ScheduledController([(0, [1.0] * k), (3, [2] + [1] * (k - 1))], device=device, **kwargs),
+        "doremi": lambda: DoReMiController(uniform, eta=0.5, **kwargs),
+        "odm": lambda: ODMController(uniform, warmup=1, min_prob=0.001, **kwargs),
+        "dga": lambda: DGAController(uniform, every=2, **kwargs),
+    }[name]()
+
+
+def feed(controller, name: str, losses: torch.Tensor, domains: torch.Tensor) -> None:
+    """One step's feedback: a plain and a masked (per-token) micro-batch, then the update."""
+    tokens = losses[:, None].expand(-1, 5)
+    mask = (torch.arange(5, device=losses.device) < domains[:, None] % 6).float()  # some rows fully masked
+    controller.observe(losses, domains, reference=losses * 0.5)
+    controller.observe(tokens, domains, mask, reference=tokens * 0.5)
+    if name == "dga":
+        controller.observe_alignment((domains[: controller.num_domains] % 3).float() - 1)  # finite, varies
+    controller.step()
+
+
+ALL = ["static", "scheduled", "doremi", "odm", "dga"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_observe_and_step_never_sync_with_the_host(name, no_host_sync):
     k = 8
-    build = {
-        "static": lambda: StaticController(torch.full((k,), 1 / k)),
-        "scheduled": lambda: ScheduledController([(0, [1.0] * k), (4, [2.0] + [1.0] * (k - 1))]),
-        "doremi": lambda: DoReMiController(torch.full((k,), 1 / k)),
-        "odm": lambda: ODMController(torch.full((k,), 1 / k), warmup=1),
-        "dga": lambda: DGAController(torch.full((k,), 1 / k), every=2),
-    }[name]
-    controller = build()
+    controller = build(name, k)
     losses, domains = torch.rand(64), torch.randint(0, k, (64,))
-    mask = torch.ones(64, 5)
     no_host_sync()
     with pytest.raises(AssertionError, match="host synchronisation"):
         torch.ones(1).item()  # the trap is set
     for _ in range(4):
-        controller.observe(losses, domains, reference=losses * 0.5)
-        controller.observe(losses[:, None].expand(64, 5), domains, mask, reference=losses[:, None].expand(64, 5))
-        if name == "dga":
-            controller.observe_alignment(losses[:k])
-        controller.step()
+        feed(controller, name, losses, domains)
     assert controller.weights.shape == (k,)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["doremi", "odm", "dga"])
-def test_no_sync_on_cuda(name):
+@CUDA
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("name", ALL)
+def test_no_sync_on_cuda(name, graph):
     k = 64
-    cls = {"doremi": DoReMiController, "odm": ODMController, "dga": DGAController}[name]
-    controller = cls(torch.full((k,), 1 / k, device="cuda"))
+    controller = build(name, k, "cuda", graph=graph)
     losses, domains = torch.rand(4096, device="cuda"), torch.randint(0, k, (4096,), device="cuda")
+    for _ in range(3):  # a graphed controller captures each input shape and phase on first use, which syncs
+        feed(controller, name, losses, domains)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            controller.observe(losses, domains, reference=losses * 0.5)
-            if name == "dga":
-                controller.observe_alignment(losses[:k])
-            controller.step()
+        for _ in range(4):
+            feed(controller, name, losses, domains)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@CUDA
+@pytest.mark.parametrize("name", ALL)
+def test_cuda_graphs_replay_the_eager_updates(name):
+    k = 16
+    eager, graphed = build(name, k, "cuda"), build(name, k, "cuda", graph=True)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(7):
+        batch = 256 if step % 3 else 200  # a second input shape: a second capture
+        losses = torch.rand(batch, device="cuda", generator=generator) * 3
+        losses[step] = float("nan")
+        domains = torch.randint(-1, k + 1, (batch,), device="cuda", generator=generator)  # some ids out of range
+        for controller in (eager, graphed):
+            feed(controller, name, losses, domains)
+        # float atomics in scatter_add_ may sum in another order: equal up to rounding, not bit for bit
+        torch.testing.assert_close(graphed.weights, eager.weights, rtol=1e-5, atol=1e-7)
+    assert torch.equal(graphed.stats.problems, eager.stats.problems)
+    resumed = build(name, k, "cuda", graph=True)
+    resumed.load_state_dict(graphed.state_dict())
+    for controller in (graphed, resumed):
+        feed(controller, name, losses, domains)
+    torch.testing.assert_close(resumed.weights, graphed.weights, rtol=1e-5, atol=1e-7)
+
+
+def test_graphs_need_cuda():
+    with pytest.raises(ValueError, match="graph=True needs the controller on a CUDA device"):
+        ODMController(UNIFORM3, graph=True)
 
 
 def test_compiled_accumulation_is_one_graph_and_equals_eager():

@@ -74,6 +74,34 @@ def test_online_run_with_workers_equals_replay_of_its_log_without_workers(config
     assert [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in MixedLoader(static)] != batches
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graph", [False, True])
+def test_controller_on_cuda_publishes_without_host_syncs_and_its_log_replays(config, tmp_path, graph):
+    dataset = MixedDataset.from_config(config, num_batches=STEPS)
+    initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
+    controller = ODMController(initial, alpha=0.5, device="cuda", graph=graph)
+    mixer = OnlineMixer(controller, dataset, lag=LAG, log=tmp_path / "cuda.oms")
+    seen = []
+    for step, batch in enumerate(MixedLoader(dataset, num_workers=2)):
+        seen.append(list(zip(batch["domain"].tolist(), batch["index"].tolist())))
+        losses, domains = synthetic_losses(batch).cuda(), batch["domain"].cuda()
+        torch.cuda.synchronize()
+        if step >= 2:  # after the first steps, where a graphed controller captures (and syncs)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            mixer.observe(losses, domains)
+            mixer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    mixer.close()
+    log = read_schedule(tmp_path / "cuda.oms")
+    assert log.steps.tolist() == list(range(STEPS + 1))
+    assert not np.allclose(log.weights[-1], log.weights[0])
+    replay = MixedDataset.from_config(config, num_batches=STEPS)
+    replay.schedule = replay_schedule(tmp_path / "cuda.oms", replay.names)
+    assert [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in MixedLoader(replay)] == seen
+
+
 def test_stop_and_resume_in_fresh_objects_continues_exactly(config, recorded, tmp_path):
     batches, log_path = recorded
     log = tmp_path / "resumed.oms"

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loaders import plan as plan_module
 from loaders.plan import (
     UNLIMITED,
     PlanSpec,
@@ -14,7 +15,9 @@ from loaders.plan import (
     StreamEnded,
     advance,
     fast_forward,
+    indices_of_takes,
     plan_batch,
+    plan_batches,
     systematic_counts,
 )
 
@@ -75,6 +78,27 @@ def test_each_epoch_of_a_domain_takes_every_sample_once_in_a_new_order():
         ]
         assert all(sorted(epoch) == list(range(size)) for epoch in epochs), f"domain {d}"
         assert epochs[0] != epochs[1]  # reshuffled each epoch
+
+
+def test_cached_take_windows_give_exactly_the_direct_permutation(monkeypatch):
+    """Plans made a few batches per call (through the per-domain windows: refills, epochs turning over
+    inside a window, a domain in shard order, more stale domains than one call may refill) equal plans
+    that compute every sample index directly."""
+    sizes = [7, 50, 300, *[20] * 40]
+    shards = (None, np.array([20, 30]), None, *[None] * 40)
+    weights = np.random.default_rng(0).dirichlet(np.ones(43) * 0.3, size=90)
+
+    def plans(rows_per_call):
+        s = PlanSpec(np.array(sizes), np.array([UNLIMITED] * 43), 5, 16, shards=shards)
+        state, out = PlanState.start(43), []
+        for first in range(0, len(weights), rows_per_call):
+            out += plan_batches(s, state, weights[first : first + rows_per_call])
+        return [(p.domains.tolist(), p.indices.tolist()) for p in out], s
+
+    windowed, s = plans(1)
+    assert (s._windows.base >= 0).sum() > 3  # the windows were used
+    monkeypatch.setattr(plan_module, "_sample_indices", lambda spec, domains, j, *_: indices_of_takes(spec, domains, j))
+    assert windowed == plans(1)[0] == plans(45)[0]
 
 
 def test_same_seed_same_plan_other_seed_other_plan():

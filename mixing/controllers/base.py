@@ -1,12 +1,17 @@
 """What every controller is: weights on the device, ``observe()`` feedback, ``step()`` an update.
 
 ``observe()`` and ``step()`` never synchronise with the host: no ``.item()``,
-``.cpu()``, ``.tolist()``, no branch on a tensor value. Counters that decide
-control flow (the step number) are Python ints.
+``.cpu()``, ``.tolist()``, no branch on a tensor value. What depends on the
+step number is computed on the host from a Python int: ``schedule()`` gives
+the numbers ``update()`` uses (as ``self.now``), ``phase()`` names the Python
+branch it takes. That split is what lets ``graph=True`` replay a controller
+as CUDA graphs (``mixing/graphs.py``): one graph per phase, the numbers
+written into device scalars before each replay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -23,8 +28,13 @@ class Controller:
             distribution: ``w <- (1 - k * min_prob) * w + min_prob``).
         device: where the weights and statistics live (the training device).
         compile: ``torch.compile`` the per-batch accumulation (``True``, or a
-            backend name). Measured in ``benchmarks/controller_step.py``: on
-            a CPU it barely helps; on a GPU it fuses ~15 small kernels into one.
+            backend name): fuses its ~10 small kernels into one. Measured in
+            ``benchmarks/controller_step.py``.
+        graph: replay ``observe()`` and ``step()`` as CUDA graphs (CUDA only):
+            a few launches per call instead of tens, so the host spends
+            microseconds per step whatever the controller does. Each new input
+            shape and each phase is captured once, on first use (that call
+            synchronises). Measured in ``benchmarks/controller_step.py``.
     """
 
     name = "base"
@@ -35,6 +45,7 @@ class Controller:
         min_prob: float = 0.0,
         device: torch.device | str | None = None,
         compile: bool | str = False,
+        graph: bool = False,
     ):
         initial = torch.as_tensor(initial, dtype=torch.float32, device=device)
         self.num_domains = initial.numel()
@@ -43,29 +54,73 @@ class Controller:
         self.min_prob = min_prob
         self.device = initial.device
         self.initial = initial / initial.sum()
-        self.weights = self.floor(self.initial)
+        self.weights = self.floor(self.initial).clone()
         self.stats = DomainStats(self.num_domains, self.device, compile=compile)
         self.steps = 0
+        self.now: dict[str, Any] = {}
+        self.graph = graph
+        self._graphs = None
+        if graph and self.device.type != "cuda":
+            raise ValueError(f"graph=True needs the controller on a CUDA device, not {self.device}")
 
     def floor(self, weights: torch.Tensor) -> torch.Tensor:
+        if self.min_prob == 0:
+            return weights
         return (1 - self.num_domains * self.min_prob) * weights + self.min_prob
 
-    def observe(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **_: Any) -> None:
-        """Record per-sample (or per-token, with ``mask``) training losses of a (micro-)batch."""
+    # -- what subclasses write ----------------------------------------------------
+
+    def record(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **_: Any) -> None:
+        """Accumulate one (micro-)batch's feedback into ``self.stats`` (override to transform it first)."""
         self.stats.add(losses, domains, mask)
 
     def update(self) -> torch.Tensor:
         """New weights (before the floor) from what was observed since the last step."""
         raise NotImplementedError
 
+    def schedule(self, step: int) -> dict[str, float]:
+        """The numbers of the step count that ``update()`` reads from ``self.now``."""
+        return {}
+
+    def phase(self) -> Hashable:
+        """Which Python branch ``update()`` takes at this step (e.g. warm-up or not)."""
+        return None
+
+    def stepped(self) -> None:
+        """Host-side bookkeeping after an update (flags, counters); never touches tensors."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors ``update()`` carries from step to step, by attribute name."""
+        return {}
+
+    # -- what the trainer calls ---------------------------------------------------
+
+    def observe(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals) -> None:
+        """Record per-sample (or per-token, with ``mask``) training losses of a (micro-)batch."""
+        if self.graph:
+            self._graphed().observe(losses, domains, mask, signals)
+        else:
+            self.record(losses, domains, mask, **signals)
+
     def step(self) -> torch.Tensor:
         """One update per optimizer step; returns the new weights (on the device)."""
         self.steps += 1
-        self.weights = self.floor(self.update())
+        if self.graph:
+            self._graphed().step()
+        else:
+            self.now = self.schedule(self.steps)
+            self.weights = self.floor(self.update())
+        self.stepped()
         return self.weights
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
+    def _graphed(self):
+        if self._graphs is None:
+            from mixing.graphs import ControllerGraphs  # CUDA-only machinery, loaded when asked for
+
+            self._graphs = ControllerGraphs(self)
+        return self._graphs
+
+    # -- checkpoint ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -80,7 +135,8 @@ class Controller:
         if state["name"] != self.name:
             raise ValueError(f"state is for controller {state['name']!r}, this one is {self.name!r}")
         self.steps = int(state["steps"])
-        self.weights = state["weights"].to(self.device)
+        self.weights = state["weights"].to(self.device, copy=True)
         self.stats.problems = state["problems"].to(self.device)
         for key in self.extra_state():
-            setattr(self, key, state[key].to(self.device))
+            setattr(self, key, state[key].to(self.device, copy=True))
+        self._graphs = None  # captured against the old tensors: capture again on next use

@@ -90,16 +90,22 @@ class DGAController(Controller):
         """Record the alignment of each domain (or basis row) for this step (see ``gradient_alignment``)."""
         if alignment.shape != self.mixture.shape:
             raise ValueError(f"alignment must have shape {tuple(self.mixture.shape)}, got {tuple(alignment.shape)}")
-        self.alignment = alignment.detach().float().to(self.device)
+        self.alignment.copy_(alignment.detach())  # in place: a graphed update reads this buffer
         self._measured = True
+
+    def phase(self) -> bool:
+        return self.steps % self.every == 0 and self._measured  # a mirror-descent step this time
 
     def update(self) -> torch.Tensor:
         self.stats.take()
-        if self.steps % self.every == 0 and self._measured:
+        if self.phase():
             proposal = torch.softmax(torch.log(self.mixture) + self.eta * self.alignment, dim=0)
-            self.mixture = self.ema * self.mixture + (1 - self.ema) * proposal
-            self._measured = False
+            self.mixture = torch.lerp(proposal, self.mixture, self.ema)
         return self.mixture if self.basis is None else self.mixture @ self.basis
+
+    def stepped(self) -> None:
+        if self.steps % self.every == 0:
+            self._measured = False
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {"alignment": self.alignment, "mixture": self.mixture}

@@ -28,9 +28,15 @@ class DoReMiController(Controller):
         if eta <= 0 or not 0 <= smoothing < 1:
             raise ValueError(f"need eta > 0 and 0 <= smoothing < 1, got eta={eta}, smoothing={smoothing}")
         self.eta, self.smoothing = eta, smoothing
-        self.average = torch.zeros_like(self.weights)
+        # float64: a float32 running sum would lose the weights' low digits after some 10^4 steps
+        self.weight_sum = torch.zeros_like(self.weights, dtype=torch.float64)
 
-    def observe(self, losses, domains, mask=None, *, reference: torch.Tensor, **_) -> None:
+    @property
+    def average(self) -> torch.Tensor:
+        """The running mean of the weights over the steps so far."""
+        return (self.weight_sum / max(self.steps, 1)).float()
+
+    def record(self, losses, domains, mask=None, *, reference: torch.Tensor, **_) -> None:
         if reference.shape != losses.shape:
             raise ValueError(f"reference losses {tuple(reference.shape)} differ from losses {tuple(losses.shape)}")
         self.stats.add((losses.detach() - reference.detach()).clamp(min=0), domains, mask)
@@ -39,8 +45,8 @@ class DoReMiController(Controller):
         excess, _ = self.stats.take()
         alpha = torch.softmax(torch.log(self.weights) + self.eta * excess, dim=0)
         weights = (1 - self.smoothing) * alpha + self.smoothing / self.num_domains
-        self.average += (weights - self.average) / self.steps
+        self.weight_sum += weights
         return weights
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {"average": self.average}
+        return {"weight_sum": self.weight_sum}

@@ -39,15 +39,22 @@ class ODMController(Controller):
         self.alpha, self.warmup = alpha, warmup
         self.rewards = torch.zeros_like(self.weights)
 
+    def schedule(self, step: int) -> dict[str, float]:
+        k, t = self.num_domains, step - self.warmup
+        explore = exploration(k, t + 1)
+        return {"temperature": exploration(k, t), "explore": explore, "keep": 1 - k * explore}
+
+    def phase(self) -> bool:
+        return self.steps <= self.warmup  # warming up: weights held
+
     def update(self) -> torch.Tensor:
         losses, present = self.stats.take()
-        observed = self.alpha * self.rewards + (1 - self.alpha) * losses / self.weights
+        observed = torch.lerp(losses / self.weights, self.rewards, self.alpha)  # α R + (1 - α) L / π
         self.rewards = torch.where(present, observed, self.rewards)
-        if self.steps <= self.warmup:
+        if self.phase():
             return self.initial
-        k, t = self.num_domains, self.steps - self.warmup
-        explore = exploration(k, t + 1)
-        return (1 - k * explore) * torch.softmax(exploration(k, t) * self.rewards, dim=0) + explore
+        now = self.now
+        return torch.softmax(self.rewards * now["temperature"], dim=0).mul_(now["keep"]).add_(now["explore"])
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {"rewards": self.rewards}

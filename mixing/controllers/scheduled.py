@@ -39,14 +39,29 @@ class ScheduledController(Controller):
         self.table = (table / table.sum(1, keepdim=True)).to(self.device)
         self.interpolation = interpolation
 
-    def weights_at(self, step: int) -> torch.Tensor:
-        i = bisect.bisect_right(self.waypoint_steps, step) - 1  # Python ints: no host sync
+    def segment(self, step: int) -> tuple[int, float]:
+        """The waypoint ``i`` that ``step`` follows and how far it is toward waypoint ``i + 1`` (Python numbers)."""
+        i = bisect.bisect_right(self.waypoint_steps, step) - 1
         if self.interpolation == "constant" or i == len(self.waypoint_steps) - 1:
-            return self.table[i]
+            return i, 0.0
         start, stop = self.waypoint_steps[i], self.waypoint_steps[i + 1]
-        blend = (step - start) / (stop - start)
-        return (1 - blend) * self.table[i] + blend * self.table[i + 1]
+        return i, (step - start) / (stop - start)
+
+    def weights_at(self, step: int) -> torch.Tensor:
+        i, blend = self.segment(step)
+        return self._blend(i, blend)
+
+    def _blend(self, i: int, blend: float | torch.Tensor) -> torch.Tensor:
+        if i == len(self.waypoint_steps) - 1:
+            return self.table[i]
+        return torch.lerp(self.table[i], self.table[i + 1], blend)
+
+    def schedule(self, step: int) -> dict[str, float]:
+        return {"blend": self.segment(step)[1]}
+
+    def phase(self) -> int:
+        return self.segment(self.steps)[0]
 
     def update(self) -> torch.Tensor:
         self.stats.take()
-        return self.weights_at(self.steps)
+        return self._blend(self.phase(), self.now["blend"])
