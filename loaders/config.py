@@ -10,6 +10,7 @@
       sampling: systematic        # or multinomial
     transform: pkg.mod:function   # optional, for domains without their own
     mixing: {controller: odm, lag: 4, alpha: 0.5}   # optional: OnlineMixer.from_config reads it
+    importance: {sidecars: importance/, beta: 0.5, keep: 0.5}   # optional: DSIR inside the stream
     domains:                      # the order of the list fixes each domain's index
       - {name: code, source: tokenbin, path: data/code.bin, dtype: uint16, weight: 0.5}
       - {name: prose, source: jsonl, path: data/prose.jsonl, field: text, weight: 0.5, max_epochs: 2}
@@ -31,12 +32,27 @@ from typing import Any
 import numpy as np
 import yaml
 
-from loaders.plan import SAMPLING_METHODS, UNLIMITED, PlanSpec
+from loaders.acceptance import OnlineAcceptance
+from loaders.importance import ImportanceError, ImportanceEstimator
+from loaders.plan import SAMPLING_METHODS, UNLIMITED, PlanSpec, ResampledOrder
+from loaders.sidecars import load_sidecar, sidecar_paths
 from loaders.sources import SOURCES, Source
 from loaders.transforms import ImportedTransform
 from mixing.simplex import check_weights, temperature_weights
 
-TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains", "mixing")
+TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains", "mixing", "importance")
+IMPORTANCE_KEYS = (
+    "sidecars",
+    "estimator",
+    "domains",
+    "beta",
+    "keep",
+    "accept_quantile",
+    "warmup",
+    "max_reads",
+    "prior_temperature",
+    "field",
+)
 WEIGHTING_KEYS = ("temperature", "sampling")
 DOMAIN_KEYS = ("name", "source", "path", "weight", "max_epochs", "transform", "order")
 ORDERS = ("samples", "shards")
@@ -73,6 +89,36 @@ class DomainConfig:
 
 
 @dataclass
+class ImportanceConfig:
+    """The ``importance:`` section: DSIR weights inside the stream and as domain priors.
+
+    - ``sidecars``: a folder of ``onlinemix importance score`` output. A domain
+      with a sidecar there is *resampled*: each epoch draws ``keep`` of its
+      samples by Gumbel-top-k on ``beta · log w`` (``loaders/plan.py``).
+    - ``estimator``: an ``onlinemix importance fit`` file. A listed domain
+      without a sidecar is *accepted/rejected online* in the worker
+      (``loaders/acceptance.py``: ``tau`` = ``accept_quantile`` of a
+      ``warmup`` sample, at most ``max_reads`` candidates per slot).
+      With ``prior_temperature`` (and no domain weights) the initial weights
+      are ``∝ exp(−KL(target || domain) / prior_temperature)``.
+    - ``domains``: which domains (default: those with a sidecar, or all when
+      only an estimator is given). ``beta`` tempers: raw DSIR weights (1)
+      have an effective sample size near 1; 0 ignores them.
+    """
+
+    sidecars: Path | None = None
+    estimator: Path | None = None
+    domains: list[str] | None = None
+    beta: float = 0.5
+    keep: float = 1.0
+    accept_quantile: float = 0.5
+    warmup: int = 512
+    max_reads: int = 32
+    prior_temperature: float | None = None
+    field: str = "text"
+
+
+@dataclass
 class MixtureConfig:
     domains: list[DomainConfig]
     global_batch_size: int
@@ -82,6 +128,7 @@ class MixtureConfig:
     sampling: str = "systematic"
     transform: str | None = None
     mixing: dict[str, Any] = field(default_factory=dict)  # read by OnlineMixer.from_config, not here
+    importance: ImportanceConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for the hash
 
     @property
@@ -147,6 +194,7 @@ class MixtureConfig:
             sampling=sampling,
             transform=raw.get("transform"),
             mixing=dict(mixing),
+            importance=_importance(raw.get("importance"), Path(base_dir), [d.name for d in domains]),
             raw=raw,
         )
         if given:
@@ -181,17 +229,86 @@ class MixtureConfig:
         return sources
 
     def initial_weights(self, sizes: list[int]) -> np.ndarray:
-        """The configured weights, or the temperature rule over the domain sizes."""
+        """The configured weights, the importance prior, or the temperature rule over the domain sizes."""
         if self.domains[0].weight is not None:
             return check_weights([d.weight for d in self.domains], self.names)
+        if self.importance is not None and self.importance.prior_temperature is not None:
+            return self.estimator().domain_prior(self.names, self.importance.prior_temperature)
         return temperature_weights(sizes, self.temperature)
 
+    def estimator(self) -> ImportanceEstimator:
+        if self.importance is None or self.importance.estimator is None:
+            raise ConfigError("importance: this needs an estimator (importance.estimator: FILE)")
+        try:
+            return ImportanceEstimator.load(self.importance.estimator)
+        except ImportanceError as error:
+            raise ConfigError(f"importance.estimator: {error}") from None
+
+    def importance_roles(self) -> dict[str, str]:
+        """``{domain: "resampled" | "accepted"}`` for the domains the importance section applies to."""
+        section = self.importance
+        if section is None:
+            return {}
+        roles = {}
+        for name in section.domains or self.names:
+            if section.sidecars is not None and sidecar_paths(section.sidecars, name)[0].exists():
+                roles[name] = "resampled"
+            elif section.estimator is not None and (section.domains or section.sidecars is None):
+                roles[name] = "accepted"
+            elif section.domains:
+                raise ConfigError(f"importance: domain {name!r} has no sidecar in {section.sidecars} and no estimator")
+        return roles
+
+    def acceptance(self, sources: list[Source]) -> dict[int, OnlineAcceptance]:
+        """The online accept/reject of each ``accepted`` domain, calibrated (its ``tau``) on a warm-up sample."""
+        section, roles = self.importance, self.importance_roles()
+        accepted = [d for d, name in enumerate(self.names) if roles.get(name) == "accepted"]
+        if not accepted:
+            return {}
+        estimator = self.estimator()
+        try:
+            return {
+                d: OnlineAcceptance(
+                    estimator,
+                    self.names[d],
+                    d,
+                    sources[d],
+                    self.seed,
+                    section.beta,
+                    max_reads=section.max_reads,
+                    field=section.field,
+                ).calibrate(section.accept_quantile, section.warmup)
+                for d in accepted
+            }
+        except ImportanceError as error:
+            raise ConfigError(f"importance: {error}") from None
+
+    def _resampled(self, sources: list[Source]) -> list[ResampledOrder | None]:
+        section, roles = self.importance, self.importance_roles()
+        orders: list[ResampledOrder | None] = []
+        for name, source in zip(self.names, sources):
+            if roles.get(name) != "resampled":
+                orders.append(None)
+                continue
+            try:
+                log_weights = load_sidecar(section.sidecars, name, source, section.field)
+            except ImportanceError as error:
+                raise ConfigError(f"importance: {error}") from None
+            drawable = int(np.isfinite(log_weights).sum())
+            if not drawable:
+                raise ConfigError(f"importance: every sample of domain {name!r} is too short to have a weight")
+            orders.append(ResampledOrder(log_weights, section.beta, max(1, math.ceil(section.keep * drawable))))
+        return orders
+
     def plan_spec(self, sources: list[Source]) -> PlanSpec:
-        sizes = [len(source) for source in sources]
+        resampled = self._resampled(sources)
+        sizes = [len(source) if order is None else order.size for source, order in zip(sources, resampled)]
         shards = []
-        for domain, source in zip(self.domains, sources):
+        for domain, source, order in zip(self.domains, sources, resampled):
             if domain.order == "shards" and source.shard_sizes is None:
                 raise ConfigError(f"domain {domain.name!r}: order: shards needs a sharded source, not {domain.source}")
+            if domain.order == "shards" and order is not None:
+                raise ConfigError(f"domain {domain.name!r}: order: shards and importance resampling exclude each other")
             shards.append(source.shard_sizes if domain.order == "shards" else None)
         caps = []
         for domain, size in zip(self.domains, sizes):
@@ -202,7 +319,50 @@ class MixtureConfig:
             if cap < 1:
                 raise ConfigError(f"domain {domain.name!r}: max_epochs {domain.max_epochs} allows no sample of {size}")
             caps.append(cap)
-        return PlanSpec(sizes, caps, self.seed, self.global_batch_size, self.sampling, tuple(shards))
+        return PlanSpec(sizes, caps, self.seed, self.global_batch_size, self.sampling, tuple(shards), tuple(resampled))
+
+
+def _importance(raw: Any, base_dir: Path, names: list[str]) -> ImportanceConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"importance must be a mapping, got {raw!r}")
+    _unknown_keys(raw, IMPORTANCE_KEYS, "importance")
+    if "sidecars" not in raw and "estimator" not in raw:
+        raise ConfigError("importance: give sidecars (a folder of scores), an estimator (a fitted file), or both")
+    section = ImportanceConfig(
+        sidecars=None if raw.get("sidecars") is None else base_dir / Path(str(raw["sidecars"])).expanduser(),
+        estimator=None if raw.get("estimator") is None else base_dir / Path(str(raw["estimator"])).expanduser(),
+        domains=raw.get("domains"),
+        field=str(raw.get("field", "text")),
+    )
+    if section.sidecars is not None and not section.sidecars.is_dir():
+        raise ConfigError(f"importance.sidecars: not a folder: {section.sidecars}")
+    if section.estimator is not None and not section.estimator.is_file():
+        raise ConfigError(f"importance.estimator: file not found: {section.estimator}")
+    if section.domains is not None:
+        if not isinstance(section.domains, list) or not section.domains:
+            raise ConfigError(f"importance.domains must be a non-empty list of domain names, got {section.domains!r}")
+        unknown = [name for name in section.domains if name not in names]
+        if unknown:
+            raise ConfigError(f"importance.domains: {unknown[0]!r} is not a domain (domains: {names})")
+    for key, low, high in (("beta", 0, math.inf), ("keep", 0, 1), ("accept_quantile", 0, 1)):
+        value = raw.get(key, getattr(section, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"importance.{key} must be a number in [{low}, {high}], got {value!r}")
+        setattr(section, key, float(value))
+    if section.keep == 0:
+        raise ConfigError("importance.keep must be > 0 (the fraction of a domain one epoch draws)")
+    section.warmup = _integer(raw.get("warmup", section.warmup), "importance.warmup", 1)
+    section.max_reads = _integer(raw.get("max_reads", section.max_reads), "importance.max_reads", 1)
+    temperature = raw.get("prior_temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"importance.prior_temperature must be a number > 0, got {temperature!r}")
+        if section.estimator is None:
+            raise ConfigError("importance.prior_temperature needs importance.estimator")
+        section.prior_temperature = float(temperature)
+    return section
 
 
 def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:

@@ -15,7 +15,11 @@ Two output modes:
   each item is one sample, for pipelines that collate themselves.
 
 Every item carries ``domain`` (the domain index) and ``index`` (the sample's
-index within its domain) besides the transform's fields.
+index within its domain) besides the transform's fields. With importance
+inside the stream (``importance:`` in the mixture file) it also carries
+``importance`` (the sample's DSIR log weight; 0 in domains without one) and
+``reads`` (samples read to fill the slot: more than 1 only where online
+accept/reject rejected some, see ``loaders/acceptance.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from loaders.acceptance import OnlineAcceptance
 from loaders.config import MixtureConfig
 from loaders.plan import (
     UNLIMITED,
@@ -63,6 +68,8 @@ class MixedDataset(IterableDataset):
             (tensor / sequence parallelism); used only when ``rank`` is not given.
         num_batches: stop after global batch ``num_batches - 1``; ``None``
             streams until the repeat caps end it (or forever).
+        acceptance: per domain index, an ``OnlineAcceptance`` that replaces
+            rejected samples in the worker (``MixtureConfig.acceptance``).
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class MixedDataset(IterableDataset):
         world_size: int | None = None,
         replicas: int = 1,
         num_batches: int | None = None,
+        acceptance: dict[int, OnlineAcceptance] | None = None,
     ):
         if len(sources) != spec.num_domains or len(names) != spec.num_domains:
             raise ValueError(f"{len(sources)} sources and {len(names)} names for {spec.num_domains} domains")
@@ -97,6 +105,9 @@ class MixedDataset(IterableDataset):
         self.schedule = schedule
         self.output = output
         self.num_batches = UNLIMITED if num_batches is None else num_batches
+        self.acceptance = dict(acceptance or {})
+        # The importance fields are there whenever importance is used anywhere, so every batch has the same fields.
+        self.importance_fields = bool(self.acceptance) or bool(spec._resampled)
         # Where the next iterator starts: [batch, cursors...]. Shared memory, so that
         # persistent workers see a position set in the main process after they started.
         self._start = torch.zeros(1 + spec.num_domains, dtype=torch.int64).share_memory_()
@@ -110,7 +121,8 @@ class MixedDataset(IterableDataset):
         sources = config.build_sources()
         sizes = [len(source) for source in sources]
         schedule = kwargs.pop("schedule", None) or StaticSchedule(config.initial_weights(sizes))
-        return cls(sources, config.names, config.plan_spec(sources), schedule, **kwargs)
+        spec = config.plan_spec(sources)
+        return cls(sources, config.names, spec, schedule, acceptance=config.acceptance(sources), **kwargs)
 
     @property
     def local_batch_size(self) -> int:
@@ -135,15 +147,28 @@ class MixedDataset(IterableDataset):
         """The samples of ``plan``, field by field, in slot order: one read per domain present."""
         size = len(plan.domains)
         fields = {**self.fields, "domain": ((), "<i8"), "index": ((), "<i8")}
+        if self.importance_fields:
+            fields.update(importance=((), "<f8"), reads=((), "<i8"))
         tensors, arrays = _allocate_batch(size, fields, shared=get_worker_info() is not None)
+        indices = plan.indices
+        if self.importance_fields:
+            indices = indices.copy()
+            arrays["importance"][:] = 0.0
+            arrays["reads"][:] = 1
         order = np.argsort(plan.domains, kind="stable")
         grouped = plan.domains[order]
         bounds = [0, *(np.flatnonzero(grouped[1:] != grouped[:-1]) + 1).tolist(), size]
         for start, stop in itertools.pairwise(bounds):
-            rows = order[start:stop]
-            self.sources[grouped[start]].read_into(plan.indices[rows], arrays, rows)
+            rows, domain = order[start:stop], int(grouped[start])
+            if domain in self.acceptance:
+                indices[rows], arrays["reads"][rows], arrays["importance"][rows] = self.acceptance[domain].choose(
+                    indices[rows]
+                )
+            elif self.spec.resampled[domain] is not None:
+                arrays["importance"][rows] = self.spec.resampled[domain].log_weights[indices[rows]]
+            self.sources[domain].read_into(indices[rows], arrays, rows)
         arrays["domain"][:] = plan.domains
-        arrays["index"][:] = plan.indices
+        arrays["index"][:] = indices
         return tensors
 
     @property

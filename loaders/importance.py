@@ -264,10 +264,26 @@ class ImportanceEstimator:
 
     def kl_reduction(self, selected_counts: np.ndarray, domain: str) -> float:
         """``KL(target || raw) − KL(target || selected)``: how much closer a selection is to the target."""
-        self._check_domain(domain)
-        log_raw = log_distribution(self.raw[domain], self.alpha)
         log_selected = log_distribution(selected_counts, self.alpha)
-        return kl_divergence(self._log_target, log_raw) - kl_divergence(self._log_target, log_selected)
+        return self.divergence(domain) - kl_divergence(self._log_target, log_selected)
+
+    def divergence(self, domain: str) -> float:
+        """``KL(target || raw domain)`` over the hashed n-gram features: how far the domain is from the target."""
+        self._check_domain(domain)
+        return kl_divergence(self._log_target, log_distribution(self.raw[domain], self.alpha))
+
+    def domain_prior(self, domains: Sequence[str], temperature: float = 1.0) -> np.ndarray:
+        """Mixture weights from importance: ``w_d ∝ exp(−KL(target || raw_d) / temperature)``.
+
+        The domains closest to the target in n-gram space get the most weight;
+        a large temperature tends to uniform. A starting point for any
+        controller (``importance.prior_temperature`` in the mixture file).
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits = -np.array([self.divergence(name) for name in domains]) / temperature
+        weights = np.exp(logits - logits.max())
+        return weights / weights.sum()
 
     # -- file ----------------------------------------------------------------------------------
 

@@ -12,17 +12,16 @@ the whole domain (not its first lines). ``score`` writes one sidecar per
 domain, ``<domain>.importance.npy`` (float64 log weights, ``-inf`` for short
 documents) with ``<domain>.importance.json`` (the estimator's fingerprint and
 the source's length and content hash): it works in chunks and resumes where an
-interrupted run stopped. ``report`` prints per-domain statistics and draws a
+interrupted run stopped. ``report`` prints per-domain statistics (with each domain's
+divergence from the target and the mixture prior it implies) and draws a
 histogram of the log weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -30,40 +29,10 @@ from tqdm import tqdm
 from loaders.config import MixtureConfig
 from loaders.convert import input_files, read_documents
 from loaders.importance import ImportanceError, ImportanceEstimator, NgramHasher
+from loaders.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
 from loaders.sources import Source
 
 CHUNK = 4096  # documents scored between two progress saves
-
-
-def document_text(record: Any, field: str = "text") -> str:
-    """The text of a source record: a string, a JSON/MDS/WebDataset field, or byte-tokenizer ids."""
-    if isinstance(record, dict):
-        if field not in record:
-            textual = [key for key, value in record.items() if isinstance(value, (str, bytes))]
-            if not textual:
-                raise ImportanceError(f"record has no {field!r} field and no text field (keys: {sorted(record)})")
-            field = textual[0]
-        record = record[field]
-    if isinstance(record, bytes):
-        return record.decode("utf-8", errors="replace")
-    if isinstance(record, str):
-        return record
-    ids = np.asarray(record)
-    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")  # byte-tokenizer ids
-
-
-def domain_texts(source: Source, indices: np.ndarray, field: str) -> list[str]:
-    return [document_text(source.record(int(i)), field) for i in indices]
-
-
-def source_fingerprint(source: Source, field: str) -> dict[str, Any]:
-    """Length and a hash of 16 evenly spaced documents: a sidecar must match both."""
-    size = len(source)
-    probe = np.unique(np.linspace(0, size - 1, num=min(16, size)).astype(np.int64))
-    digest = hashlib.sha256()
-    for text in domain_texts(source, probe, field):
-        digest.update(text.encode("utf-8", errors="replace") + b"\0")
-    return {"documents": size, "content": digest.hexdigest()[:16]}
 
 
 def _domains(config: MixtureConfig) -> dict[str, Source]:
@@ -100,10 +69,6 @@ def fit(args: argparse.Namespace) -> None:
 # -- score ----------------------------------------------------------------------------------------
 
 
-def sidecar_paths(folder: Path, domain: str) -> tuple[Path, Path]:
-    return folder / f"{domain}.importance.npy", folder / f"{domain}.importance.json"
-
-
 def score_domain(estimator: ImportanceEstimator, name: str, source: Source, folder: Path, field: str) -> dict:
     """Score every document of one domain into its sidecar, resuming a partial one."""
     weights_path, meta_path = sidecar_paths(folder, name)
@@ -126,24 +91,6 @@ def score_domain(estimator: ImportanceEstimator, name: str, source: Source, fold
             meta_path.write_text(json.dumps(meta))
             bar.update(len(indices))
     return meta
-
-
-def load_sidecar(folder: Path, domain: str, source: Source, field: str = "text") -> np.ndarray:
-    """A domain's log weights, checked against the source it claims to score."""
-    weights_path, meta_path = sidecar_paths(folder, domain)
-    if not weights_path.exists() or not meta_path.exists():
-        raise ImportanceError(f"{weights_path}: no sidecar for domain {domain!r} (run `onlinemix importance score`)")
-    meta = json.loads(meta_path.read_text())
-    weights = np.load(weights_path, mmap_mode="r")
-    found = source_fingerprint(source, meta.get("field", field))
-    if meta.get("source") != found or len(weights) != len(source):
-        raise ImportanceError(
-            f"{weights_path} does not match domain {domain!r}: it scored {meta.get('source')}, "
-            f"the source now has {found}"
-        )
-    if meta.get("done") != len(source):
-        raise ImportanceError(f"{weights_path}: scoring stopped at {meta.get('done')} of {len(source)} documents")
-    return np.asarray(weights)
 
 
 def score(args: argparse.Namespace) -> None:
@@ -169,7 +116,9 @@ def effective_sample_size(log_weights: np.ndarray) -> float:
 def report(args: argparse.Namespace) -> None:
     estimator = ImportanceEstimator.load(args.estimator)
     rows, histograms = [], {}
-    for name, source in _domains(MixtureConfig.load(args.config)).items():
+    domains = _domains(MixtureConfig.load(args.config))
+    prior = dict(zip(domains, estimator.domain_prior(list(domains), args.prior_temperature)))
+    for name, source in domains.items():
         weights = load_sidecar(args.sidecars, name, source, args.field)
         finite = np.isfinite(weights)
         k = max(1, int(args.top * finite.sum()))
@@ -184,13 +133,24 @@ def report(args: argparse.Namespace) -> None:
                 effective_sample_size(weights),
                 effective_sample_size(args.beta * weights),
                 estimator.kl_reduction(selected, name),
+                estimator.divergence(name),
+                prior[name],
             )
         )
         histograms[name] = weights[finite]
-    header = f"{'domain':12} {'docs':>9} {'short':>7} {'mean log w':>11} {'ESS':>9} {'ESS(beta)':>10} {'KL red.':>8}"
-    print(header + f"   (beta={args.beta}, KL reduction of the top {args.top:.0%})")
-    for name, docs, short, mean, ess, tempered, kl in rows:
-        print(f"{name:12} {docs:9d} {short:7d} {mean:11.2f} {ess:9.1f} {tempered:10.1f} {kl:8.4f}")
+    header = (
+        f"{'domain':12} {'docs':>9} {'short':>7} {'mean log w':>11} {'ESS':>9} {'ESS(beta)':>10} {'KL red.':>8}"
+        f" {'KL(t||d)':>9} {'prior':>6}"
+    )
+    print(
+        header + f"   (beta={args.beta}, KL reduction of the top {args.top:.0%}, "
+        f"prior ∝ exp(-KL / {args.prior_temperature:g}))"
+    )
+    for name, docs, short, mean, ess, tempered, kl, divergence, weight in rows:
+        print(
+            f"{name:12} {docs:9d} {short:7d} {mean:11.2f} {ess:9.1f} {tempered:10.1f} {kl:8.4f}"
+            f" {divergence:9.4f} {weight:6.3f}"
+        )
     if args.plot:
         import matplotlib
 
@@ -246,6 +206,9 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     report_parser.add_argument("--top", type=float, default=0.1, help="fraction selected for the KL reduction")
     report_parser.add_argument("--beta", type=float, default=0.5, help="temperature for the tempered ESS")
     report_parser.add_argument("--plot", type=Path, help="write a histogram PNG here")
+    report_parser.add_argument(
+        "--prior-temperature", type=float, default=1.0, help="domain prior: weights ∝ exp(-KL(target || domain) / T)"
+    )
     for sub in (fit_parser, score_parser, report_parser):
         sub.add_argument("--field", default="text", help="the text field of JSON / MDS / WebDataset records")
     report_parser.set_defaults(run=report)

@@ -16,6 +16,11 @@ and nothing else, so every worker and rank can compute any part of it alone:
    time instead: each epoch is a permutation of its shards, each read front
    to back, so its reads are sequential (for stores where random access is
    slow). Determinism is the same; only the granularity of the shuffle differs.
+   A domain *resampled by importance* (``PlanSpec.resampled``) is drawn each
+   epoch by Gumbel-top-k instead: the epoch is the ``size`` samples with the
+   largest ``beta * log w_i + G_i``, ``G_i`` a Gumbel variable hashed from
+   ``(seed, domain, epoch, i)``, in decreasing order of that key: successive
+   draws without replacement with probability ∝ ``exp(beta * log w)``.
 4. **Slot order.** The ``G`` samples are shuffled by a permutation keyed by
    ``(seed, b)``, so domains interleave within the batch.
 5. **Repeat caps.** A domain whose cursor reaches ``max_epochs * N_d`` is
@@ -29,6 +34,7 @@ A checkpoint of the plan is just ``(batch, cursors)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +80,28 @@ class StaticSchedule:
 
 
 @dataclass(frozen=True)
+class ResampledOrder:
+    """How a domain is drawn by importance (DSIR weights from a sidecar, see ``loaders/sidecars.py``).
+
+    ``log_weights`` has one entry per sample of the source (``-inf``: never
+    drawn); each epoch draws ``size`` of the others, the plan's size for the
+    domain. ``beta`` tempers the weights (0: uniform without replacement, 1:
+    the raw DSIR weights, whose effective sample size is often near 1).
+    """
+
+    log_weights: np.ndarray
+    beta: float
+    size: int
+
+    def __post_init__(self) -> None:
+        drawable = int(np.isfinite(self.log_weights).sum())
+        if not 1 <= self.size <= drawable:
+            raise ValueError(f"an epoch of {self.size} samples needs 1 to {drawable} samples with a finite weight")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
 class PlanSpec:
     """What the plan needs to know about the mixture, fixed for a run."""
 
@@ -85,6 +113,8 @@ class PlanSpec:
     # Per domain: ``None`` (a fresh permutation of all samples each epoch) or the sample count of
     # each of its shards, in storage order (shard order: a permutation of the shards each epoch).
     shards: tuple[np.ndarray | None, ...] | None = None
+    # Per domain: ``None`` or a ``ResampledOrder`` (its ``size`` is then the domain's size here).
+    resampled: tuple[ResampledOrder | None, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", np.asarray(self.sizes, dtype=np.int64))
@@ -108,7 +138,16 @@ class PlanSpec:
                 raise ValueError(f"domain {d}: shard sizes must be >= 1 and sum to its {self.sizes[d]} samples")
         object.__setattr__(self, "shards", tuple(None if c is None else np.asarray(c, dtype=np.int64) for c in shards))
         object.__setattr__(self, "_sharded", [d for d, counts in enumerate(self.shards) if counts is not None])
+        resampled = self.resampled or (None,) * len(self.sizes)
+        if len(resampled) != len(self.sizes):
+            raise ValueError(f"resampled has {len(resampled)} entries for {len(self.sizes)} domains")
+        for d, order in enumerate(resampled):
+            if order is not None and (order.size != self.sizes[d] or self.shards[d] is not None):
+                raise ValueError(f"domain {d}: a resampled domain has its epoch size as size and no shard order")
+        object.__setattr__(self, "resampled", tuple(resampled))
+        object.__setattr__(self, "_resampled", [d for d, order in enumerate(resampled) if order is not None])
         object.__setattr__(self, "_shard_orders", {})  # (domain, epoch) -> (order, ends): a cache, not state
+        object.__setattr__(self, "_epoch_orders", {})  # (domain, epoch) -> resampled order: a cache, not state
         object.__setattr__(self, "_windows", None)  # _TakeWindows, made on first use
         object.__setattr__(self, "_capped", bool((self.caps < UNLIMITED).any()))
 
@@ -296,7 +335,29 @@ def indices_of_takes(spec: PlanSpec, domains: np.ndarray, j: np.ndarray) -> np.n
     indices = permute(positions, sizes, keys, spec._bits[domains])
     for d in spec._sharded:  # a list, not a loop over all domains: 10,000 domains stay cheap
         _in_shard_order(spec, d, domains, epochs, positions, indices)
+    for d in spec._resampled:
+        mine = domains == d
+        for epoch in np.unique(epochs[mine]):
+            at = mine & (epochs == epoch)
+            indices[at] = resampled_order(spec, d, int(epoch))[positions[at]]
     return indices
+
+
+def resampled_order(spec: PlanSpec, domain: int, epoch: int) -> np.ndarray:
+    """The samples epoch ``epoch`` of a resampled ``domain`` draws, in order (Gumbel-top-k, see above)."""
+    cache = spec._epoch_orders
+    if (domain, epoch) not in cache:
+        order = spec.resampled[domain]
+        drawable = np.flatnonzero(np.isfinite(order.log_weights))
+        u = rng.uniform(rng.key(spec._perm_key, rng.TAG_IMPORTANCE, domain, epoch), drawable)
+        with np.errstate(divide="ignore"):  # u = 0 gives a key of -inf: drawn last
+            keys = order.beta * order.log_weights[drawable] - np.log(-np.log(u))
+        top = np.argpartition(-keys, order.size - 1)[: order.size]
+        top = top[np.argsort(-keys[top], kind="stable")]
+        if len(cache) >= 8:  # whole-domain arrays: keep few; epochs only move forward
+            cache.clear()
+        cache[(domain, epoch)] = drawable[top]
+    return cache[(domain, epoch)]
 
 
 class _TakeWindows:

@@ -25,6 +25,8 @@ TAG_SLOTS = 2
 TAG_PERMUTATION = 3
 TAG_MULTINOMIAL = 4
 TAG_SHARDS = 5
+TAG_IMPORTANCE = 6
+TAG_ACCEPT = 7
 
 
 def mix64(x: np.ndarray) -> np.ndarray:

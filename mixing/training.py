@@ -107,8 +107,14 @@ class OnlineMixing:
     def observe(
         self, losses: torch.Tensor, batch: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None, **signals: Any
     ) -> None:
-        """Feed one (micro-)batch's per-sample (or, with ``mask``, per-token) losses; ``batch`` gives ``domain``."""
+        """Feed one (micro-)batch's per-sample (or, with ``mask``, per-token) losses; ``batch`` gives ``domain``.
+
+        A batch with an ``importance`` field (importance inside the stream) passes it on as the
+        ``importance`` signal, which controllers with ``importance_gain`` add to their feedback.
+        """
         domains = batch["domain"].to(losses.device, non_blocking=True)
+        if "importance" in batch and "importance" not in signals:
+            signals["importance"] = batch["importance"].to(losses.device, torch.float32, non_blocking=True)
         self.mixer.observe(losses, domains, mask, **signals)
 
     def step(self) -> torch.Tensor:

@@ -64,6 +64,33 @@ def test_odm_exp3_update_hand_computed():
     assert torch.allclose(w, expected)
 
 
+def test_importance_gain_adds_the_target_similarity_to_the_feedback():
+    # ODM: the reward of domain 1 is 0.5 * (L + γ s) / π with L = mean(2, 4), s = mean(-10, -30), γ = 0.05
+    c = ODMController(UNIFORM3, alpha=0.5, importance_gain=0.05)
+    c.observe(
+        torch.tensor([[2.0, 2.0], [4.0, 4.0]]),
+        torch.tensor([1, 1]),
+        torch.ones(2, 2),
+        importance=torch.tensor([-10.0, -30.0]),
+    )
+    c.step()
+    assert torch.allclose(c.rewards, torch.tensor([0.0, 0.5 * (3.0 + 0.05 * -20.0) * 3, 0.0]))
+    # DoReMi: the clipped excess loss plus γ s, per sample
+    d = DoReMiController(UNIFORM3, eta=1.0, smoothing=0.0, importance_gain=0.1)
+    d.observe(
+        torch.tensor([3.0, 1.0]),
+        torch.tensor([0, 2]),
+        reference=torch.tensor([1.0, 2.0]),
+        importance=torch.tensor([5.0, 10.0]),
+    )
+    alpha = torch.tensor([math.exp(2.0 + 0.5), 1.0, math.exp(0.0 + 1.0)])
+    assert torch.allclose(d.step(), alpha / alpha.sum())
+    with pytest.raises(ValueError, match=r"importance_gain=0\.05 needs observe"):
+        c.observe(torch.ones(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"importance \(3,\) needs one value per sample"):
+        c.observe(torch.ones(2), torch.tensor([0, 1]), importance=torch.ones(3))
+
+
 def test_odm_warmup_holds_initial_weights():
     c = ODMController(torch.tensor([0.5, 0.3, 0.2]), warmup=2)
     for _ in range(2):
@@ -166,8 +193,8 @@ def build(name: str, k: int, device: str = "cpu", **kwargs):
     return {
         "static": lambda: StaticController(uniform, min_prob=0.01, **kwargs),
         "scheduled": lambda: ScheduledController([(0, [1.0] * k), (3, [2] + [1] * (k - 1))], device=device, **kwargs),
-        "doremi": lambda: DoReMiController(uniform, eta=0.5, **kwargs),
-        "odm": lambda: ODMController(uniform, warmup=1, min_prob=0.001, **kwargs),
+        "doremi": lambda: DoReMiController(uniform, eta=0.5, importance_gain=0.01, **kwargs),
+        "odm": lambda: ODMController(uniform, warmup=1, min_prob=0.001, importance_gain=0.01, **kwargs),
         "dga": lambda: DGAController(uniform, every=2, **kwargs),
     }[name]()
 
@@ -176,8 +203,9 @@ def feed(controller, name: str, losses: torch.Tensor, domains: torch.Tensor) -> 
     """One step's feedback: a plain and a masked (per-token) micro-batch, then the update."""
     tokens = losses[:, None].expand(-1, 5)
     mask = (torch.arange(5, device=losses.device) < domains[:, None] % 6).float()  # some rows fully masked
-    controller.observe(losses, domains, reference=losses * 0.5)
-    controller.observe(tokens, domains, mask, reference=tokens * 0.5)
+    importance = -10 * domains.float()  # a DSIR-like per-sample log weight (used where importance_gain is set)
+    controller.observe(losses, domains, reference=losses * 0.5, importance=importance)
+    controller.observe(tokens, domains, mask, reference=tokens * 0.5, importance=importance)
     if name == "dga":
         controller.observe_alignment((domains[: controller.num_domains] % 3).float() - 1)  # finite, varies
     controller.step()

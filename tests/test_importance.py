@@ -12,7 +12,7 @@ from conftest import write_jsonl
 
 from loaders.cli import main
 from loaders.importance import ImportanceError, ImportanceEstimator, NgramHasher
-from loaders.importance_cli import load_sidecar, sidecar_paths
+from loaders.sidecars import load_sidecar, sidecar_paths
 
 
 def sha_bucket(ngram: str, buckets: int) -> int:

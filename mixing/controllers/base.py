@@ -30,6 +30,12 @@ class Controller:
         compile: ``torch.compile`` the per-batch accumulation (``True``, or a
             backend name): fuses its ~10 small kernels into one. Measured in
             ``benchmarks/controller_step.py``.
+        importance_gain: ``γ``: the per-sample feedback becomes ``loss + γ ·
+            importance`` (``observe(..., importance=...)``: e.g. the DSIR log
+            weight each batch carries with importance inside the stream), so
+            domains whose samples resemble the target earn more. Raw log
+            weights are sums over a document's n-grams (tens to hundreds):
+            a γ around 1 / (words per document) puts them on a loss scale.
         graph: replay ``observe()`` and ``step()`` as CUDA graphs (CUDA only):
             a few launches per call instead of tens, so the host spends
             microseconds per step whatever the controller does. Each new input
@@ -45,6 +51,7 @@ class Controller:
         min_prob: float = 0.0,
         device: torch.device | str | None = None,
         compile: bool | str = False,
+        importance_gain: float = 0.0,
         graph: bool = False,
     ):
         initial = torch.as_tensor(initial, dtype=torch.float32, device=device)
@@ -52,6 +59,7 @@ class Controller:
         if not 0 <= min_prob * self.num_domains < 1:
             raise ValueError(f"min_prob {min_prob} x {self.num_domains} domains must be in [0, 1)")
         self.min_prob = min_prob
+        self.importance_gain = float(importance_gain)
         self.device = initial.device
         self.initial = initial / initial.sum()
         self.weights = self.floor(self.initial).clone()
@@ -70,9 +78,23 @@ class Controller:
 
     # -- what subclasses write ----------------------------------------------------
 
-    def record(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **_: Any) -> None:
+    def record(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals) -> None:
         """Accumulate one (micro-)batch's feedback into ``self.stats`` (override to transform it first)."""
-        self.stats.add(losses, domains, mask)
+        self.stats.add(self.with_importance(losses, signals), domains, mask)
+
+    def with_importance(self, values: torch.Tensor, signals: dict[str, Any]) -> torch.Tensor:
+        """``values + importance_gain · importance`` (per sample, broadcast over tokens); ``values`` if γ = 0."""
+        if self.importance_gain == 0:
+            return values
+        importance = signals.get("importance")
+        if importance is None:
+            raise ValueError(f"importance_gain={self.importance_gain} needs observe(..., importance=one per sample)")
+        if importance.shape != values.shape[:1]:
+            raise ValueError(
+                f"importance {tuple(importance.shape)} needs one value per sample of {tuple(values.shape)}"
+            )
+        importance = importance.reshape(-1, *[1] * (values.ndim - 1))
+        return values + self.importance_gain * importance.to(values.dtype)
 
     def update(self) -> torch.Tensor:
         """New weights (before the floor) from what was observed since the last step."""

@@ -36,10 +36,11 @@ class DoReMiController(Controller):
         """The running mean of the weights over the steps so far."""
         return (self.weight_sum / max(self.steps, 1)).float()
 
-    def record(self, losses, domains, mask=None, *, reference: torch.Tensor, **_) -> None:
+    def record(self, losses, domains, mask=None, *, reference: torch.Tensor, **signals) -> None:
         if reference.shape != losses.shape:
             raise ValueError(f"reference losses {tuple(reference.shape)} differ from losses {tuple(losses.shape)}")
-        self.stats.add((losses.detach() - reference.detach()).clamp(min=0), domains, mask)
+        excess = (losses.detach() - reference.detach()).clamp(min=0)
+        self.stats.add(self.with_importance(excess, signals), domains, mask)
 
     def update(self) -> torch.Tensor:
         excess, _ = self.stats.take()
