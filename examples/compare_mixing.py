@@ -4,8 +4,10 @@
     python examples/compare_mixing.py --config examples/data/mixture.yaml --steps 400 --out runs/compare
 
 Runs ``examples/train_gpt.py`` once per method (uniform and size-proportional
-static weights, then DoReMi with the uniform run as its reference, ODM and
-DGA toward the held-out ``target`` set), then:
+static weights, then DoReMi with the uniform run as its reference, ODM, DGA
+toward the held-out ``target`` set, and ``importance``: each domain drawn by
+DSIR importance toward that target, its best half per epoch, with ODM adding
+the importance to its reward; ``importance.yaml`` beside the data), then:
 
 - prints a table of the final validation loss per domain and on the target,
   and how many steps each method needed to reach the best static mixture's
@@ -22,21 +24,44 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import yaml
 from train_gpt import parser as train_parser  # examples/ is on the path when this script runs
 from train_gpt import train
 
 from loaders import MixedDataset, MixedLoader
+from loaders.cli import main as onlinemix
 from mixing.schedule_log import read_schedule, replay_schedule
 
 STATIC = ("uniform", "proportional")
-ONLINE = ("doremi", "odm", "dga")
+ONLINE = ("doremi", "odm", "dga", "importance")
+IMPORTANCE = {"beta": 1.0, "keep": 0.5}  # the importance run: each domain's epoch is its best half by DSIR weight
+IMPORTANCE_MIXING = {"controller": "odm", "warmup": 10, "importance_gain": 0.01}  # ... and ODM adds the weights
+
+
+def importance_config(config: Path) -> Path:
+    """``importance.yaml`` beside ``config``: its domains from uniform weights, drawn by DSIR importance toward
+    the held-out target (``val/target.jsonl``), after fitting the estimator and scoring every domain."""
+    folder = config.parent
+    estimator, sidecars = folder / "est.npz", folder / "importance"
+    target = folder / "val" / "target.jsonl"
+    onlinemix(["importance", "fit", "--target", str(target), "--config", str(config), "-o", str(estimator)])
+    onlinemix(["importance", "score", str(estimator), "--config", str(config), "--out", str(sidecars)])
+    raw = yaml.safe_load(config.read_text())
+    for domain in raw["domains"]:
+        domain["weight"] = 1 / len(raw["domains"])
+    raw["importance"] = {"sidecars": sidecars.name, "estimator": estimator.name, **IMPORTANCE}
+    raw["mixing"] = IMPORTANCE_MIXING
+    path = folder / "importance.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def run(method: str, args: argparse.Namespace) -> dict:
     out = args.out
+    config, how = (importance_config(args.config), "config") if method == "importance" else (args.config, method)
     argv = [
-        f"--config={args.config}",
-        f"--method={method}",
+        f"--config={config}",
+        f"--method={how}",
         f"--steps={args.steps}",
         f"--eval-every={args.eval_every}",
         f"--workers={args.workers}",

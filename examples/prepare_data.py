@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for name in ("code", "tests", "web"):
         texts = [groups[name][i] for i in rng.permutation(len(groups[name]))]
+        if len(texts) < 2:
+            raise SystemExit(f"{name}: the stdlib at {sysconfig.get_paths()['stdlib']} has {len(texts)} such files")
         held_out = write_bin(args.out / "val" / f"{name}.bin", texts, VALIDATION_BYTES, tokenizer)
+        if held_out == len(texts):  # keep at least one file for training
+            held_out = write_bin(args.out / "val" / f"{name}.bin", texts[:-1], VALIDATION_BYTES, tokenizer)
         write_bin(args.out / f"{name}.bin", texts[held_out:], cap, tokenizer)
         summary[name] = (args.out / f"{name}.bin").stat().st_size // 2
     docs = [groups["docs"][i] for i in rng.permutation(len(groups["docs"]))]

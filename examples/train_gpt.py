@@ -74,7 +74,8 @@ def as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return per_sample_loss(model(batch["input_ids"]), batch["labels"]).mean()
+    device = model.head.weight.device
+    return per_sample_loss(model(batch["input_ids"].to(device)), batch["labels"].to(device)).mean()
 
 
 class HeldOut:
@@ -108,18 +109,19 @@ class HeldOut:
 def build_mixer(args: argparse.Namespace, mixing_config: MixtureConfig) -> OnlineMixing:
     """The dataset, the method's controller wired to it through the weights channel, and the loader."""
     dataset = MixedDataset.from_config(mixing_config, num_batches=args.steps)
+    on_device = {"device": args.device, **({"graph": True} if args.graph else {})}
     if args.method == "config":
-        mixer = OnlineMixer.from_config(mixing_config, dataset, lag=args.lag, log=args.log)
+        mixer = OnlineMixer.from_config(mixing_config, dataset, lag=args.lag, log=args.log, **on_device)
         return OnlineMixing(mixer, num_workers=args.workers)
     sizes = torch.tensor([float(len(source)) for source in dataset.sources])
     eta = args.eta or ETA.get(args.method, 1.0)
     uniform = torch.full_like(sizes, 1 / len(sizes))
     controller = {
-        "uniform": lambda: StaticController(uniform),
-        "proportional": lambda: StaticController(sizes / sizes.sum()),
-        "odm": lambda: ODMController(uniform, warmup=10),
-        "doremi": lambda: DoReMiController(uniform, eta=eta, smoothing=1e-3),
-        "dga": lambda: DGAController(uniform, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.02),
+        "uniform": lambda: StaticController(uniform, **on_device),
+        "proportional": lambda: StaticController(sizes / sizes.sum(), **on_device),
+        "odm": lambda: ODMController(uniform, warmup=10, **on_device),
+        "doremi": lambda: DoReMiController(uniform, eta=eta, smoothing=1e-3, **on_device),
+        "dga": lambda: DGAController(uniform, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.02, **on_device),
     }[args.method]()
     mixer = OnlineMixer(controller, dataset, lag=args.lag, log=args.log)
     return OnlineMixing(mixer, num_workers=args.workers)
@@ -130,7 +132,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config = MixtureConfig.load(args.config)
     mixing = build_mixer(args, config)
-    model = TinyGPT(ByteTokenizer.vocab_size, config.seq_len)
+    model = TinyGPT(ByteTokenizer.vocab_size, config.seq_len).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     heldout_path = args.config.parent / "heldout.yaml"
     heldout = HeldOut(heldout_path, args.eval_samples) if heldout_path.exists() else None
@@ -138,13 +140,13 @@ def train(args: argparse.Namespace) -> dict:
     if args.method == "doremi":
         if args.reference is None:
             raise SystemExit("--method doremi needs --reference MODEL.pt (e.g. the uniform run's --save-model)")
-        reference = TinyGPT(ByteTokenizer.vocab_size, config.seq_len)
-        reference.load_state_dict(torch.load(args.reference))
+        reference = TinyGPT(ByteTokenizer.vocab_size, config.seq_len).to(args.device)
+        reference.load_state_dict(torch.load(args.reference, map_location=args.device))
         reference.eval()
     if args.method == "dga" and (heldout is None or args.target not in heldout.sources):
         raise SystemExit(f"--method dga needs {heldout_path} with a domain named {args.target!r} (--target)")
     if args.resume:
-        checkpoint = torch.load(args.checkpoint, weights_only=False)
+        checkpoint = torch.load(args.checkpoint, weights_only=False, map_location=args.device)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         mixing.load_state_dict(checkpoint["mixing"])
@@ -153,14 +155,15 @@ def train(args: argparse.Namespace) -> dict:
     start = time.time()
     for batch in mixing:
         step = mixing.loader.position.batch - 1
-        losses = per_sample_loss(model(batch["input_ids"]), batch["labels"])
+        ids, labels = batch["input_ids"].to(args.device), batch["labels"].to(args.device)
+        losses = per_sample_loss(model(ids), labels)
         optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         optimizer.step()
         signals = {}
         if reference is not None:
             with torch.no_grad():
-                signals["reference"] = per_sample_loss(reference(batch["input_ids"]), batch["labels"])
+                signals["reference"] = per_sample_loss(reference(ids), labels)
         mixing.observe(losses.detach(), batch, **signals)
         if args.method == "dga" and (step + 1) % args.dga_every == 0:  # the controller updates at this step
             per_domain = [domain_sample(mixing, d, args.eval_samples) for d in range(len(names))]
@@ -175,6 +178,7 @@ def train(args: argparse.Namespace) -> dict:
             weights = " ".join(f"{w:.2f}" for w in mixing.weights.tolist())
             elapsed = time.time() - start
             print(f"{args.method:>12} step {step + 1:4d} | val {report} | weights {weights} | {elapsed:.0f}s")
+    history["seconds"] = time.time() - start
     args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "mixing": mixing.state_dict()}
     torch.save(state, args.checkpoint)
@@ -211,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", type=Path, default=Path("runs/schedule.oms"), help="schedule log")
     parser.add_argument("--history", type=Path, help="write the run's history (JSON) here")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--device", default="cpu", help="where the model and the controller run (cpu, cuda)")
+    parser.add_argument(
+        "--graph", action="store_true", help="replay the controller as CUDA graphs (with --device cuda)"
+    )
     return parser
 
 

@@ -61,10 +61,18 @@ def test_every_method_trains_and_dga_replays_exactly(mixture):
     assert np.allclose(log.weights[:2], 1 / 3) and not np.allclose(log.weights[2], 1 / 3)  # first update: step 2
     assert compare_mixing.replay_matches(mixture, out / "dga.oms", dga["trained"]) == 6
 
-    histories = {"uniform": uniform, "doremi": doremi, "dga": dga}
+    args = compare_mixing.argparse.Namespace(config=mixture, steps=6, eval_every=3, workers=0, out=out)
+    importance = compare_mixing.run("importance", args)  # fits, scores, writes importance.yaml, trains
+    drawn = read_schedule(out / "importance.oms")
+    assert drawn.header["controller"] == "odm" and len(importance["trained"]) == 6
+    written = yaml.safe_load((mixture.parent / "importance.yaml").read_text())
+    assert written["importance"] == {"sidecars": "importance", "estimator": "est.npz", "beta": 1.0, "keep": 0.5}
+    assert all((mixture.parent / "importance" / f"{name}.importance.npy").exists() for name in "abc")
+
+    histories = {"uniform": uniform, "doremi": doremi, "dga": dga, "importance": importance}
     report = compare_mixing.table(histories, "target", 6)
     assert "bar: the best static mixture (uniform)" in report
-    assert report.count("\n| ") == 4  # header and one row per method
+    assert report.count("\n| ") == 5  # header and one row per method
 
 
 def test_doremi_without_a_reference_says_what_it_needs(mixture):
