@@ -2,11 +2,14 @@
 
 1. ``observe() + step()`` of each controller for k domains and a batch of B
    per-sample losses, on the CPU (and CUDA when present), median of many steps.
-2. Samples/s of ``MixedDataset`` whose weights change every step (ODM on
-   synthetic losses, published through the weights channel) against the same
-   loader with static weights, side by side in one run, for several lags: a
-   plan call costs about the same for 1 or 64 batches, and with online weights
-   it can cover only the ``lag + 1`` batches whose weights are published.
+2. Samples/s of ``MixedDataset`` whose weights change every step (published
+   through the weights channel, or computed by ODM from each batch) against
+   the same loader with static weights, side by side in one run, for several
+   lags, two batch shapes, in-process and with 2 workers. With static weights
+   a plan call covers 64 batches; with online weights it can cover only the
+   ``lag + 1`` batches whose weights are published, so its fixed numpy
+   overhead is paid more often. That overhead is per batch, the read grows
+   with the batch: the ratio depends on the batch's size.
 
 Run: ``python benchmarks/controller_step.py``
 """
@@ -76,32 +79,32 @@ def controller_cost(device: str) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def loader_throughput(batches: int = 400, rounds: int = 3) -> None:
-    seq_len, size = 256, 32
+def loader_throughput(batches: int = 300, rounds: int = 3) -> None:
+    # Two batch shapes: the plan's cost per batch is fixed, the read grows with the batch.
+    shapes = [(256, 32), (1024, 64)]
+    runs = [("static", 0), ("channel", 4), ("channel", 16), ("channel", 64), ("controller", 4)]
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for d in range(4):
             path = Path(folder) / f"d{d}.bin"
-            np.random.default_rng(d).integers(0, 50_000, 2_000_000, dtype=np.uint16).tofile(path)
+            np.random.default_rng(d).integers(0, 50_000, 4_000_000, dtype=np.uint16).tofile(path)
             paths.append(path)
-
-        def dataset() -> MixedDataset:
-            sources = [TokenBinSource(p, seq_len) for p in paths]
-            spec = PlanSpec([len(s) for s in sources], [UNLIMITED] * 4, seed=0, global_batch_size=size)
-            return MixedDataset(sources, list("abcd"), spec, StaticSchedule(np.full(4, 0.25)))
-
         rotations = [np.roll([0.4, 0.3, 0.2, 0.1], step) for step in range(4)]
 
-        def run(mode: str, lag: int = 4) -> float:
-            data = dataset()
+        def run(seq_len: int, size: int, workers: int, mode: str, lag: int) -> float:
+            sources = [TokenBinSource(p, seq_len) for p in paths]
+            spec = PlanSpec([len(s) for s in sources], [UNLIMITED] * 4, seed=0, global_batch_size=size)
+            data = MixedDataset(sources, list("abcd"), spec, StaticSchedule(np.full(4, 0.25)))
             mixer = OnlineMixer(ODMController(torch.full((4,), 0.25)), data, lag=lag) if mode == "controller" else None
             channel = None
             if mode == "channel":
                 channel = WeightsChannel(np.full(4, 0.25))
                 data.schedule = VersionedSchedule(channel, lag=lag)
-            loader = iter(MixedLoader(data))
-            start = time.perf_counter()
-            for step in range(1, batches + 1):
+            loader = iter(MixedLoader(data, num_workers=workers))
+            warmup = 20  # worker start-up is not throughput
+            for step in range(1, warmup + batches + 1):
+                if step == warmup + 1:
+                    start = time.perf_counter()
                 batch = next(loader)
                 if mixer:
                     mixer.observe(1.0 + batch["domain"].float(), batch["domain"])
@@ -110,22 +113,23 @@ def loader_throughput(batches: int = 400, rounds: int = 3) -> None:
                     channel.publish(step, rotations[step % 4])
             return batches * size / (time.perf_counter() - start)
 
-        runs = [("static", 0), ("channel", 4), ("channel", 16), ("channel", 64), ("controller", 4), ("controller", 64)]
-        best = dict.fromkeys(runs, 0.0)
-        for _ in range(rounds):
-            for mode, lag in runs:
-                best[mode, lag] = max(best[mode, lag], run(mode, lag))
-    static = best["static", 0]
-    print(f"\nloader throughput, seq_len {seq_len}, batch {size}, 4 domains, in-process, best of {rounds}")
-    print(f"static weights: {static:,.0f} samples/s")
-    for (mode, lag), rate in best.items():
-        if mode == "channel":
-            what = "new weights every step through the channel"
-        elif mode == "controller":
-            what = "the same with ODM computing them (controller and publication included)"
-        else:
-            continue
-        print(f"{what}, lag {lag}: {rate:,.0f} samples/s = {rate / static:.2f}x static")
+        print(
+            f"\nloader throughput with weights changing every step / the same loader with static weights, "
+            f"4 domains, best of {rounds} runs of {batches} batches each, side by side"
+        )
+        header = [f"{what}, lag {lag}" for what, lag in runs[1:]]
+        print("| seq_len x batch | workers | static (samples/s) | " + " | ".join(header) + " |")
+        print("|---|---:|---:|" + "---:|" * len(header))
+        for seq_len, size in shapes:
+            for workers in (0, 2):
+                best = dict.fromkeys(runs, 0.0)
+                for _ in range(rounds):
+                    for mode, lag in runs:
+                        best[mode, lag] = max(best[mode, lag], run(seq_len, size, workers, mode, lag))
+                static = best["static", 0]
+                cells = [f"{best[run_] / static:.2f}x" for run_ in runs[1:]]
+                print(f"| {seq_len} x {size} | {workers} | {static:,.0f} | " + " | ".join(cells) + " |")
+    print("channel: new weights published every step; controller: ODM computes them from the batch (in the loop)")
 
 
 if __name__ == "__main__":

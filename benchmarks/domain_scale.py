@@ -4,7 +4,9 @@
   loader with fixed weights does), per batch;
 - plan, online weights: one ``plan_batches`` call per batch (weights known
   only one step ahead: the worst case of online mixing), per batch;
-- ODM ``observe + step`` for a batch of 4096 per-sample losses (CPU).
+- ODM ``observe + step`` for a batch of 4096 per-sample losses (CPU);
+- then, at 8 domains and global batches of 256 to 4,096: a static chunk of
+  64 batches built in cache-sized pieces (the default) against in one go.
 
 Global batch 1024 (ranks take slices of it; the plan is the same on each),
 domain sizes drawn between 1,000 and 1,000,000 samples, weights from a
@@ -15,12 +17,14 @@ Run: ``python benchmarks/domain_scale.py``
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from loaders import plan
 from loaders.plan import UNLIMITED, PlanSpec, PlanState, plan_batches
 from mixing.controllers import ODMController
 
@@ -58,12 +62,35 @@ def row(k: int) -> str:
     return f"| {k:,} | {static:,.0f} | {online:,.0f} | {control:,.0f} |"
 
 
+def pieces_row(global_batch: int, rounds: int = 5) -> str:
+    rng = np.random.default_rng(0)
+    spec = PlanSpec(rng.integers(1_000, 1_000_000, size=8), [UNLIMITED] * 8, seed=0, global_batch_size=global_batch)
+    chunk = np.broadcast_to(rng.dirichlet(np.ones(8)), (64, 8))
+    default, best = plan._PIECE_SLOTS, {}
+    try:
+        for _ in range(rounds):  # interleaved, best of each: this machine is shared
+            for name, slots in (("pieces", default), ("whole", 1 << 40)):
+                plan._PIECE_SLOTS = slots
+                state = PlanState.start(8)
+                cost = per_batch_us(functools.partial(plan_batches, spec, state, chunk), 3, 64)
+                best[name] = min(best.get(name, float("inf")), cost)
+    finally:
+        plan._PIECE_SLOTS = default
+    pieces, whole = best["pieces"], best["whole"]
+    return f"| {global_batch:,} | {pieces:,.0f} | {whole:,.0f} | {whole / pieces:.2f}x |"
+
+
 def main() -> None:
     print(f"global batch {GLOBAL_BATCH}; median µs per batch (plan) or per training step (controller)")
     print("| domains | plan, static (64 per call) | plan, online (1 per call) | ODM observe+step, B=4096 |")
     print("|---:|---:|---:|---:|")
     for k in (8, 64, 1024, 10_000):
         print(row(k))
+    print(f"\nstatic chunk of 64 batches, 8 domains, µs per batch: in pieces of {plan._PIECE_SLOTS:,} slots or whole")
+    print("| global batch | in pieces | whole | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for global_batch in (256, 1024, 4096):
+        print(pieces_row(global_batch))
 
 
 if __name__ == "__main__":

@@ -175,13 +175,17 @@ class VersionedSchedule:
 
     def version(self, batches: np.ndarray | int) -> np.ndarray | int:
         """The weight version batch(es) ``batches`` are drawn with."""
+        if isinstance(batches, int):
+            return max(0, batches // self.accumulation - self.lag)
         return np.maximum(0, np.asarray(batches) // self.accumulation - self.lag)
 
     def weights_for(self, start: int, stop: int) -> np.ndarray:
-        versions = self.version(np.arange(start, stop))
-        first = int(versions[0])
+        first = self.version(start)
         self.table.wait_for(first)
         # Serve every batch whose version is already known: a worker plans them in one go.
-        last = max(first, min(int(versions[-1]), self.table.latest()))
-        versions = versions[versions <= last]
-        return self.table.rows(first, last)[versions - first]
+        unknown = (self.table.latest() + self.lag + 1) * self.accumulation  # the first batch of an unknown version
+        versions = self.version(np.arange(start, max(start + 1, min(stop, unknown))))
+        rows = self.table.rows(first, int(versions[-1]))
+        if len(rows) == len(versions):  # one batch per version (no accumulation, past the first lag batches)
+            return rows
+        return rows[versions - first]

@@ -25,6 +25,7 @@ accept/reject rejected some, see ``loaders/acceptance.py``).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class MixedDataset(IterableDataset):
         # persistent workers see a position set in the main process after they started.
         self._start = torch.zeros(1 + spec.num_domains, dtype=torch.int64).share_memory_()
         self._fields: dict[str, tuple[tuple[int, ...], str]] | None = None
+        self._layout: _BatchLayout | None = None
 
     @classmethod
     def from_config(cls, config: MixtureConfig | str | Path, **kwargs: Any) -> MixedDataset:
@@ -146,10 +148,12 @@ class MixedDataset(IterableDataset):
     def read(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
         """The samples of ``plan``, field by field, in slot order: one read per domain present."""
         size = len(plan.domains)
-        fields = {**self.fields, "domain": ((), "<i8"), "index": ((), "<i8")}
-        if self.importance_fields:
-            fields.update(importance=((), "<f8"), reads=((), "<i8"))
-        tensors, arrays = _allocate_batch(size, fields, shared=get_worker_info() is not None)
+        if self._layout is None:
+            fields = {**self.fields, "domain": ((), "<i8"), "index": ((), "<i8")}
+            if self.importance_fields:
+                fields.update(importance=((), "<f8"), reads=((), "<i8"))
+            self._layout = _BatchLayout(fields)
+        tensors, arrays = self._layout.allocate(size, shared=get_worker_info() is not None)
         indices = plan.indices
         if self.importance_fields:
             indices = indices.copy()
@@ -193,15 +197,17 @@ class MixedDataset(IterableDataset):
         state = self.start_state()
         first = state.batch
 
-        def mine(batch: int) -> bool:  # the other workers make the other batches
-            return (batch - first) % num_workers == worker_id
+        def mine(batches: np.ndarray) -> np.ndarray:  # the other workers make the other batches
+            return (batches - first) % num_workers == worker_id
+
+        build = mine if num_workers > 1 else None
 
         while state.batch < self.num_batches:
             # Plan a chunk of batches at once: the plan's numpy work is then amortised over it.
             stop = min(self.num_batches, state.batch + PLAN_CHUNK * num_workers)
             weights = self.schedule.weights_for(state.batch, stop)
             try:
-                plans = plan_batches(self.spec, state, weights, self.rank, self.world_size, build=mine)
+                plans = plan_batches(self.spec, state, weights, self.rank, self.world_size, build=build)
             except StreamEnded:
                 return
             for plan in plans:
@@ -213,32 +219,35 @@ class MixedDataset(IterableDataset):
                         yield {name: values[i] for name, values in batch.items()}
 
 
-def _allocate_batch(
-    size: int, fields: dict[str, tuple[tuple[int, ...], str]], shared: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
-    """One buffer per dtype holding every field of that dtype, as torch tensors and numpy views.
+class _BatchLayout:
+    """Where each field of a batch lives: one buffer per dtype holding every field of that dtype.
 
     Moving a batch out of a worker costs per storage, so a batch of token ids,
     labels, domains and indices travels as one block. In a worker the block is
     allocated in shared memory up front (as the DataLoader's own collate does),
     so handing it over copies nothing.
     """
-    by_dtype: dict[str, list[str]] = {}
-    for name, (_, dtype) in fields.items():
-        by_dtype.setdefault(dtype, []).append(name)
-    tensors, arrays = {}, {}
-    for dtype, names in by_dtype.items():
-        numels = [size * int(np.prod(fields[name][0], dtype=np.int64)) for name in names]
-        if shared:
-            block = torch.from_numpy(np.empty(0, dtype=dtype)).new_empty(sum(numels)).share_memory_()
-            flat = block.numpy()
-        else:  # numpy's allocator reuses freed pages; torch's faults in fresh ones every batch
-            flat = np.empty(sum(numels), dtype=dtype)
-            block = torch.from_numpy(flat)
-        offset = 0
-        for name, numel in zip(names, numels):
-            shape = (size, *fields[name][0])
-            arrays[name] = flat[offset : offset + numel].reshape(shape)
-            tensors[name] = block[offset : offset + numel].view(shape) if shared else torch.from_numpy(arrays[name])
-            offset += numel
-    return tensors, arrays
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], str]]):
+        self.by_dtype: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}  # dtype -> (name, shape, numel)
+        for name, (shape, dtype) in fields.items():
+            self.by_dtype.setdefault(dtype, []).append((name, shape, math.prod(shape)))
+
+    def allocate(self, size: int, shared: bool) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """Fresh buffers for a batch of ``size`` samples, as torch tensors and numpy views of them."""
+        tensors, arrays = {}, {}
+        for dtype, members in self.by_dtype.items():
+            total = size * sum(numel for _, _, numel in members)
+            if shared:
+                block = torch.from_numpy(np.empty(0, dtype=dtype)).new_empty(total).share_memory_()
+                flat = block.numpy()
+            else:  # numpy's allocator reuses freed pages; torch's faults in fresh ones every batch
+                flat = np.empty(total, dtype=dtype)
+                block = torch.from_numpy(flat)
+            offset = 0
+            for name, shape, numel in members:
+                end = offset + size * numel
+                arrays[name] = flat[offset:end].reshape(size, *shape)
+                tensors[name] = block[offset:end].view(size, *shape) if shared else torch.from_numpy(arrays[name])
+                offset = end
+        return tensors, arrays

@@ -101,6 +101,30 @@ def test_cached_take_windows_give_exactly_the_direct_permutation(monkeypatch):
     assert windowed == plans(1)[0] == plans(45)[0]
 
 
+@pytest.mark.parametrize("rank, world_size, workers", [(0, 1, 1), (1, 2, 1), (2, 4, 3)])
+def test_short_plan_calls_equal_one_long_call(rank, world_size, workers, monkeypatch):
+    """A plan call of a few batches gathers its count offsets and slot orders from a cached block of 64
+    batches (calls crossing a block boundary use two): the same batches as one call for all of them, for
+    any rank slice and with a worker's mask of the batches it builds; so do long calls built in pieces."""
+    weights = np.random.default_rng(1).dirichlet(np.ones(3), size=150)
+
+    def plans(rows_per_call):
+        s, state, out = spec(batch=16), PlanState.start(3), []
+        for first in range(0, len(weights), rows_per_call):
+            mine = lambda batches: batches % workers == workers - 1  # noqa: E731
+            out += plan_batches(s, state, weights[first : first + rows_per_call], rank, world_size, build=mine)
+        return [(p.batch, p.domains.tolist(), p.indices.tolist(), p.counts.tolist()) for p in out], s
+
+    short, s = plans(5)
+    assert len(s._blocks) > 0  # the blocks were used
+    long, s = plans(150)
+    assert not s._blocks
+    assert short == long
+    assert [batch for batch, *_ in short] == list(range(workers - 1, 150, workers))
+    monkeypatch.setattr(plan_module, "_PIECE_SLOTS", 3 * 16)  # long calls built 3 batches at a time
+    assert plans(150)[0] == long
+
+
 def test_same_seed_same_plan_other_seed_other_plan():
     def first(seed):
         state = PlanState.start(3)
