@@ -365,7 +365,7 @@ def _build(
     build: Callable[[np.ndarray], np.ndarray] | None,
 ) -> list[BatchPlan]:
     """This rank's slice of batches ``first, first + 1, ...`` from their counts and the cursors ``before`` them."""
-    start, stop = before[0].copy(), before[-1] + counts[-1]  # the takes of this piece, per domain
+    start, stop = before[0], before[-1] + counts[-1]  # the takes of this piece, per domain
     batches = np.arange(first, first + len(counts))
     take = _block_draws(spec, first, first + len(counts), (rank, world_size))  # this rank's slice of each slot order
     if build is not None:
@@ -455,7 +455,7 @@ def _sample_indices(
     covered = (start >= windows.base) & (stop <= windows.base + windows.width) | (span == 0)
     if covered.all():  # the common case: one gather
         return windows.table[domains, j - windows.base[domains]]
-    stale = np.flatnonzero((span > 0) & ~covered)
+    stale = np.flatnonzero(~covered)  # domains with takes in this call outside their window
     budget = max(1, 4 * j.size // windows.width)  # refill work per call: a few times the call's own takes
     if stale.size > budget:  # many domains with few takes each: fill the busiest, the rest directly
         stale = stale[np.argsort(-span[stale], kind="stable")[:budget]]

@@ -1,11 +1,11 @@
 """Per-domain statistics kept on the training device, with no host synchronisation.
 
 Everything here is fixed-size tensor arithmetic into one table updated in
-place: each sample is routed to a row (its domain, or a row that counts a
-problem) and a single ``index_add_`` adds its value and a count. Problems
-that would need a look at the values (a NaN loss, a domain id out of range)
-are counted on the device instead; the mixer reads the counters together with
-the weights, after the asynchronous copy. The number of operations is what
+place: each sample is routed to a column (its domain, or a column that
+counts a problem) and two ``scatter_add_`` calls add its value and a count.
+Problems that would need a look at the values (a NaN loss, a domain id out
+of range) are counted on the device instead; the mixer reads the counters
+together with the weights, after the asynchronous copy. The number of operations is what
 costs: on a CPU each is a few microseconds of dispatch whatever its size, on
 a GPU each is a kernel launch.
 """
