@@ -7,9 +7,10 @@
    the same loader with static weights, side by side in one run, for several
    lags, two batch shapes, in-process and with 2 workers. With static weights
    a plan call covers 64 batches; with online weights it can cover only the
-   ``lag + 1`` batches whose weights are published, so its fixed numpy
-   overhead is paid more often. That overhead is per batch, the read grows
-   with the batch: the ratio depends on the batch's size.
+   ``lag + 1`` batches whose weights are published, so its fixed cost is
+   paid more often. That cost is per batch, the read grows with the batch:
+   the ratio depends on the batch's size. The machine is shared and noisy:
+   best of 5 rounds of 1,000 batches per cell.
 
 Run: ``python benchmarks/controller_step.py``
 """
@@ -79,7 +80,7 @@ def controller_cost(device: str) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def loader_throughput(batches: int = 300, rounds: int = 3) -> None:
+def loader_throughput(batches: int = 1000, rounds: int = 5) -> None:
     # Two batch shapes: the plan's cost per batch is fixed, the read grows with the batch.
     shapes = [(256, 32), (1024, 64)]
     runs = [("static", 0), ("channel", 4), ("channel", 16), ("channel", 64), ("controller", 4)]

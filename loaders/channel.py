@@ -108,8 +108,10 @@ class WeightsChannel(WeightTable):
                 f"weight version {first} was overwritten (the channel keeps {self.capacity} versions, latest "
                 f"{latest}); raise capacity"
             )
-        slots = np.arange(first, last + 1) % self.capacity
-        return self._ring_np[slots]  # fancy indexing copies
+        low, high = first % self.capacity, last % self.capacity
+        if low <= high:  # the common case: no wrap around the ring's end
+            return self._ring_np[low : high + 1].copy()
+        return self._ring_np[np.arange(first, last + 1) % self.capacity]  # fancy indexing copies
 
     def wait_for(self, version: int) -> None:
         """Block until ``version`` is published; ``WeightsTimeout`` after ``timeout`` seconds."""
@@ -184,8 +186,8 @@ class VersionedSchedule:
         self.table.wait_for(first)
         # Serve every batch whose version is already known: a worker plans them in one go.
         unknown = (self.table.latest() + self.lag + 1) * self.accumulation  # the first batch of an unknown version
-        versions = self.version(np.arange(start, max(start + 1, min(stop, unknown))))
-        rows = self.table.rows(first, int(versions[-1]))
-        if len(rows) == len(versions):  # one batch per version (no accumulation, past the first lag batches)
+        stop = max(start + 1, min(stop, unknown))
+        rows = self.table.rows(first, self.version(stop - 1))
+        if len(rows) == stop - start:  # a version per batch (no accumulation, past the first lag batches)
             return rows
-        return rows[versions - first]
+        return rows[self.version(np.arange(start, stop)) - first]

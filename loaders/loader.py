@@ -9,11 +9,13 @@ DataLoader had prefetched but not yet handed out are simply made again.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
 
+from loaders.channel import VersionedSchedule, WeightsChannel
 from loaders.dataset import MixedDataset
 from loaders.plan import PlanState, fast_forward
 
@@ -83,10 +85,28 @@ class MixedLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.set_start(self.position)
         if self._dataloader is None or not self._dataloader_kwargs["persistent_workers"]:
+            self._warn_if_prefetch_outruns_weights()
             self._dataloader = DataLoader(self.dataset, **self._dataloader_kwargs)
         for batch in self._dataloader:
             self._handed_out += 1
             yield batch
+
+    def _warn_if_prefetch_outruns_weights(self) -> None:
+        """With live weights, a worker can only make the batches whose weights are published: about
+        ``lag x accumulation`` ahead of training. A DataLoader that prefetches more leaves workers waiting."""
+        schedule, workers = self.dataset.schedule, self._dataloader_kwargs["num_workers"]
+        if not (workers and isinstance(schedule, VersionedSchedule) and isinstance(schedule.table, WeightsChannel)):
+            return
+        factor = self._dataloader_kwargs["prefetch_factor"] or 2  # the DataLoader's default
+        depth, ahead = workers * factor, schedule.lag * schedule.accumulation
+        if depth > ahead:
+            warnings.warn(
+                f"the DataLoader prefetches {depth} batches (num_workers={workers} x prefetch_factor={factor}) but the "
+                f"weights of only about {ahead} batches ahead are published (lag {schedule.lag} x accumulation "
+                f"{schedule.accumulation}): workers will wait for training; a lag of at least "
+                f"{-(-depth // schedule.accumulation)} keeps them busy",
+                stacklevel=3,
+            )
 
     def state_dict(self, batch: int | None = None) -> dict[str, Any]:
         """Plain ints and strings: the position, plus what the mixture must match on resume.

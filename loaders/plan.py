@@ -41,7 +41,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loaders import rng
+from loaders import plan_kernels, rng
 from loaders.permutation import block_bits, permute
 
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
@@ -199,22 +199,14 @@ class BatchPlan:
 # ----------------------------------------------------------------------------- counts
 
 
-def systematic_counts(weights: np.ndarray, total: int, u: np.ndarray | float) -> np.ndarray:
+def systematic_counts(weights: np.ndarray, total: int, u: float) -> np.ndarray:
     """Counts of ``total`` evenly spaced points (offset ``u`` in [0, 1)) per weight interval.
 
-    ``weights`` may have a row per batch, with ``u`` a matching vector of offsets.
     Each count is ``floor`` or ``ceil`` of ``total * w`` (up to float rounding);
-    zero weights get zero.
+    zero weights get zero (``plan_kernels.systematic_row`` says how).
     """
-    cumulative = weights.cumsum(axis=-1)
-    # Trailing zero weights add exactly 0.0, so after this division every domain from
-    # the last positive one on sits exactly at 1.0 and no zero weight gets a point.
-    cumulative /= cumulative[..., -1:]
-    edges = np.ceil(cumulative * total - np.asarray(u, dtype=np.float64)[..., None])
-    # In exact arithmetic the last edge is ceil(total - u) = total; pin it so rounding cannot lose a point.
-    edges[cumulative == 1.0] = total
-    counts = edges.astype(np.int64)
-    counts[..., 1:] -= counts[..., :-1].copy()  # np.diff, without its Python overhead
+    counts = np.empty(len(weights), dtype=np.int64)
+    plan_kernels.systematic_row(np.ascontiguousarray(weights, dtype=np.float64), total, float(u), counts)
     return counts
 
 
@@ -230,7 +222,8 @@ def _slot_orders(spec: PlanSpec, batches: np.ndarray, rank: int, world_size: int
     per_rank = size // world_size
     slots = (batches[:, None] * size + np.arange(size)).astype(np.uint64)  # a global id per slot
     slot_keys = rng.mix64(slots ^ np.uint64(spec._slots_key))
-    return np.argsort(slot_keys, axis=1, kind="stable")[:, rank * per_rank : (rank + 1) * per_rank]
+    order = np.argsort(slot_keys, axis=1, kind="stable")
+    return np.ascontiguousarray(order[:, rank * per_rank : (rank + 1) * per_rank])  # one layout for the kernels
 
 
 def _block_draws(spec: PlanSpec, start: int, stop: int, what: str | tuple[int, int]) -> np.ndarray:
@@ -294,33 +287,29 @@ def allocate(spec: PlanSpec, cursors: np.ndarray, weights: np.ndarray, batch: in
 def count_batches(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray:
     """Counts of the next ``len(weights)`` batches (a row each), advancing ``state``.
 
-    Vectorised over the batches up to the first one that would touch a repeat
-    cap, so there may be fewer rows than weights; when the very first batch
-    touches a cap it is counted alone, exactly (always at least one row).
+    Systematic counts are made in one compiled pass up to the first batch that
+    would touch a repeat cap, so there may be fewer rows than weights; when the
+    very first batch touches a cap it is counted alone, exactly (always at
+    least one row).
     """
-    weights = np.asarray(weights, dtype=np.float64)
-    counts = None
+    return _count(spec, state, weights)[0]
+
+
+def _count(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``count_batches``, and the cursors before each counted batch (a row each)."""
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
     if spec.sampling == "systematic":
-        live_weights = np.where(state.cursors < spec.caps, weights, 0.0) if spec._capped else weights
-        fillable = live_weights.sum(axis=1) > 0
-        rows = int(fillable.argmin()) if not fillable.all() else len(weights)
-        offsets = _block_draws(spec, state.batch, state.batch + rows, "offsets")
-        counts = systematic_counts(live_weights[:rows], spec.global_batch_size, offsets)
-        totals = counts.cumsum(axis=0)
-        totals += state.cursors
-        reaches_cap = (totals >= spec.caps).any(axis=1) if spec._capped else None
-        if reaches_cap is not None and reaches_cap.any():
-            rows = int(np.argmax(reaches_cap))  # that batch is redone exactly below
-        counts = counts[:rows]
-        if rows:
-            state.cursors = totals[rows - 1].copy()
-            state.batch += rows
-    if counts is not None and len(counts):
-        return counts
+        offsets = _block_draws(spec, state.batch, state.batch + len(weights), "offsets")
+        counts, before = plan_kernels.count_rows(weights, spec.global_batch_size, offsets, state.cursors, spec.caps)
+        if len(counts):
+            state.cursors = before[-1] + counts[-1]
+            state.batch += len(counts)
+            return counts, before
+    before = state.cursors[None, :]
     single = allocate(spec, state.cursors, weights[0], state.batch)
     state.cursors = state.cursors + single
     state.batch += 1
-    return single[None, :]
+    return single[None, :], before
 
 
 # ----------------------------------------------------------------------------- batches
@@ -338,15 +327,14 @@ def plan_batches(
 
     Returns this rank's slice of each batch that ``build`` selects (a boolean
     mask over an array of batch indices; all by default); the others are only
-    counted. The work is vectorised over the batches, so planning a chunk costs
-    about as much as planning one; chunks are built in pieces of about
-    ``_PIECE_SLOTS`` slots, whose temporaries stay in the CPU's cache (64 batches
-    of 4,096 slots cost half as much per batch in pieces of 4 as in one go).
+    counted. The counts and the slots' domains come from compiled loops
+    (``plan_kernels.py``); the weight-free draws (slot orders, permutations) are
+    vectorised over the batches, so planning a chunk costs about as much as
+    planning one. Chunks are built in pieces of about ``_PIECE_SLOTS`` slots,
+    whose temporaries stay in the CPU's cache.
     """
-    first, cursors = state.batch, state.cursors.copy()
-    counts = count_batches(spec, state, weights)
-    before = counts.cumsum(axis=0)
-    before += cursors - counts  # cursors at the start of each batch
+    first = state.batch
+    counts, before = _count(spec, state, weights)
     piece = max(1, _PIECE_SLOTS // spec.global_batch_size)
     plans = []
     for lo in range(0, len(counts), piece):
@@ -366,23 +354,16 @@ def _build(
 ) -> list[BatchPlan]:
     """This rank's slice of batches ``first, first + 1, ...`` from their counts and the cursors ``before`` them."""
     start, stop = before[0], before[-1] + counts[-1]  # the takes of this piece, per domain
-    batches = np.arange(first, first + len(counts))
     take = _block_draws(spec, first, first + len(counts), (rank, world_size))  # this rank's slice of each slot order
+    batches = range(first, first + len(counts))
     if build is not None:
-        chosen = build(batches)
-        batches, counts, before, take = batches[chosen], counts[chosen], before[chosen], take[chosen]
-    if not len(batches):
-        return []
-    # Which sample each take is: domain d's takes in a batch are its cursor, cursor + 1, ...
-    rows = np.arange(len(batches))[:, None]
-    sorted_domains = (np.arange(counts.size) % spec.num_domains).repeat(counts.ravel())  # np.tile, but cheaper
-    domains = sorted_domains.reshape(len(batches), spec.global_batch_size)[rows, take]
-    j = before - (counts.cumsum(axis=1) - counts)  # minus where each domain's takes start in the sorted list
-    j = j[rows, domains] + take
+        chosen = build(np.arange(first, first + len(counts)))
+        batches, counts, before, take = np.flatnonzero(chosen) + first, counts[chosen], before[chosen], take[chosen]
+        if not len(batches):
+            return []
+    domains, j = plan_kernels.slot_takes(counts, before, take, spec.global_batch_size)
     indices = _sample_indices(spec, domains, j, start, stop)
-    return [
-        BatchPlan(batch=int(b), domains=domains[r], indices=indices[r], counts=counts[r]) for r, b in enumerate(batches)
-    ]
+    return [BatchPlan(int(b), *row) for b, *row in zip(batches, domains, indices, counts)]
 
 
 def indices_of_takes(spec: PlanSpec, domains: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -452,9 +433,10 @@ def _sample_indices(
     # when most calls are served by windows filled earlier, i.e. a window outlasts several calls.
     if windows.width < 4 * j.size or span.max() * 4 > windows.width:
         return indices_of_takes(spec, domains, j)
+    indices = np.empty(j.shape, dtype=np.int64)
+    if plan_kernels.gather_windows(windows.table, windows.base, domains, j, indices) == 0:
+        return indices  # the common case: every take inside its window
     covered = (start >= windows.base) & (stop <= windows.base + windows.width) | (span == 0)
-    if covered.all():  # the common case: one gather
-        return windows.table[domains, j - windows.base[domains]]
     stale = np.flatnonzero(~covered)  # domains with takes in this call outside their window
     budget = max(1, 4 * j.size // windows.width)  # refill work per call: a few times the call's own takes
     if stale.size > budget:  # many domains with few takes each: fill the busiest, the rest directly
@@ -464,13 +446,10 @@ def _sample_indices(
         owners = np.broadcast_to(stale[:, None], takes.shape)
         windows.table[stale] = indices_of_takes(spec, owners.ravel(), takes.ravel()).reshape(takes.shape)
         windows.base[stale] = start[stale]
-        covered[stale] = True
-    inside = covered[domains]
-    if inside.all():
-        return windows.table[domains, j - windows.base[domains]]
-    indices = np.empty(j.shape, dtype=np.int64)
-    cached, outside = domains[inside], ~inside
-    indices[inside] = windows.table[cached, j[inside] - windows.base[cached]]
+        if plan_kernels.gather_windows(windows.table, windows.base, domains, j, indices) == 0:
+            return indices
+    at = j - windows.base[domains]
+    outside = (at < 0) | (at >= windows.width)
     indices[outside] = indices_of_takes(spec, domains[outside], j[outside])
     return indices
 

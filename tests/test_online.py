@@ -1,6 +1,7 @@
 """Online mixing end to end: weights changing every step, across worker processes, replayed and resumed."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def build(config, log, workers, **mixer_kwargs):
     dataset = MixedDataset.from_config(config, num_batches=STEPS)
     initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
     mixer = OnlineMixer(ODMController(initial, alpha=0.5), dataset, lag=LAG, log=log, **mixer_kwargs)
-    return dataset, mixer, MixedLoader(dataset, num_workers=workers)
+    # prefetch_factor=1: the DataLoader's prefetch depth (workers x 1) stays within the lag
+    return dataset, mixer, MixedLoader(dataset, num_workers=workers, prefetch_factor=1 if workers else None)
 
 
 def train(mixer, loader, stop=None):
@@ -100,6 +102,19 @@ def test_controller_on_cuda_publishes_without_host_syncs_and_its_log_replays(con
     replay = MixedDataset.from_config(config, num_batches=STEPS)
     replay.schedule = replay_schedule(tmp_path / "cuda.oms", replay.names)
     assert [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in MixedLoader(replay)] == seen
+
+
+def test_a_prefetch_deeper_than_the_published_weights_is_warned_about(config):
+    dataset, mixer, _ = build(config, None, workers=0)
+    deep = MixedLoader(dataset, num_workers=1, prefetch_factor=3)  # 3 batches ahead, lag 2
+    expected = r"prefetches 3 batches .*\(lag 2 x accumulation 1\).*a lag of at least 3 keeps them busy"
+    with pytest.warns(UserWarning, match=expected):
+        next(iter(deep))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(iter(MixedLoader(dataset, num_workers=1, prefetch_factor=2)))  # 2 ahead: within the lag, silent
+        next(iter(MixedLoader(MixedDataset.from_config(config), num_workers=2, prefetch_factor=4)))  # static weights
+    mixer.close()
 
 
 def test_stop_and_resume_in_fresh_objects_continues_exactly(config, recorded, tmp_path):

@@ -14,6 +14,7 @@ from loaders.plan import (
     StaticSchedule,
     StreamEnded,
     advance,
+    count_batches,
     fast_forward,
     indices_of_takes,
     plan_batch,
@@ -47,6 +48,34 @@ def test_systematic_counts_are_floor_or_ceil_and_sum_to_total(raw, total, u):
     expected = weights * total
     assert np.all(counts >= np.floor(expected - 1e-9)) and np.all(counts <= np.ceil(expected + 1e-9))
     assert np.all(counts[weights == 0] == 0)
+
+
+def systematic_formula(weights, total, u):
+    """Systematic counts as array formulas (the definition, and the plan's arithmetic before it was compiled)."""
+    cumulative = weights.cumsum(axis=-1)
+    cumulative /= cumulative[..., -1:]
+    edges = np.ceil(cumulative * total - u[..., None])
+    edges[cumulative == 1.0] = total
+    return np.diff(edges.astype(np.int64), prepend=0, axis=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 40), total=st.integers(1, 5000))
+def test_compiled_counts_equal_the_array_formulas_bit_for_bit(seed, k, total):
+    """The compiled loops must not move a single sample: same floats, same order of operations."""
+    rng = np.random.default_rng(seed)
+    # Decimal weights and offsets of 0 put edges within an ulp of an integer, where rounding decides a sample.
+    weights = np.where(
+        rng.random((50, k)) < 0.5, rng.dirichlet(np.full(k, 0.3), size=50), rng.integers(0, 10, (50, k)) / 10
+    )
+    weights[rng.random(weights.shape) < 0.2] = 0.0  # zero weights, trailing ones included
+    weights[:, rng.integers(k)] += 0.1  # every row fillable
+    u = np.where(rng.random(50) < 0.5, 0.0, rng.random(50))
+    one_at_a_time = np.array([systematic_counts(w, total, offset) for w, offset in zip(weights, u)])
+    assert np.array_equal(one_at_a_time, systematic_formula(weights, total, u))
+    s = PlanSpec(np.full(k, 10**9), np.full(k, UNLIMITED), seed, total)
+    counted = count_batches(s, PlanState.start(k), weights)  # offsets hashed from (seed, batch)
+    assert np.array_equal(counted, systematic_formula(weights, total, plan_module._offsets(s, np.arange(50), 0)))
 
 
 def test_plan_counts_follow_weights_and_zero_weight_never_drawn():
