@@ -46,7 +46,7 @@ from loaders.permutation import block_bits, permute
 
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
 SAMPLING_METHODS = ("systematic", "multinomial")
-_CHUNK_CELLS = 1 << 20  # most batches x domains counted in one vectorised step
+_CHUNK_CELLS = 1 << 20  # most batches x domains counted per call by fast_forward
 _WINDOW_CELLS = 1 << 20  # most sample indices cached ahead, over all domains (_TakeWindows)
 _BLOCK = 64  # batches whose weight-free draws a short plan call makes at once (_block_draws)
 _PIECE_SLOTS = 1 << 14  # slots built per vectorised step of plan_batches (CPU-cache sized)
@@ -498,7 +498,7 @@ def advance(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray
 
 
 def fast_forward(spec: PlanSpec, state: PlanState, to_batch: int, schedule: WeightSchedule) -> PlanState:
-    """Advance ``state`` (in place, and returned) to ``to_batch``, counting in vectorised chunks.
+    """Advance ``state`` (in place, and returned) to ``to_batch``, counting in chunks (one compiled pass each).
 
     Skipping a million batches of a few domains takes milliseconds.
     """
