@@ -152,7 +152,6 @@ class PlanSpec:
         object.__setattr__(self, "_epoch_orders", {})  # (domain, epoch) -> resampled order: a cache, not state
         object.__setattr__(self, "_windows", None)  # _TakeWindows, made on first use
         object.__setattr__(self, "_blocks", {})  # _block_draws: a cache, not state
-        object.__setattr__(self, "_capped", bool((self.caps < UNLIMITED).any()))
 
     @property
     def num_domains(self) -> int:
