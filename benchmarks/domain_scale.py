@@ -5,8 +5,8 @@
 - plan, online weights: one ``plan_batches`` call per batch (weights known
   only one step ahead: the worst case of online mixing), per batch;
 - ODM ``observe + step`` for a batch of 4096 per-sample losses (CPU);
-- then, at 8 domains and global batches of 256 to 4,096: a static chunk of
-  64 batches built in cache-sized pieces (the default) against in one go.
+- then, at 8 domains, the plan's cost per batch as the global batch grows
+  from 256 to 4,096 slots (its work per slot is a few hashes).
 
 Global batch 1024 (ranks take slices of it; the plan is the same on each),
 domain sizes drawn between 1,000 and 1,000,000 samples, weights from a
@@ -17,14 +17,12 @@ Run: ``python benchmarks/domain_scale.py``
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from loaders import plan
 from loaders.plan import UNLIMITED, PlanSpec, PlanState, plan_batches
 from mixing.controllers import ODMController
 
@@ -40,17 +38,22 @@ def per_batch_us(run, repeats: int, batches_per_call: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def row(k: int) -> str:
+def plan_costs(k: int, global_batch: int) -> tuple[float, float]:
+    """µs per batch with static weights (64 batches a call) and with new weights every batch (1 a call)."""
     rng = np.random.default_rng(k)
     sizes = rng.integers(1_000, 1_000_000, size=k)
     weights = rng.dirichlet(np.ones(k))
-    spec = PlanSpec(sizes, [UNLIMITED] * k, seed=0, global_batch_size=GLOBAL_BATCH)
+    spec = PlanSpec(sizes, [UNLIMITED] * k, seed=0, global_batch_size=global_batch)
     state = PlanState.start(k)
     chunk = np.broadcast_to(weights, (64, k))
     static = per_batch_us(lambda: plan_batches(spec, state, chunk), 20, 64)
     online = per_batch_us(lambda: plan_batches(spec, state, weights[None, :]), 200, 1)
+    return static, online
 
-    controller = ODMController(torch.from_numpy(weights).float())
+
+def row(k: int) -> str:
+    static, online = plan_costs(k, GLOBAL_BATCH)
+    controller = ODMController(torch.full((k,), 1 / k))
     losses = torch.rand(4096)
     domains = torch.randint(0, k, (4096,))
 
@@ -62,35 +65,18 @@ def row(k: int) -> str:
     return f"| {k:,} | {static:,.0f} | {online:,.0f} | {control:,.0f} |"
 
 
-def pieces_row(global_batch: int, rounds: int = 5) -> str:
-    rng = np.random.default_rng(0)
-    spec = PlanSpec(rng.integers(1_000, 1_000_000, size=8), [UNLIMITED] * 8, seed=0, global_batch_size=global_batch)
-    chunk = np.broadcast_to(rng.dirichlet(np.ones(8)), (64, 8))
-    default, best = plan._PIECE_SLOTS, {}
-    try:
-        for _ in range(rounds):  # interleaved, best of each: this machine is shared
-            for name, slots in (("pieces", default), ("whole", 1 << 40)):
-                plan._PIECE_SLOTS = slots
-                state = PlanState.start(8)
-                cost = per_batch_us(functools.partial(plan_batches, spec, state, chunk), 3, 64)
-                best[name] = min(best.get(name, float("inf")), cost)
-    finally:
-        plan._PIECE_SLOTS = default
-    pieces, whole = best["pieces"], best["whole"]
-    return f"| {global_batch:,} | {pieces:,.0f} | {whole:,.0f} | {whole / pieces:.2f}x |"
-
-
 def main() -> None:
     print(f"global batch {GLOBAL_BATCH}; median µs per batch (plan) or per training step (controller)")
     print("| domains | plan, static (64 per call) | plan, online (1 per call) | ODM observe+step, B=4096 |")
     print("|---:|---:|---:|---:|")
     for k in (8, 64, 1024, 10_000):
         print(row(k))
-    print(f"\nstatic chunk of 64 batches, 8 domains, µs per batch: in pieces of {plan._PIECE_SLOTS:,} slots or whole")
-    print("| global batch | in pieces | whole | speed-up |")
+    print("\n8 domains, median µs per batch")
+    print("| global batch | plan, static | plan, online | static, ns per slot |")
     print("|---:|---:|---:|---:|")
     for global_batch in (256, 1024, 4096):
-        print(pieces_row(global_batch))
+        static, online = plan_costs(8, global_batch)
+        print(f"| {global_batch:,} | {static:,.0f} | {online:,.0f} | {static * 1000 / global_batch:,.0f} |")
 
 
 if __name__ == "__main__":

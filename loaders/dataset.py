@@ -50,7 +50,7 @@ from loaders.ranks import data_parallel_rank
 from loaders.sources import Source
 
 OUTPUTS = ("batches", "samples")
-PLAN_CHUNK = 64  # batches each worker plans per call: amortises the numpy call overhead
+PLAN_CHUNK = 64  # batches each worker plans per call: amortises the per-call cost (a few µs)
 
 
 class MixedDataset(IterableDataset):

@@ -21,8 +21,9 @@ and nothing else, so every worker and rank can compute any part of it alone:
    largest ``beta * log w_i + G_i``, ``G_i`` a Gumbel variable hashed from
    ``(seed, domain, epoch, i)``, in decreasing order of that key: successive
    draws without replacement with probability ∝ ``exp(beta * log w)``.
-4. **Slot order.** The ``G`` samples are shuffled by a permutation keyed by
-   ``(seed, b)``, so domains interleave within the batch.
+4. **Slot order.** The ``G`` samples, sorted by domain and take, are shuffled
+   by the Feistel permutation of ``[0, G)`` keyed by ``(seed, b)``, so domains
+   interleave within the batch and across the ranks' slices of it.
 5. **Repeat caps.** A domain whose cursor reaches ``max_epochs * N_d`` is
    exhausted: it drops out and the others are renormalised. A batch that
    would overrun a cap takes what is left and re-draws the shortfall among
@@ -47,9 +48,6 @@ from loaders.permutation import block_bits, permute
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
 SAMPLING_METHODS = ("systematic", "multinomial")
 _CHUNK_CELLS = 1 << 20  # most batches x domains counted per call by fast_forward
-_WINDOW_CELLS = 1 << 20  # most sample indices cached ahead, over all domains (_TakeWindows)
-_BLOCK = 64  # batches whose weight-free draws a short plan call makes at once (_block_draws)
-_PIECE_SLOTS = 1 << 14  # slots built per vectorised step of plan_batches (CPU-cache sized)
 
 
 class StreamEnded(Exception):
@@ -132,6 +130,7 @@ class PlanSpec:
         object.__setattr__(self, "_counts_key", rng.key(self.seed, rng.TAG_COUNTS))
         object.__setattr__(self, "_slots_key", rng.key(self.seed, rng.TAG_SLOTS))
         object.__setattr__(self, "_perm_key", rng.key(self.seed, rng.TAG_PERMUTATION))
+        object.__setattr__(self, "_slot_bits", block_bits(self.global_batch_size))
         shards = self.shards or (None,) * len(self.sizes)
         if len(shards) != len(self.sizes):
             raise ValueError(f"shards has {len(shards)} entries for {len(self.sizes)} domains")
@@ -150,8 +149,6 @@ class PlanSpec:
         object.__setattr__(self, "_resampled", [d for d, order in enumerate(resampled) if order is not None])
         object.__setattr__(self, "_shard_orders", {})  # (domain, epoch) -> (order, ends): a cache, not state
         object.__setattr__(self, "_epoch_orders", {})  # (domain, epoch) -> resampled order: a cache, not state
-        object.__setattr__(self, "_windows", None)  # _TakeWindows, made on first use
-        object.__setattr__(self, "_blocks", {})  # _block_draws: a cache, not state
 
     @property
     def num_domains(self) -> int:
@@ -214,48 +211,6 @@ def _offsets(spec: PlanSpec, batches: np.ndarray, round_: int) -> np.ndarray:
     return rng.uniform(spec._counts_key if round_ == 0 else rng.key(spec._counts_key, round_), batches)
 
 
-def _slot_orders(spec: PlanSpec, batches: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Each batch's slot order (a row each), this rank's slice: row ``r`` lists which of the batch's
-    domain-sorted takes fill this rank's slots, in order. A shuffle keyed by ``(seed, slot)``."""
-    size = spec.global_batch_size
-    per_rank = size // world_size
-    slots = (batches[:, None] * size + np.arange(size)).astype(np.uint64)  # a global id per slot
-    slot_keys = rng.mix64(slots ^ np.uint64(spec._slots_key))
-    order = np.argsort(slot_keys, axis=1, kind="stable")
-    return np.ascontiguousarray(order[:, rank * per_rank : (rank + 1) * per_rank])  # one layout for the kernels
-
-
-def _block_draws(spec: PlanSpec, start: int, stop: int, what: str | tuple[int, int]) -> np.ndarray:
-    """The weight-free draws of batches ``start .. stop - 1``: their count offsets (``what="offsets"``)
-    or slot orders (``what=(rank, world_size)``), one row each.
-
-    With online weights a plan call covers the few batches whose weights are
-    published, and numpy's per-call overhead would make each call cost as much
-    as a call for 64 batches. Neither draw depends on the weights, so a short
-    call draws its whole aligned block of ``_BLOCK`` batches once and later
-    calls in that block gather rows: a cache, not state.
-    """
-
-    def draw(rows: np.ndarray) -> np.ndarray:
-        return _offsets(spec, rows, 0) if what == "offsets" else _slot_orders(spec, rows, *what)
-
-    if stop - start > _BLOCK // 4 or spec.global_batch_size * _BLOCK > _WINDOW_CELLS:
-        return draw(np.arange(start, stop))
-
-    def block(first: int) -> np.ndarray:
-        rows = spec._blocks.get((what, first))
-        if rows is None:
-            if len(spec._blocks) >= 8:  # batches only move forward: old blocks are not needed again
-                spec._blocks.clear()
-            rows = spec._blocks[what, first] = draw(np.arange(first, first + _BLOCK))
-        return rows
-
-    first = start - start % _BLOCK
-    if stop <= first + _BLOCK:
-        return block(first)[start - first : stop - first]
-    return np.concatenate([block(first)[start - first :], block(first + _BLOCK)[: stop - first - _BLOCK]])
-
-
 def _draw(spec: PlanSpec, weights: np.ndarray, total: int, batch: int, round_: int) -> np.ndarray:
     if spec.sampling == "systematic":
         return systematic_counts(weights, total, _offsets(spec, np.array([batch]), round_)[0])
@@ -298,8 +253,9 @@ def _count(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> tuple[np.nd
     """``count_batches``, and the cursors before each counted batch (a row each)."""
     weights = np.ascontiguousarray(weights, dtype=np.float64)
     if spec.sampling == "systematic":
-        offsets = _block_draws(spec, state.batch, state.batch + len(weights), "offsets")
-        counts, before = plan_kernels.count_rows(weights, spec.global_batch_size, offsets, state.cursors, spec.caps)
+        counts, before = plan_kernels.count_rows(
+            weights, spec.global_batch_size, state.batch, np.uint64(spec._counts_key), state.cursors, spec.caps
+        )
         if len(counts):
             state.cursors = before[-1] + counts[-1]
             state.batch += len(counts)
@@ -326,55 +282,52 @@ def plan_batches(
 
     Returns this rank's slice of each batch that ``build`` selects (a boolean
     mask over an array of batch indices; all by default); the others are only
-    counted. The counts and the slots' domains come from compiled loops
-    (``plan_kernels.py``); the weight-free draws (slot orders, permutations) are
-    vectorised over the batches, so planning a chunk costs about as much as
-    planning one. Chunks are built in pieces of about ``_PIECE_SLOTS`` slots,
-    whose temporaries stay in the CPU's cache.
+    counted. Two compiled loops (``plan_kernels.py``) do the work: one counts
+    the batches, the other gives each slot its domain, take and sample.
     """
     first = state.batch
     counts, before = _count(spec, state, weights)
-    piece = max(1, _PIECE_SLOTS // spec.global_batch_size)
-    plans = []
-    for lo in range(0, len(counts), piece):
-        hi = min(lo + piece, len(counts))
-        plans += _build(spec, first + lo, counts[lo:hi], before[lo:hi], rank, world_size, build)
-    return plans
-
-
-def _build(
-    spec: PlanSpec,
-    first: int,
-    counts: np.ndarray,
-    before: np.ndarray,
-    rank: int,
-    world_size: int,
-    build: Callable[[np.ndarray], np.ndarray] | None,
-) -> list[BatchPlan]:
-    """This rank's slice of batches ``first, first + 1, ...`` from their counts and the cursors ``before`` them."""
-    start, stop = before[0], before[-1] + counts[-1]  # the takes of this piece, per domain
-    take = _block_draws(spec, first, first + len(counts), (rank, world_size))  # this rank's slice of each slot order
-    batches = range(first, first + len(counts))
+    batches = np.arange(first, first + len(counts))
     if build is not None:
-        chosen = build(np.arange(first, first + len(counts)))
-        batches, counts, before, take = np.flatnonzero(chosen) + first, counts[chosen], before[chosen], take[chosen]
+        chosen = build(batches)
+        batches, counts, before = batches[chosen], counts[chosen], before[chosen]
         if not len(batches):
             return []
-    domains, j = plan_kernels.slot_takes(counts, before, take, spec.global_batch_size)
-    indices = _sample_indices(spec, domains, j, start, stop)
-    return [BatchPlan(int(b), *row) for b, *row in zip(batches, domains, indices, counts)]
+    per_rank = spec.global_batch_size // world_size
+    domains, j, indices = plan_kernels.slot_takes(
+        counts,
+        before,
+        batches,
+        spec.global_batch_size,
+        np.uint64(spec._slot_bits),
+        rank * per_rank,
+        per_rank,
+        np.uint64(spec._slots_key),
+        spec.sizes,
+        spec._bits,
+        np.uint64(spec._perm_key),
+    )
+    _special_orders(spec, domains, j, indices)
+    return [BatchPlan(b, d, i, c) for b, d, i, c in zip(batches.tolist(), domains, indices, counts)]
 
 
 def indices_of_takes(spec: PlanSpec, domains: np.ndarray, j: np.ndarray) -> np.ndarray:
     """The sample index of the ``j``-th take of each domain in ``domains``: a pure function of ``(d, j)``."""
-    sizes = spec.sizes[domains]
-    epochs = j // sizes
-    # One key per (domain, epoch): domain ids and epochs each fit 32 bits, so the packing is injective.
-    keys = rng.mix64(
-        ((domains.astype(np.uint64) << np.uint64(32)) | epochs.astype(np.uint64)) ^ np.uint64(spec._perm_key)
+    domains, j = np.ascontiguousarray(domains, dtype=np.int64), np.ascontiguousarray(j, dtype=np.int64)
+    indices = np.empty(j.shape, dtype=np.int64)
+    plan_kernels.take_indices(
+        domains.ravel(), j.ravel(), spec.sizes, spec._bits, np.uint64(spec._perm_key), indices.ravel()
     )
-    positions = j % sizes
-    indices = permute(positions, sizes, keys, spec._bits[domains])
+    _special_orders(spec, domains, j, indices)
+    return indices
+
+
+def _special_orders(spec: PlanSpec, domains: np.ndarray, j: np.ndarray, indices: np.ndarray) -> None:
+    """Rewrite (in place) the ``indices`` of domains in shard order or resampled by importance."""
+    if not (spec._sharded or spec._resampled):
+        return
+    sizes = spec.sizes[domains]
+    epochs, positions = j // sizes, j % sizes
     for d in spec._sharded:  # a list, not a loop over all domains: 10,000 domains stay cheap
         _in_shard_order(spec, d, domains, epochs, positions, indices)
     for d in spec._resampled:
@@ -382,7 +335,6 @@ def indices_of_takes(spec: PlanSpec, domains: np.ndarray, j: np.ndarray) -> np.n
         for epoch in np.unique(epochs[mine]):
             at = mine & (epochs == epoch)
             indices[at] = resampled_order(spec, d, int(epoch))[positions[at]]
-    return indices
 
 
 def resampled_order(spec: PlanSpec, domain: int, epoch: int) -> np.ndarray:
@@ -400,57 +352,6 @@ def resampled_order(spec: PlanSpec, domain: int, epoch: int) -> np.ndarray:
             cache.clear()
         cache[(domain, epoch)] = drawable[top]
     return cache[(domain, epoch)]
-
-
-class _TakeWindows:
-    """Per domain, ``indices_of_takes`` for ``width`` consecutive takes from ``base[d]``: a cache, not state.
-
-    With online weights a plan call covers only the few batches whose weights
-    are published, and computing the permutation for those few takes costs as
-    much as for thousands (numpy's per-call overhead). Each domain instead
-    keeps a window of its next takes (8 MB at most over all domains), filled in one vectorised call when a
-    plan call steps outside it, so most calls are a gather.
-    """
-
-    def __init__(self, num_domains: int, global_batch_size: int):
-        # About 256 batches' worth of an average domain's takes, within a memory budget over all domains.
-        self.width = max(64, min(256 * global_batch_size // num_domains, 4096, _WINDOW_CELLS // num_domains))
-        self.base = np.full(num_domains, -(1 << 62), dtype=np.int64)  # nothing cached yet
-        self.table = np.zeros((num_domains, self.width), dtype=np.int64)
-
-
-def _sample_indices(
-    spec: PlanSpec, domains: np.ndarray, j: np.ndarray, start: np.ndarray, stop: np.ndarray
-) -> np.ndarray:
-    """``indices_of_takes(spec, domains, j)``; this call's takes of domain ``d`` lie in ``[start[d], stop[d])``."""
-    windows = spec._windows
-    if windows is None:
-        windows = _TakeWindows(spec.num_domains, spec.global_batch_size)
-        object.__setattr__(spec, "_windows", windows)
-    span = stop - start
-    # Windows save numpy calls, not arithmetic (each take is computed once either way): they pay only
-    # when most calls are served by windows filled earlier, i.e. a window outlasts several calls.
-    if windows.width < 4 * j.size or span.max() * 4 > windows.width:
-        return indices_of_takes(spec, domains, j)
-    indices = np.empty(j.shape, dtype=np.int64)
-    if plan_kernels.gather_windows(windows.table, windows.base, domains, j, indices) == 0:
-        return indices  # the common case: every take inside its window
-    covered = (start >= windows.base) & (stop <= windows.base + windows.width) | (span == 0)
-    stale = np.flatnonzero(~covered)  # domains with takes in this call outside their window
-    budget = max(1, 4 * j.size // windows.width)  # refill work per call: a few times the call's own takes
-    if stale.size > budget:  # many domains with few takes each: fill the busiest, the rest directly
-        stale = stale[np.argsort(-span[stale], kind="stable")[:budget]]
-    if stale.size:
-        takes = start[stale, None] + np.arange(windows.width)
-        owners = np.broadcast_to(stale[:, None], takes.shape)
-        windows.table[stale] = indices_of_takes(spec, owners.ravel(), takes.ravel()).reshape(takes.shape)
-        windows.base[stale] = start[stale]
-        if plan_kernels.gather_windows(windows.table, windows.base, domains, j, indices) == 0:
-            return indices
-    at = j - windows.base[domains]
-    outside = (at < 0) | (at >= windows.width)
-    indices[outside] = indices_of_takes(spec, domains[outside], j[outside])
-    return indices
 
 
 def shard_order(spec: PlanSpec, domain: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

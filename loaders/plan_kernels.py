@@ -1,19 +1,25 @@
-"""The plan's per-batch loops, compiled with numba.
+"""The plan's compiled code (numba): the hash, the Feistel network, and two loops per batch.
 
 With online weights a plan call covers only the few batches whose weights
-are published (``lag + 1`` of them), so what it costs is mostly per call, not
-per sample: as vectorised numpy, counting and laying out five batches took
-some fifty numpy calls (~160 µs), as much as sixty-four batches. Written as
-plain loops and compiled, the same work is three calls of a few µs each, and
-it reads as what it does: per batch, count each domain's samples, then give
-each slot its domain and its take.
+are published (``lag + 1`` of them, often fewer), so what it costs is mostly
+per call, not per sample. As vectorised numpy, counting and laying out five
+batches took some fifty numpy calls, a sort of hashes per batch (the slot
+order) and a Feistel network run as a dozen array passes: as much as
+sixty-four batches, even with caches. Written as plain loops and compiled,
+a call is two calls of a few µs plus about 35 ns per slot, and it reads as
+what it does: per batch, count each domain's samples (``count_rows``); then
+give each slot its domain, its take and the take's sample (``slot_takes``).
 
-Everything weight-free and heavy (hashes, the Feistel permutations, slot
-orders) stays vectorised numpy in ``plan.py``; these kernels only consume its
-results. The arithmetic is the same IEEE double arithmetic in the same order
-as the numpy formulas they replace, so plans are bit for bit what they were.
-Compiled code is cached next to this file (``cache=True``): a new process
-loads it in milliseconds instead of compiling again (about a second).
+The counts and sample indices are the same IEEE double and ``uint64``
+arithmetic, in the same order, as the numpy formulas they replaced
+(``systematic_counts``, ``rng.uniform``, ``permutation.permute``), so they
+are bit for bit what they were; the tests compare them. Compiled code is
+cached next to this file (``cache=True``): a new process loads it in
+milliseconds instead of compiling again (a few seconds). Numba checks a
+cached function against its own file only, not the files of the functions
+it calls, so everything compiled lives here: an edit anywhere in it
+recompiles all of it. ``rng.py`` and ``permutation.py`` are the numpy-facing
+side of the same functions.
 """
 
 from __future__ import annotations
@@ -22,6 +28,78 @@ import math
 
 import numpy as np
 from numba import njit
+
+# ----------------------------------------------------------------------------- hashes
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+INV_2_53 = 1.0 / (1 << 53)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser applied elementwise to a ``uint64`` array (wraps mod 2**64)."""
+    x = x + _GOLDEN  # the one new array; the rest works in place
+    x ^= x >> _S30
+    x *= _MUL1
+    x ^= x >> _S27
+    x *= _MUL2
+    x ^= x >> _S31
+    return x
+
+
+# The same function compiled for one ``np.uint64``: one definition of the hash for numpy and the loops.
+mix64_scalar = njit(cache=True)(mix64)
+
+
+@njit(cache=True)
+def uniform_scalar(k: np.uint64, value: np.uint64) -> float:
+    """``rng.uniform(k, [value])[0]``: the hash's top 53 bits as a double in [0, 1) (the conversion is exact)."""
+    return np.float64(mix64_scalar(value ^ k) >> np.uint64(11)) * INV_2_53
+
+
+# ----------------------------------------------------------------------------- Feistel network
+
+ROUNDS = 4
+_ROUND_TAGS = mix64(np.arange(ROUNDS, dtype=np.uint64))
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_ONE, _THIRTY_TWO = np.uint64(1), np.uint64(32)
+
+
+@njit(cache=True)
+def feistel(index: np.uint64, n: np.uint64, key: np.uint64, bits: np.uint64) -> np.uint64:
+    """The image of ``index`` (< ``n``) under the permutation of ``[0, n)`` named by ``key``;
+    ``bits`` is ``block_bits(n)``.
+
+    The round function is multiply-shift hashing of a half block (at most 32
+    bits) under a 64-bit round key: the key is a full 64-bit hash, so a cheap
+    hash is enough to make each round a keyed pseudo-random function.
+    """
+    low_bits = bits >> _ONE
+    low_mask = (_ONE << low_bits) - _ONE
+    high_mask = (_ONE << (bits - low_bits)) - _ONE
+    v = index
+    while True:  # cycle walking: feed an image outside [0, n) through again
+        high, low = v >> low_bits, v & low_mask
+        for r in range(0, ROUNDS, 2):
+            mixed = (low ^ key ^ _ROUND_TAGS[r]) * _MULTIPLIER
+            high ^= (mixed ^ (mixed >> _THIRTY_TWO)) & high_mask
+            mixed = (high ^ key ^ _ROUND_TAGS[r + 1]) * _MULTIPLIER
+            low ^= (mixed ^ (mixed >> _THIRTY_TWO)) & low_mask
+        v = (high << low_bits) | low
+        if v < n:
+            return v
+
+
+@njit(cache=True)
+def permute_each(x: np.ndarray, n: np.ndarray, key: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = feistel(x[i], n[i], key[i], bits[i])`` over flat arrays (``permutation.permute``)."""
+    for i in range(x.shape[0]):
+        out[i] = feistel(x[i], n[i], key[i], bits[i])
+
+
+# ----------------------------------------------------------------------------- the plan's loops
 
 
 @njit(cache=True)
@@ -50,9 +128,10 @@ def systematic_row(weights: np.ndarray, total: int, u: float, out: np.ndarray) -
 
 @njit(cache=True)
 def count_rows(
-    weights: np.ndarray, total: int, offsets: np.ndarray, cursors: np.ndarray, caps: np.ndarray
+    weights: np.ndarray, total: int, first: int, key: np.uint64, cursors: np.ndarray, caps: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Systematic counts of consecutive batches, a row each, and the cursors before each.
+    """Systematic counts of batches ``first, first + 1, ...`` (a row of ``weights`` each), and the
+    cursors before each. Batch ``b``'s offset is ``uniform(key, b)``.
 
     Stops before the first batch that has no live weight or that would take a
     domain to its cap: ``plan.allocate`` handles those exactly, one at a time.
@@ -69,7 +148,7 @@ def count_rows(
             live_total += live[d]
         if not live_total > 0:
             return counts[:r], before[:r]
-        systematic_row(live, total, offsets[r], counts[r])
+        systematic_row(live, total, uniform_scalar(key, np.uint64(first + r)), counts[r])
         for d in range(k):
             if cursor[d] + counts[r, d] >= caps[d]:
                 return counts[:r], before[:r]
@@ -79,19 +158,52 @@ def count_rows(
 
 
 @njit(cache=True)
-def slot_takes(counts: np.ndarray, before: np.ndarray, take: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """The domain of each slot and which of that domain's takes it is.
+def take_index(d: int, j: int, sizes: np.ndarray, bits: np.ndarray, key: np.uint64) -> int:
+    """The sample index of take ``j`` of domain ``d``, in the per-epoch Feistel order: epoch
+    ``e = j // N_d`` of the domain is permuted by the key ``mix64(((d << 32) | e) ^ key)``."""
+    size = sizes[d]
+    epoch_key = mix64_scalar(((np.uint64(d) << np.uint64(32)) | np.uint64(j // size)) ^ key)
+    return feistel(np.uint64(j % size), np.uint64(size), epoch_key, bits[d])
+
+
+@njit(cache=True)
+def take_indices(
+    domains: np.ndarray, j: np.ndarray, sizes: np.ndarray, bits: np.ndarray, key: np.uint64, out: np.ndarray
+) -> None:
+    """``out[i] = take_index(domains[i], j[i], ...)`` over flat arrays."""
+    for i in range(j.shape[0]):
+        out[i] = take_index(domains[i], j[i], sizes, bits, key)
+
+
+@njit(cache=True)
+def slot_takes(
+    counts: np.ndarray,
+    before: np.ndarray,
+    batches: np.ndarray,
+    total: int,
+    total_bits: np.uint64,
+    first_slot: int,
+    slots: int,
+    slots_key: np.uint64,
+    sizes: np.ndarray,
+    bits: np.ndarray,
+    key: np.uint64,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slots ``first_slot .. first_slot + slots - 1`` of each batch in ``batches`` (a row each): the
+    domain of each, which of that domain's takes it is, and that take's sample (``take_index``).
 
     Row ``r`` of a batch lists its takes sorted by domain: ``counts[r, 0]``
     takes of domain 0, then domain 1's, and so on; domain ``d``'s takes are
-    its ``before[r, d]``-th sample onwards. Slot ``i`` holds sorted take
-    ``take[r, i]`` (the shuffled slot order of this rank's slice). Each row of
-    ``counts`` sums to ``total``, the global batch size.
+    its ``before[r, d]``-th sample onwards. Slot ``s`` of batch ``b`` holds
+    sorted take ``feistel(s)``, the permutation of ``[0, total)`` (the global
+    batch size; ``total_bits = block_bits(total)``) under the batch's key
+    ``mix64(b ^ slots_key)``: a shuffle of the whole batch, of which a rank
+    keeps a contiguous run of slots.
     """
     rows, k = counts.shape
-    slots = take.shape[1]
     domains = np.empty((rows, slots), np.int64)
     j = np.empty((rows, slots), np.int64)
+    indices = np.empty((rows, slots), np.int64)
     owner = np.empty(total, np.int64)  # sorted take -> its domain
     shift = np.empty(k, np.int64)  # sorted take -> j of its domain: add this
     for r in range(rows):
@@ -100,25 +212,11 @@ def slot_takes(counts: np.ndarray, before: np.ndarray, take: np.ndarray, total: 
             owner[start : start + counts[r, d]] = d
             shift[d] = before[r, d] - start
             start += counts[r, d]
+        batch_key = mix64_scalar(np.uint64(batches[r]) ^ slots_key)
         for i in range(slots):
-            d = owner[take[r, i]]
+            take = np.int64(feistel(np.uint64(first_slot + i), np.uint64(total), batch_key, total_bits))
+            d = owner[take]
             domains[r, i] = d
-            j[r, i] = shift[d] + take[r, i]
-    return domains, j
-
-
-@njit(cache=True)
-def gather_windows(table: np.ndarray, base: np.ndarray, domains: np.ndarray, j: np.ndarray, out: np.ndarray) -> int:
-    """``out = table[d, j - base[d]]`` for each take (2-D arrays) inside its domain's window ``table[d]``;
-    returns how many takes are not (their ``out`` is left as it was)."""
-    width = table.shape[1]
-    outside = 0
-    for r in range(j.shape[0]):
-        for i in range(j.shape[1]):
-            d = domains[r, i]
-            at = j[r, i] - base[d]
-            if 0 <= at < width:
-                out[r, i] = table[d, at]
-            else:
-                outside += 1
-    return outside
+            j[r, i] = shift[d] + take
+            indices[r, i] = take_index(d, j[r, i], sizes, bits, key)
+    return domains, j, indices

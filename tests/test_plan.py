@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loaders import plan as plan_module
+from loaders.permutation import permute
 from loaders.plan import (
     UNLIMITED,
     PlanSpec,
@@ -21,6 +22,7 @@ from loaders.plan import (
     plan_batches,
     systematic_counts,
 )
+from loaders.rng import mix64
 
 
 def spec(sizes=(100, 50, 30), caps=None, seed=3, batch=16, sampling="systematic"):
@@ -109,32 +111,28 @@ def test_each_epoch_of_a_domain_takes_every_sample_once_in_a_new_order():
         assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
-def test_cached_take_windows_give_exactly_the_direct_permutation(monkeypatch):
-    """Plans made a few batches per call (through the per-domain windows: refills, epochs turning over
-    inside a window, a domain in shard order, more stale domains than one call may refill) equal plans
-    that compute every sample index directly."""
-    sizes = [7, 50, 300, *[20] * 40]
-    shards = (None, np.array([20, 30]), None, *[None] * 40)
-    weights = np.random.default_rng(0).dirichlet(np.ones(43) * 0.3, size=90)
-
-    def plans(rows_per_call):
-        s = PlanSpec(np.array(sizes), np.array([UNLIMITED] * 43), 5, 16, shards=shards)
-        state, out = PlanState.start(43), []
-        for first in range(0, len(weights), rows_per_call):
-            out += plan_batches(s, state, weights[first : first + rows_per_call])
-        return [(p.domains.tolist(), p.indices.tolist()) for p in out], s
-
-    windowed, s = plans(1)
-    assert (s._windows.base >= 0).sum() > 3  # the windows were used
-    monkeypatch.setattr(plan_module, "_sample_indices", lambda spec, domains, j, *_: indices_of_takes(spec, domains, j))
-    assert windowed == plans(1)[0] == plans(45)[0]
+def test_take_indices_follow_the_documented_formula():
+    """The compiled lookup is ``permute(j % N_d, mix64(((d << 32) | j // N_d) ^ key))``, here written
+    with the numpy hash and one ``permute`` call per (domain, epoch), over several epochs of domains
+    of very different sizes (a 2**40-sample one included)."""
+    s = PlanSpec(np.array([7, 50, 300, 2**40 + 3]), np.array([UNLIMITED] * 4), 5, 16)
+    rng = np.random.default_rng(0)
+    domains = rng.integers(0, 4, size=2000)
+    j = rng.integers(0, 3 * s.sizes[domains])
+    j[:4] = [0, 6, 7, 2**40 + 2]  # an epoch's first and last takes, and the next epoch's first
+    domains[:4] = [0, 0, 0, 3]
+    indices = indices_of_takes(s, domains, j)
+    for d in range(4):
+        for epoch in np.unique(j[domains == d] // s.sizes[d]):
+            at = (domains == d) & (j // s.sizes[d] == epoch)
+            key = mix64(np.array([(d << 32) | int(epoch)], dtype=np.uint64) ^ np.uint64(s._perm_key))[0]
+            assert np.array_equal(indices[at], permute(j[at] % s.sizes[d], int(s.sizes[d]), int(key))), (d, epoch)
 
 
 @pytest.mark.parametrize("rank, world_size, workers", [(0, 1, 1), (1, 2, 1), (2, 4, 3)])
-def test_short_plan_calls_equal_one_long_call(rank, world_size, workers, monkeypatch):
-    """A plan call of a few batches gathers its count offsets and slot orders from a cached block of 64
-    batches (calls crossing a block boundary use two): the same batches as one call for all of them, for
-    any rank slice and with a worker's mask of the batches it builds; so do long calls built in pieces."""
+def test_short_plan_calls_equal_one_long_call(rank, world_size, workers):
+    """Plan calls of a few batches (as with online weights) give the same batches as one call for all of
+    them, for any rank slice and with a worker's mask of the batches it builds."""
     weights = np.random.default_rng(1).dirichlet(np.ones(3), size=150)
 
     def plans(rows_per_call):
@@ -142,16 +140,23 @@ def test_short_plan_calls_equal_one_long_call(rank, world_size, workers, monkeyp
         for first in range(0, len(weights), rows_per_call):
             mine = lambda batches: batches % workers == workers - 1  # noqa: E731
             out += plan_batches(s, state, weights[first : first + rows_per_call], rank, world_size, build=mine)
-        return [(p.batch, p.domains.tolist(), p.indices.tolist(), p.counts.tolist()) for p in out], s
+        return [(p.batch, p.domains.tolist(), p.indices.tolist(), p.counts.tolist()) for p in out]
 
-    short, s = plans(5)
-    assert len(s._blocks) > 0  # the blocks were used
-    long, s = plans(150)
-    assert not s._blocks
-    assert short == long
-    assert [batch for batch, *_ in short] == list(range(workers - 1, 150, workers))
-    monkeypatch.setattr(plan_module, "_PIECE_SLOTS", 3 * 16)  # long calls built 3 batches at a time
-    assert plans(150)[0] == long
+    long = plans(150)
+    assert plans(1) == plans(5) == long
+    assert [batch for batch, *_ in long] == list(range(workers - 1, 150, workers))
+
+
+def test_slot_order_is_a_keyed_shuffle_of_the_batch():
+    """Slot ``s`` of batch ``b`` holds the batch's sorted take ``permute(s)`` under ``mix64(b ^ key)``:
+    a batch's samples sorted by (domain, take) and put through that permutation are the plan's slots."""
+    s, state = spec(sizes=(100, 50, 30), batch=24), PlanState.start(3)
+    for plan in plan_batches(s, state, np.random.default_rng(2).dirichlet(np.ones(3), size=6)):
+        sorted_takes = np.repeat(np.arange(3), plan.counts)
+        key = mix64(np.array([plan.batch], dtype=np.uint64) ^ np.uint64(s._slots_key))[0]
+        order = permute(np.arange(24), 24, int(key))
+        assert plan.domains.tolist() == sorted_takes[order].tolist()
+        assert sorted(order.tolist()) == list(range(24)) and order.tolist() != list(range(24))
 
 
 def test_same_seed_same_plan_other_seed_other_plan():
