@@ -30,6 +30,8 @@ GLOBAL_BATCH = 1024
 
 
 def per_batch_us(run, repeats: int, batches_per_call: int) -> float:
+    for _ in range(3):  # warm-up: first calls page in fresh memory
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

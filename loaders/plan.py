@@ -48,6 +48,8 @@ from loaders.permutation import block_bits, permute
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
 SAMPLING_METHODS = ("systematic", "multinomial")
 _CHUNK_CELLS = 1 << 20  # most batches x domains counted per call by fast_forward
+_PASS_SLOTS = 1 << 14  # most batches x slots planned per compiled pass (see plan_batches)
+_PASS_CELLS = 1 << 15  # most batches x domains planned per compiled pass
 
 
 class StreamEnded(Exception):
@@ -285,6 +287,18 @@ def plan_batches(
     counted. Two compiled loops (``plan_kernels.py``) do the work: one counts
     the batches, the other gives each slot its domain, take and sample.
     """
+    # Large batches or many domains: a few batches per pass, so that each pass's arrays stay small (128-256
+    # KB each) and the allocator reuses their memory; larger ones arrive as fresh pages from the OS on
+    # every call, which measured up to 2x the cost per batch (10,000 domains: 257-266 -> 132-139 µs).
+    rows = max(1, min(_PASS_SLOTS // spec.global_batch_size, _PASS_CELLS // spec.num_domains))
+    if len(weights) > rows:
+        plans = []
+        for lo in range(0, len(weights), rows):
+            first = state.batch
+            plans += plan_batches(spec, state, weights[lo : lo + rows], rank, world_size, build)
+            if state.batch - first < len(weights[lo : lo + rows]):  # stopped early at a cap: the caller goes on
+                break
+        return plans
     first = state.batch
     counts, before = _count(spec, state, weights)
     batches = np.arange(first, first + len(counts))

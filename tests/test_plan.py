@@ -159,6 +159,24 @@ def test_slot_order_is_a_keyed_shuffle_of_the_batch():
         assert sorted(order.tolist()) == list(range(24)) and order.tolist() != list(range(24))
 
 
+def test_long_calls_are_planned_a_few_batches_per_pass_with_the_same_result(monkeypatch):
+    """With large batches or many domains a long call is planned a few batches per compiled pass; a pass
+    that stops early at a repeat cap ends the call there, and the caller's next call goes on from the state."""
+    s = spec(sizes=(40, 25, 300), caps=(80, 25, UNLIMITED), batch=16)
+    weights = np.random.default_rng(3).dirichlet(np.ones(3), size=40)
+
+    def plans():
+        state, out = PlanState.start(3), []
+        while state.batch < len(weights):
+            out += plan_batches(s, state, weights[state.batch :], rank=1, world_size=2)
+        return [(p.batch, p.domains.tolist(), p.indices.tolist()) for p in out]
+
+    whole = plans()
+    monkeypatch.setattr(plan_module, "_PASS_SLOTS", 3 * 16)  # 3 batches per pass
+    assert plans() == whole
+    assert [batch for batch, *_ in whole] == list(range(40))
+
+
 def test_same_seed_same_plan_other_seed_other_plan():
     def first(seed):
         state = PlanState.start(3)
