@@ -203,7 +203,7 @@ class MixedDataset(IterableDataset):
         build = mine if num_workers > 1 else None
 
         while state.batch < self.num_batches:
-            # Plan a chunk of batches at once: the plan's numpy work is then amortised over it.
+            # Plan a chunk of batches at once: the cost of a plan call is then amortised over it.
             stop = min(self.num_batches, state.batch + PLAN_CHUNK * num_workers)
             weights = self.schedule.weights_for(state.batch, stop)
             try:

@@ -10,9 +10,10 @@ whatever the widths. An output at or beyond ``n`` is fed through again
 fewer than two passes on average.
 
 Every argument may be an array: one call permutes samples of many domains
-(each with its own ``n`` and key). The network (``plan_kernels.feistel``)
-runs compiled, one element at a time, cycle walking included: a few nanoseconds a lookup, and
-no numpy call overhead when a plan call permutes only a few hundred samples.
+(each with its own ``n`` and key). The network itself is
+``plan_kernels.feistel``, compiled and run one element at a time, cycle
+walking included, so a plan call that permutes a few hundred samples pays
+no numpy call overhead.
 """
 
 from __future__ import annotations

@@ -294,9 +294,9 @@ def plan_batches(
     if len(weights) > rows:
         plans = []
         for lo in range(0, len(weights), rows):
-            first = state.batch
-            plans += plan_batches(spec, state, weights[lo : lo + rows], rank, world_size, build)
-            if state.batch - first < len(weights[lo : lo + rows]):  # stopped early at a cap: the caller goes on
+            first, block = state.batch, weights[lo : lo + rows]
+            plans += plan_batches(spec, state, block, rank, world_size, build)
+            if state.batch - first < len(block):  # stopped early at a cap: the caller goes on
                 break
         return plans
     first = state.batch
@@ -323,17 +323,6 @@ def plan_batches(
     )
     _special_orders(spec, domains, j, indices)
     return [BatchPlan(b, d, i, c) for b, d, i, c in zip(batches.tolist(), domains, indices, counts)]
-
-
-def indices_of_takes(spec: PlanSpec, domains: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """The sample index of the ``j``-th take of each domain in ``domains``: a pure function of ``(d, j)``."""
-    domains, j = np.ascontiguousarray(domains, dtype=np.int64), np.ascontiguousarray(j, dtype=np.int64)
-    indices = np.empty(j.shape, dtype=np.int64)
-    plan_kernels.take_indices(
-        domains.ravel(), j.ravel(), spec.sizes, spec._bits, np.uint64(spec._perm_key), indices.ravel()
-    )
-    _special_orders(spec, domains, j, indices)
-    return indices
 
 
 def _special_orders(spec: PlanSpec, domains: np.ndarray, j: np.ndarray, indices: np.ndarray) -> None:

@@ -167,15 +167,6 @@ def take_index(d: int, j: int, sizes: np.ndarray, bits: np.ndarray, key: np.uint
 
 
 @njit(cache=True)
-def take_indices(
-    domains: np.ndarray, j: np.ndarray, sizes: np.ndarray, bits: np.ndarray, key: np.uint64, out: np.ndarray
-) -> None:
-    """``out[i] = take_index(domains[i], j[i], ...)`` over flat arrays."""
-    for i in range(j.shape[0]):
-        out[i] = take_index(domains[i], j[i], sizes, bits, key)
-
-
-@njit(cache=True)
 def slot_takes(
     counts: np.ndarray,
     before: np.ndarray,

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loaders import plan as plan_module
+from loaders import plan_kernels
 from loaders.permutation import permute
 from loaders.plan import (
     UNLIMITED,
@@ -17,7 +18,6 @@ from loaders.plan import (
     advance,
     count_batches,
     fast_forward,
-    indices_of_takes,
     plan_batch,
     plan_batches,
     systematic_counts,
@@ -111,7 +111,7 @@ def test_each_epoch_of_a_domain_takes_every_sample_once_in_a_new_order():
         assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
-def test_take_indices_follow_the_documented_formula():
+def test_take_index_follows_the_documented_formula():
     """The compiled lookup is ``permute(j % N_d, mix64(((d << 32) | j // N_d) ^ key))``, here written
     with the numpy hash and one ``permute`` call per (domain, epoch), over several epochs of domains
     of very different sizes (a 2**40-sample one included)."""
@@ -121,7 +121,8 @@ def test_take_indices_follow_the_documented_formula():
     j = rng.integers(0, 3 * s.sizes[domains])
     j[:4] = [0, 6, 7, 2**40 + 2]  # an epoch's first and last takes, and the next epoch's first
     domains[:4] = [0, 0, 0, 3]
-    indices = indices_of_takes(s, domains, j)
+    key = np.uint64(s._perm_key)
+    indices = np.array([plan_kernels.take_index(d, t, s.sizes, s._bits, key) for d, t in zip(domains, j)])
     for d in range(4):
         for epoch in np.unique(j[domains == d] // s.sizes[d]):
             at = (domains == d) & (j // s.sizes[d] == epoch)
