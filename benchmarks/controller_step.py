@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
-from loaders.channel import VersionedSchedule, WeightsChannel
+from loaders.channel import DEFAULT_LAG, VersionedSchedule, WeightsChannel
 from loaders.plan import UNLIMITED
 from mixing.controllers import DGAController, DoReMiController, ODMController
 from mixing.mixer import OnlineMixer
@@ -83,7 +83,7 @@ def controller_cost(device: str) -> None:
 def loader_throughput(batches: int = 1000, rounds: int = 5) -> None:
     # Two batch shapes: the plan's cost per batch is fixed, the read grows with the batch.
     shapes = [(256, 32), (1024, 64)]
-    runs = [("static", 0), ("channel", 4), ("channel", 16), ("channel", 64), ("controller", 4)]
+    runs = [("static", 0), ("channel", 4), ("channel", DEFAULT_LAG), ("channel", 64), ("controller", DEFAULT_LAG)]
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for d in range(4):
@@ -118,7 +118,7 @@ def loader_throughput(batches: int = 1000, rounds: int = 5) -> None:
             f"\nloader throughput with weights changing every step / the same loader with static weights, "
             f"4 domains, best of {rounds} runs of {batches} batches each, side by side"
         )
-        header = [f"{what}, lag {lag}" for what, lag in runs[1:]]
+        header = [f"{what}, lag {lag}{' (default)' if lag == DEFAULT_LAG else ''}" for what, lag in runs[1:]]
         print("| seq_len x batch | workers | static (samples/s) | " + " | ".join(header) + " |")
         print("|---|---:|---:|" + "---:|" * len(header))
         for seq_len, size in shapes:

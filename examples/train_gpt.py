@@ -203,7 +203,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (= batches)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (speed only, never the batches)")
-    parser.add_argument("--lag", type=int, default=4, help="batch b uses the weights of step b - lag")
+    parser.add_argument(
+        "--lag",
+        type=int,
+        default=4,
+        help="batch b uses the weights of step b - lag (default 4: the prefetch depth of 2 workers, the "
+        "quickest reaction they allow, for runs of a few hundred steps; the library's default is 16)",
+    )
     parser.add_argument("--eta", type=float, help=f"step size of doremi / dga (default {ETA})")
     parser.add_argument("--reference", type=Path, help="doremi: the reference model's weights")
     parser.add_argument("--target", default="target", help="dga: the heldout.yaml set to align with")

@@ -9,7 +9,7 @@
       temperature: 1.0            # only when no domain gives a weight: p ∝ size^(1/T)
       sampling: systematic        # or multinomial
     transform: pkg.mod:function   # optional, for domains without their own
-    mixing: {controller: odm, lag: 4, alpha: 0.5}   # optional: OnlineMixer.from_config reads it
+    mixing: {controller: odm, lag: 16, alpha: 0.5}   # optional: OnlineMixer.from_config reads it
     importance: {sidecars: importance/, beta: 0.5, keep: 0.5}   # optional: DSIR inside the stream
     domains:                      # the order of the list fixes each domain's index
       - {name: code, source: tokenbin, path: data/code.bin, dtype: uint16, weight: 0.5}

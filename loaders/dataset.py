@@ -195,19 +195,14 @@ class MixedDataset(IterableDataset):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         state = self.start_state()
-        first = state.batch
-
-        def mine(batches: np.ndarray) -> np.ndarray:  # the other workers make the other batches
-            return (batches - first) % num_workers == worker_id
-
-        build = mine if num_workers > 1 else None
+        keep = (num_workers, (state.batch + worker_id) % num_workers)  # the other workers make the other batches
 
         while state.batch < self.num_batches:
             # Plan a chunk of batches at once: the cost of a plan call is then amortised over it.
             stop = min(self.num_batches, state.batch + PLAN_CHUNK * num_workers)
             weights = self.schedule.weights_for(state.batch, stop)
             try:
-                plans = plan_batches(self.spec, state, weights, self.rank, self.world_size, build=build)
+                plans = plan_batches(self.spec, state, weights, self.rank, self.world_size, keep)
             except StreamEnded:
                 return
             for plan in plans:

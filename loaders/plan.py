@@ -36,7 +36,6 @@ A checkpoint of the plan is just ``(batch, cursors)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -133,6 +132,10 @@ class PlanSpec:
         object.__setattr__(self, "_slots_key", rng.key(self.seed, rng.TAG_SLOTS))
         object.__setattr__(self, "_perm_key", rng.key(self.seed, rng.TAG_PERMUTATION))
         object.__setattr__(self, "_slot_bits", block_bits(self.global_batch_size))
+        keys = [self._counts_key, self._slots_key, self._perm_key]  # in plan_kernels' order (COUNTS_KEY, ...)
+        object.__setattr__(self, "_keys", np.array(keys, dtype=np.uint64))
+        passes = min(_PASS_SLOTS // self.global_batch_size, _PASS_CELLS // len(self.sizes))
+        object.__setattr__(self, "_pass_rows", max(1, passes))  # most batches per compiled pass (plan_batches)
         shards = self.shards or (None,) * len(self.sizes)
         if len(shards) != len(self.sizes):
             raise ValueError(f"shards has {len(shards)} entries for {len(self.sizes)} domains")
@@ -184,7 +187,7 @@ class PlanState:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class BatchPlan:
     """The slots of one global batch (or of one rank's slice of it), in training order."""
 
@@ -278,57 +281,65 @@ def plan_batches(
     weights: np.ndarray,
     rank: int = 0,
     world_size: int = 1,
-    build: Callable[[np.ndarray], np.ndarray] | None = None,
+    keep: tuple[int, int] = (1, 0),
 ) -> list[BatchPlan]:
     """Plan the next ``len(weights)`` batches (fewer if a domain runs dry), advancing ``state``.
 
-    Returns this rank's slice of each batch that ``build`` selects (a boolean
-    mask over an array of batch indices; all by default); the others are only
-    counted. Two compiled loops (``plan_kernels.py``) do the work: one counts
-    the batches, the other gives each slot its domain, take and sample.
+    Returns this rank's slice of each batch ``b`` with ``b % keep[0] == keep[1]``
+    (a DataLoader worker's share; all of them by default); the others are
+    only counted. Two compiled loops (``plan_kernels.py``) do the work, in one
+    call: one counts the batches, the other gives each slot its domain, take
+    and sample.
     """
     # Large batches or many domains: a few batches per pass, so that each pass's arrays stay small (128-256
     # KB each) and the allocator reuses their memory; larger ones arrive as fresh pages from the OS on
     # every call, which measured up to 2x the cost per batch (10,000 domains: 257-266 -> 132-139 µs).
-    rows = max(1, min(_PASS_SLOTS // spec.global_batch_size, _PASS_CELLS // spec.num_domains))
-    if len(weights) > rows:
+    if len(weights) > spec._pass_rows:
         plans = []
-        for lo in range(0, len(weights), rows):
-            first, block = state.batch, weights[lo : lo + rows]
-            plans += plan_batches(spec, state, block, rank, world_size, build)
+        for lo in range(0, len(weights), spec._pass_rows):
+            first, block = state.batch, weights[lo : lo + spec._pass_rows]
+            plans += plan_batches(spec, state, block, rank, world_size, keep)
             if state.batch - first < len(block):  # stopped early at a cap: the caller goes on
                 break
         return plans
-    first = state.batch
-    counts, before = _count(spec, state, weights)
-    batches = np.arange(first, first + len(counts))
-    if build is not None:
-        chosen = build(batches)
-        batches, counts, before = batches[chosen], counts[chosen], before[chosen]
-        if not len(batches):
-            return []
+    every, residue = keep
     per_rank = spec.global_batch_size // world_size
-    domains, j, indices = plan_kernels.slot_takes(
-        counts,
-        before,
-        batches,
-        spec.global_batch_size,
-        np.uint64(spec._slot_bits),
-        rank * per_rank,
-        per_rank,
-        np.uint64(spec._slots_key),
-        spec.sizes,
-        spec._bits,
-        np.uint64(spec._perm_key),
-    )
-    _special_orders(spec, domains, j, indices)
-    return [BatchPlan(b, d, i, c) for b, d, i, c in zip(batches.tolist(), domains, indices, counts)]
+    first, counted = state.batch, 0
+    if spec.sampling == "systematic":
+        counted, counts, domains, j, indices = plan_kernels.plan_rows(
+            np.ascontiguousarray(weights, dtype=np.float64),
+            first,
+            state.cursors,  # advanced in place
+            spec.caps,
+            spec.sizes,
+            spec._bits,
+            spec._keys,
+            spec.global_batch_size,
+            spec._slot_bits,
+            rank * per_rank,
+            per_rank,
+            every,
+            residue,
+        )
+        state.batch += counted
+    if not counted:  # multinomial, or the first batch touches a cap: count it alone, exactly
+        counts, before = _count(spec, state, weights[:1])
+        if first % every != residue:
+            return []
+        domains, j, indices = (np.empty((1, per_rank), dtype=np.int64) for _ in range(3))
+        plan_kernels.slot_takes(
+            counts, before, np.array([first]), spec.global_batch_size, spec._slot_bits, rank * per_rank,
+            spec._keys[plan_kernels.SLOTS_KEY], spec.sizes, spec._bits, spec._keys[plan_kernels.PERMUTATION_KEY],
+            domains, j, indices,
+        )  # fmt: skip
+    if spec._sharded or spec._resampled:
+        _special_orders(spec, domains, j, indices)
+    batches = range(first + (residue - first) % every, state.batch, every)
+    return [BatchPlan(b, d, i, c) for b, d, i, c in zip(batches, domains, indices, counts)]
 
 
 def _special_orders(spec: PlanSpec, domains: np.ndarray, j: np.ndarray, indices: np.ndarray) -> None:
     """Rewrite (in place) the ``indices`` of domains in shard order or resampled by importance."""
-    if not (spec._sharded or spec._resampled):
-        return
     sizes = spec.sizes[domains]
     epochs, positions = j // sizes, j % sizes
     for d in spec._sharded:  # a list, not a loop over all domains: 10,000 domains stay cheap

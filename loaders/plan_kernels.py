@@ -6,9 +6,10 @@ per call, not per sample. As vectorised numpy, counting and laying out five
 batches took some fifty numpy calls, a sort of hashes per batch (the slot
 order) and a Feistel network run as a dozen array passes: as much as
 sixty-four batches, even with caches. Written as plain loops and compiled,
-a call is two calls of a few µs plus about 35 ns per slot, and it reads as
-what it does: per batch, count each domain's samples (``count_rows``); then
-give each slot its domain, its take and the take's sample (``slot_takes``).
+a plan call is one call into this module (``plan_rows``) of a few µs plus
+about 35 ns per slot, and it reads as what it does: per batch, count each
+domain's samples (``count_rows``); then give each slot its domain, its take
+and the take's sample (``slot_takes``).
 
 The counts and sample indices are the same IEEE double and ``uint64``
 arithmetic, in the same order, as the numpy formulas they replaced
@@ -172,16 +173,19 @@ def slot_takes(
     before: np.ndarray,
     batches: np.ndarray,
     total: int,
-    total_bits: np.uint64,
+    total_bits: int,
     first_slot: int,
-    slots: int,
     slots_key: np.uint64,
     sizes: np.ndarray,
     bits: np.ndarray,
     key: np.uint64,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Slots ``first_slot .. first_slot + slots - 1`` of each batch in ``batches`` (a row each): the
-    domain of each, which of that domain's takes it is, and that take's sample (``take_index``).
+    domains: np.ndarray,
+    j: np.ndarray,
+    indices: np.ndarray,
+) -> None:
+    """Slots ``first_slot .. first_slot + slots - 1`` of each batch in ``batches`` (a row each), with
+    ``slots = domains.shape[1]``: in ``domains`` the domain of each, in ``j`` which of that domain's
+    takes it is, in ``indices`` that take's sample (``take_index``).
 
     Row ``r`` of a batch lists its takes sorted by domain: ``counts[r, 0]``
     takes of domain 0, then domain 1's, and so on; domain ``d``'s takes are
@@ -192,9 +196,7 @@ def slot_takes(
     keeps a contiguous run of slots.
     """
     rows, k = counts.shape
-    domains = np.empty((rows, slots), np.int64)
-    j = np.empty((rows, slots), np.int64)
-    indices = np.empty((rows, slots), np.int64)
+    slots = domains.shape[1]
     owner = np.empty(total, np.int64)  # sorted take -> its domain
     shift = np.empty(k, np.int64)  # sorted take -> j of its domain: add this
     for r in range(rows):
@@ -205,9 +207,53 @@ def slot_takes(
             start += counts[r, d]
         batch_key = mix64_scalar(np.uint64(batches[r]) ^ slots_key)
         for i in range(slots):
-            take = np.int64(feistel(np.uint64(first_slot + i), np.uint64(total), batch_key, total_bits))
+            take = np.int64(feistel(np.uint64(first_slot + i), np.uint64(total), batch_key, np.uint64(total_bits)))
             d = owner[take]
             domains[r, i] = d
             j[r, i] = shift[d] + take
             indices[r, i] = take_index(d, j[r, i], sizes, bits, key)
-    return domains, j, indices
+
+
+# The hash keys of a plan, in the order ``plan_rows`` takes them (``PlanSpec._keys``).
+COUNTS_KEY, SLOTS_KEY, PERMUTATION_KEY = 0, 1, 2
+
+
+@njit(cache=True)
+def plan_rows(
+    weights: np.ndarray,
+    first: int,
+    cursors: np.ndarray,
+    caps: np.ndarray,
+    sizes: np.ndarray,
+    bits: np.ndarray,
+    keys: np.ndarray,
+    total: int,
+    total_bits: int,
+    first_slot: int,
+    slots: int,
+    every: int,
+    residue: int,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A plan call in one compiled call: ``count_rows`` from batch ``first`` (advancing ``cursors`` in
+    place), then ``slot_takes`` for the counted batches ``b`` with ``b % every == residue``.
+
+    Returns how many batches were counted, and for the kept ones (a row
+    each) their counts, and their slots' domains, takes and samples. One call
+    instead of two: with online weights a call covers only a few batches,
+    and what a call costs whatever its size is most of it.
+    """
+    counts, before = count_rows(weights, total, first, keys[COUNTS_KEY], cursors, caps)
+    counted = counts.shape[0]
+    if counted:
+        cursors[:] = before[counted - 1] + counts[counted - 1]
+    start = (residue - first) % every  # the first kept row; the kept rows are views, never copies
+    kept = counts[start::every]
+    # Three arrays, not one block of three: a block grows past glibc's mmap threshold (128 KB) three
+    # times sooner, and then every call faults in fresh pages (measured: 46 -> 65 µs per batch).
+    domains = np.empty((kept.shape[0], slots), np.int64)
+    j, indices = np.empty_like(domains), np.empty_like(domains)
+    slot_takes(
+        kept, before[start::every], first + np.arange(start, counted, every), total, total_bits, first_slot,
+        keys[SLOTS_KEY], sizes, bits, keys[PERMUTATION_KEY], domains, j, indices,
+    )  # fmt: skip
+    return counted, kept, domains, j, indices

@@ -67,6 +67,8 @@ class OnlineMixer:
             ``b // accumulation - lag``. Fixed for a run (it is part of the
             sample order); make it cover the DataLoader's prefetch depth
             (``prefetch_factor x num_workers`` batches) or workers will wait on training.
+            The default, 16, covers 8 workers at the default prefetch; a smaller
+            lag reacts sooner, a larger one plans more batches per call.
         accumulation: loader batches per optimizer step (gradient
             accumulation over micro-batches). ``observe()`` every micro-batch,
             ``step()`` once per optimizer step; all micro-batches of a step
@@ -145,7 +147,7 @@ class OnlineMixer:
 
             mixing:
               controller: odm       # static (default), scheduled, doremi, odm, dga
-              lag: 4                # and accumulation, log, nonfinite, timeout, sync, check_every
+              lag: 16               # and accumulation, log, nonfinite, timeout, sync, check_every
               alpha: 0.5            # every other key goes to the controller (min_prob, eta, warmup, ...)
 
         The controller starts from the dataset's initial weights (``scheduled``

@@ -2,6 +2,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from loaders.channel import ReplayTable, VersionedSchedule, WeightsChannel, WeightsTimeout
 from mixing.schedule_log import MAGIC, ScheduleLogError, ScheduleWriter, read_schedule
@@ -28,6 +29,18 @@ def test_channel_serves_only_published_versions_and_times_out_naming_the_step():
     assert time.monotonic() - started >= 0.2
     with pytest.raises(ValueError, match="expected 2, got 5"):
         channel.publish(5, np.array([0.5, 0.5]))
+
+
+def test_channel_publishes_arrays_tensors_and_lists_and_rejects_a_wrong_shape():
+    channel = WeightsChannel(np.array([0.5, 0.5]))
+    channel.publish(1, np.array([0.75, 0.25], dtype=np.float32))
+    channel.publish(2, torch.tensor([0.125, 0.875]))
+    channel.publish(3, [1.0, 0.0])
+    assert channel.rows(1, 3).tolist() == [[0.75, 0.25], [0.125, 0.875], [1.0, 0.0]]
+    for bad in (np.array([0.2, 0.3, 0.5]), torch.ones(1, 2) / 2, 0.5):
+        with pytest.raises(ValueError, match=r"expected 2 weights, got shape"):
+            channel.publish(4, bad)
+    assert channel.latest() == 3
 
 
 def test_channel_ring_overwrite_is_an_error_and_state_round_trips():

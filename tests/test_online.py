@@ -9,6 +9,7 @@ import torch
 from conftest import make_example
 
 from loaders import MixedDataset, MixedLoader
+from loaders.channel import DEFAULT_LAG
 from mixing.controllers import ODMController
 from mixing.mixer import MixingError, OnlineMixer
 from mixing.schedule_log import ScheduleLogError, read_schedule, replay_schedule
@@ -114,6 +115,18 @@ def test_a_prefetch_deeper_than_the_published_weights_is_warned_about(config):
         warnings.simplefilter("error")
         next(iter(MixedLoader(dataset, num_workers=1, prefetch_factor=2)))  # 2 ahead: within the lag, silent
         next(iter(MixedLoader(MixedDataset.from_config(config), num_workers=2, prefetch_factor=4)))  # static weights
+    mixer.close()
+
+
+def test_the_default_lag_covers_eight_workers_at_the_default_prefetch(config):
+    dataset = MixedDataset.from_config(config)
+    mixer = OnlineMixer(ODMController(torch.full((3,), 1 / 3)), dataset)
+    assert mixer.lag == DEFAULT_LAG == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MixedLoader(dataset, num_workers=8)._warn_if_prefetch_outruns_weights()  # 16 batches ahead: silent
+    with pytest.warns(UserWarning, match=r"prefetches 18 batches .*a lag of at least 18"):
+        MixedLoader(dataset, num_workers=9)._warn_if_prefetch_outruns_weights()
     mixer.close()
 
 

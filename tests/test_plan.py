@@ -133,14 +133,14 @@ def test_take_index_follows_the_documented_formula():
 @pytest.mark.parametrize("rank, world_size, workers", [(0, 1, 1), (1, 2, 1), (2, 4, 3)])
 def test_short_plan_calls_equal_one_long_call(rank, world_size, workers):
     """Plan calls of a few batches (as with online weights) give the same batches as one call for all of
-    them, for any rank slice and with a worker's mask of the batches it builds."""
+    them, for any rank slice and with a worker's share of the batches (keep)."""
     weights = np.random.default_rng(1).dirichlet(np.ones(3), size=150)
 
     def plans(rows_per_call):
         s, state, out = spec(batch=16), PlanState.start(3), []
         for first in range(0, len(weights), rows_per_call):
-            mine = lambda batches: batches % workers == workers - 1  # noqa: E731
-            out += plan_batches(s, state, weights[first : first + rows_per_call], rank, world_size, build=mine)
+            keep = (workers, workers - 1)
+            out += plan_batches(s, state, weights[first : first + rows_per_call], rank, world_size, keep)
         return [(p.batch, p.domains.tolist(), p.indices.tolist(), p.counts.tolist()) for p in out]
 
     long = plans(150)
@@ -163,10 +163,11 @@ def test_slot_order_is_a_keyed_shuffle_of_the_batch():
 def test_long_calls_are_planned_a_few_batches_per_pass_with_the_same_result(monkeypatch):
     """With large batches or many domains a long call is planned a few batches per compiled pass; a pass
     that stops early at a repeat cap ends the call there, and the caller's next call goes on from the state."""
-    s = spec(sizes=(40, 25, 300), caps=(80, 25, UNLIMITED), batch=16)
     weights = np.random.default_rng(3).dirichlet(np.ones(3), size=40)
 
     def plans():
+        s = spec(sizes=(40, 25, 300), caps=(80, 25, UNLIMITED), batch=16)  # passes are sized when it is made
+        assert s._pass_rows == plan_module._PASS_SLOTS // 16
         state, out = PlanState.start(3), []
         while state.batch < len(weights):
             out += plan_batches(s, state, weights[state.batch :], rank=1, world_size=2)

@@ -7,7 +7,7 @@ the loss it optimises; the callback does the rest::
         losses = per_sample_loss(self(batch["input_ids"]), batch["labels"])
         return {"loss": losses.mean(), "losses": losses.detach()}
 
-    mixing = OnlineMixing.from_config("mixture.yaml", controller="odm", lag=4)
+    mixing = OnlineMixing.from_config("mixture.yaml", controller="odm")
     callback = OnlineMixingCallback(mixing)
     trainer = L.Trainer(max_steps=1000, callbacks=[callback], accumulate_grad_batches=1)
     trainer.fit(module, train_dataloaders=callback.train_dataloader())   # ckpt_path=... resumes
