@@ -283,7 +283,8 @@ def plan_batches(
     world_size: int = 1,
     keep: tuple[int, int] = (1, 0),
 ) -> list[BatchPlan]:
-    """Plan the next ``len(weights)`` batches (fewer if a domain runs dry), advancing ``state``.
+    """Plan the next ``len(weights)`` batches (fewer if a domain runs dry), advancing ``state`` (its
+    cursors in place: a ``PlanState.copy()`` keeps a position).
 
     Returns this rank's slice of each batch ``b`` with ``b % keep[0] == keep[1]``
     (a DataLoader worker's share; all of them by default); the others are
@@ -303,6 +304,8 @@ def plan_batches(
                 break
         return plans
     every, residue = keep
+    if not 0 <= residue < every:
+        raise ValueError(f"keep=(every, residue) needs 0 <= residue < every, got {keep}")
     per_rank = spec.global_batch_size // world_size
     first, counted = state.batch, 0
     if spec.sampling == "systematic":

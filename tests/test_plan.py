@@ -145,6 +145,8 @@ def test_short_plan_calls_equal_one_long_call(rank, world_size, workers):
 
     long = plans(150)
     assert plans(1) == plans(5) == long
+    with pytest.raises(ValueError, match=r"0 <= residue < every, got \(2, 2\)"):
+        plan_batches(spec(), PlanState.start(3), weights[:1], keep=(2, 2))
     assert [batch for batch, *_ in long] == list(range(workers - 1, 150, workers))
 
 
