@@ -256,17 +256,27 @@ def count_batches(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.n
 
 def _count(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``count_batches``, and the cursors before each counted batch (a row each)."""
-    weights = np.ascontiguousarray(weights, dtype=np.float64)
     if spec.sampling == "systematic":
         counts, before = plan_kernels.count_rows(
-            weights, spec.global_batch_size, state.batch, np.uint64(spec._counts_key), state.cursors, spec.caps
+            np.ascontiguousarray(weights, dtype=np.float64),
+            spec.global_batch_size,
+            state.batch,
+            spec._keys[plan_kernels.COUNTS_KEY],
+            state.cursors,
+            spec.caps,
         )
         if len(counts):
             state.cursors = before[-1] + counts[-1]
             state.batch += len(counts)
             return counts, before
+    return _count_exactly(spec, state, weights[0])
+
+
+def _count_exactly(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One batch counted by ``allocate`` (multinomial sampling, or a batch that touches a repeat cap), as
+    ``_count`` returns it."""
     before = state.cursors[None, :]
-    single = allocate(spec, state.cursors, weights[0], state.batch)
+    single = allocate(spec, state.cursors, weights, state.batch)
     state.cursors = state.cursors + single
     state.batch += 1
     return single[None, :], before
@@ -307,7 +317,8 @@ def plan_batches(
     if not 0 <= residue < every:
         raise ValueError(f"keep=(every, residue) needs 0 <= residue < every, got {keep}")
     per_rank = spec.global_batch_size // world_size
-    first, counted = state.batch, 0
+    layout = (spec.global_batch_size, spec._slot_bits, rank * per_rank, per_rank, every, residue)
+    first = state.batch
     if spec.sampling == "systematic":
         counted, counts, domains, j, indices = plan_kernels.plan_rows(
             np.ascontiguousarray(weights, dtype=np.float64),
@@ -317,24 +328,14 @@ def plan_batches(
             spec.sizes,
             spec._bits,
             spec._keys,
-            spec.global_batch_size,
-            spec._slot_bits,
-            rank * per_rank,
-            per_rank,
-            every,
-            residue,
+            *layout,
         )
         state.batch += counted
-    if not counted:  # multinomial, or the first batch touches a cap: count it alone, exactly
-        counts, before = _count(spec, state, weights[:1])
-        if first % every != residue:
-            return []
-        domains, j, indices = (np.empty((1, per_rank), dtype=np.int64) for _ in range(3))
-        plan_kernels.slot_takes(
-            counts, before, np.array([first]), spec.global_batch_size, spec._slot_bits, rank * per_rank,
-            spec._keys[plan_kernels.SLOTS_KEY], spec.sizes, spec._bits, spec._keys[plan_kernels.PERMUTATION_KEY],
-            domains, j, indices,
-        )  # fmt: skip
+    if state.batch == first:  # multinomial, or the first batch touches a cap: count it alone, exactly
+        counts, before = _count_exactly(spec, state, weights[0])
+        counts, domains, j, indices = plan_kernels.kept_slots(
+            counts, before, first, spec.sizes, spec._bits, spec._keys, *layout
+        )
     if spec._sharded or spec._resampled:
         _special_orders(spec, domains, j, indices)
     batches = range(first + (residue - first) % every, state.batch, every)

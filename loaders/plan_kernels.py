@@ -219,6 +219,37 @@ COUNTS_KEY, SLOTS_KEY, PERMUTATION_KEY = 0, 1, 2
 
 
 @njit(cache=True)
+def kept_slots(
+    counts: np.ndarray,
+    before: np.ndarray,
+    first: int,
+    sizes: np.ndarray,
+    bits: np.ndarray,
+    keys: np.ndarray,
+    total: int,
+    total_bits: int,
+    first_slot: int,
+    slots: int,
+    every: int,
+    residue: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``slot_takes`` for the batches ``b`` (rows of ``counts``, from batch ``first``) with
+    ``b % every == residue``: their counts, and their slots' domains, takes and samples.
+    """
+    start = (residue - first) % every  # the first kept row; the kept rows are views, never copies
+    kept = counts[start::every]
+    # Three arrays, not one block of three: a block grows past glibc's mmap threshold (128 KB) three
+    # times sooner, and then every call faults in fresh pages (measured: 46 -> 65 µs per batch).
+    domains = np.empty((kept.shape[0], slots), np.int64)
+    j, indices = np.empty_like(domains), np.empty_like(domains)
+    slot_takes(
+        kept, before[start::every], first + np.arange(start, counts.shape[0], every), total, total_bits,
+        first_slot, keys[SLOTS_KEY], sizes, bits, keys[PERMUTATION_KEY], domains, j, indices,
+    )  # fmt: skip
+    return kept, domains, j, indices
+
+
+@njit(cache=True)
 def plan_rows(
     weights: np.ndarray,
     first: int,
@@ -235,25 +266,17 @@ def plan_rows(
     residue: int,
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A plan call in one compiled call: ``count_rows`` from batch ``first`` (advancing ``cursors`` in
-    place), then ``slot_takes`` for the counted batches ``b`` with ``b % every == residue``.
+    place), then ``kept_slots``.
 
-    Returns how many batches were counted, and for the kept ones (a row
-    each) their counts, and their slots' domains, takes and samples. One call
-    instead of two: with online weights a call covers only a few batches,
-    and what a call costs whatever its size is most of it.
+    Returns how many batches were counted, and ``kept_slots``' four arrays.
+    One call instead of two: with online weights a call covers only a few
+    batches, and what a call costs whatever its size is most of it.
     """
     counts, before = count_rows(weights, total, first, keys[COUNTS_KEY], cursors, caps)
     counted = counts.shape[0]
     if counted:
         cursors[:] = before[counted - 1] + counts[counted - 1]
-    start = (residue - first) % every  # the first kept row; the kept rows are views, never copies
-    kept = counts[start::every]
-    # Three arrays, not one block of three: a block grows past glibc's mmap threshold (128 KB) three
-    # times sooner, and then every call faults in fresh pages (measured: 46 -> 65 µs per batch).
-    domains = np.empty((kept.shape[0], slots), np.int64)
-    j, indices = np.empty_like(domains), np.empty_like(domains)
-    slot_takes(
-        kept, before[start::every], first + np.arange(start, counted, every), total, total_bits, first_slot,
-        keys[SLOTS_KEY], sizes, bits, keys[PERMUTATION_KEY], domains, j, indices,
-    )  # fmt: skip
+    kept, domains, j, indices = kept_slots(
+        counts, before, first, sizes, bits, keys, total, total_bits, first_slot, slots, every, residue
+    )
     return counted, kept, domains, j, indices

@@ -145,9 +145,30 @@ def test_short_plan_calls_equal_one_long_call(rank, world_size, workers):
 
     long = plans(150)
     assert plans(1) == plans(5) == long
+    assert [batch for batch, *_ in long] == list(range(workers - 1, 150, workers))
     with pytest.raises(ValueError, match=r"0 <= residue < every, got \(2, 2\)"):
         plan_batches(spec(), PlanState.start(3), weights[:1], keep=(2, 2))
-    assert [batch for batch, *_ in long] == list(range(workers - 1, 150, workers))
+
+
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_workers_shares_of_the_batches_make_up_the_whole_stream_through_caps(sampling):
+    """Batches counted one at a time (multinomial, or touching a repeat cap) are kept by exactly one
+    worker's share too: the shares of 3 workers, merged, are the whole stream, up to its end."""
+    weights = np.random.default_rng(4).dirichlet(np.ones(3), size=60)
+
+    def plans(keep):
+        s, state, out = spec(sizes=(40, 25, 30), caps=(80, 50, 60), sampling=sampling), PlanState.start(3), []
+        try:
+            while state.batch < len(weights):
+                out += plan_batches(s, state, weights[state.batch : state.batch + 7], 1, 2, keep)
+        except StreamEnded:
+            pass
+        return [(p.batch, p.domains.tolist(), p.indices.tolist(), p.counts.tolist()) for p in out], state
+
+    whole, end = plans((1, 0))
+    shares = [plans((3, residue)) for residue in range(3)]
+    assert sorted(batch for share, _ in shares for batch in share) == whole
+    assert all(state == end for _, state in shares) and 10 < end.batch < 60  # the caps end the stream
 
 
 def test_slot_order_is_a_keyed_shuffle_of_the_batch():
