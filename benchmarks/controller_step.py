@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
-from loaders.channel import DEFAULT_LAG, VersionedSchedule, WeightsChannel
-from loaders.plan import UNLIMITED
-from mixing.controllers import DGAController, DoReMiController, ODMController
-from mixing.mixer import OnlineMixer
+from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
+from onlinemix.loaders.channel import DEFAULT_LAG, VersionedSchedule, WeightsChannel
+from onlinemix.loaders.plan import UNLIMITED
+from onlinemix.mixing.controllers import DGAController, DoReMiController, ODMController
+from onlinemix.mixing.mixer import OnlineMixer
 
 
 def controller_cost(device: str) -> None:

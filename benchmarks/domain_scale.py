@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 import torch
-
-from loaders.plan import UNLIMITED, PlanSpec, PlanState, plan_batches
-from mixing.controllers import ODMController
+from onlinemix.loaders.plan import UNLIMITED, PlanSpec, PlanState, plan_batches
+from onlinemix.mixing.controllers import ODMController
 
 GLOBAL_BATCH = 1024
 

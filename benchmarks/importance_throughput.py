@@ -23,8 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from loaders.importance import WORDS, ImportanceEstimator, NgramHasher, kl_divergence, log_distribution
+from onlinemix.loaders.importance.estimator import (
+    WORDS,
+    ImportanceEstimator,
+    NgramHasher,
+    kl_divergence,
+    log_distribution,
+)
 
 
 def corpus(count: int, words_per_document: int = 285) -> tuple[list[str], list[str]]:

@@ -24,11 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from loader_throughput import BATCH, SEQ_LEN, WEIGHTS, build_domains
-
-from loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
-from loaders.plan import UNLIMITED
-from mixing.controllers import ODMController
-from mixing.mixer import OnlineMixer
+from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
+from onlinemix.loaders.plan import UNLIMITED
+from onlinemix.mixing.controllers import ODMController
+from onlinemix.mixing.mixer import OnlineMixer
 
 
 def rank_main(rank: int, world: int, sync: str, folder: str, steps: int, results: multiprocessing.Queue) -> None:

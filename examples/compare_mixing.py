@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from onlinemix.loaders import MixedDataset, MixedLoader
+from onlinemix.mixing.schedule_log import read_schedule, replay_schedule
 from train_gpt import parser as train_parser  # examples/ is on the path when this script runs
 from train_gpt import train
 
-from loaders import MixedDataset, MixedLoader
-from loaders.cli import main as onlinemix
-from mixing.schedule_log import read_schedule, replay_schedule
+from onlinemix.cli import main as onlinemix
 
 STATIC = ("uniform", "proportional")
 ONLINE = ("doremi", "odm", "dga", "importance")

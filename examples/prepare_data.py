@@ -26,9 +26,8 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+from onlinemix.loaders.transforms import ByteTokenizer
 from tqdm import tqdm
-
-from loaders.transforms import ByteTokenizer
 
 MIXTURE = """\
 # Python-stdlib mixture written by examples/prepare_data.py

@@ -29,12 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from onlinemix.loaders import ByteTokenizer, MixedDataset, MixtureConfig
+from onlinemix.loaders.build import build_sources
+from onlinemix.mixing.controllers import (
+    DGAController,
+    DoReMiController,
+    ODMController,
+    StaticController,
+    gradient_alignment,
+)
+from onlinemix.mixing.mixer import OnlineMixer
+from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 from torch import nn
-
-from loaders import ByteTokenizer, MixedDataset, MixtureConfig
-from mixing.controllers import DGAController, DoReMiController, ODMController, StaticController, gradient_alignment
-from mixing.mixer import OnlineMixer
-from mixing.training import OnlineMixing, per_sample_loss
 
 METHODS = ("uniform", "proportional", "config", "odm", "doremi", "dga")
 ETA = {"doremi": 0.05, "dga": 4.0}  # step sizes that worked on the stdlib mixture at 400 steps
@@ -83,7 +89,7 @@ class HeldOut:
 
     def __init__(self, path: Path, samples: int):
         config = MixtureConfig.load(path)
-        self.sources = dict(zip(config.names, config.build_sources()))
+        self.sources = dict(zip(config.names, build_sources(config)))
         self.samples = samples
         self.rng = np.random.default_rng(0)
 

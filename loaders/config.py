@@ -1,4 +1,6 @@
-"""The YAML mixture file: parsing, validation with errors that name the key, file or domain.
+"""The YAML mixture file: parsing and validation, with errors that name the key, file or domain.
+
+Nothing here opens data: ``build.py`` turns a parsed ``MixtureConfig`` into sources, weights and a plan spec.
 
 ::
 
@@ -29,16 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-
-from loaders.acceptance import OnlineAcceptance
-from loaders.importance import ImportanceError, ImportanceEstimator
-from loaders.plan import SAMPLING_METHODS, UNLIMITED, PlanSpec, ResampledOrder
-from loaders.sidecars import load_sidecar, sidecar_paths
-from loaders.sources import SOURCES, Source
-from loaders.transforms import ImportedTransform
-from mixing.simplex import check_weights, temperature_weights
+from onlinemix.loaders.plan import SAMPLING_METHODS
+from onlinemix.loaders.sources import SOURCES
+from onlinemix.mixing.simplex import check_weights
 
 TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains", "mixing", "importance")
 IMPORTANCE_KEYS = (
@@ -97,7 +93,7 @@ class ImportanceConfig:
       samples by Gumbel-top-k on ``beta · log w`` (``loaders/plan.py``).
     - ``estimator``: an ``onlinemix importance fit`` file. A listed domain
       without a sidecar is *accepted/rejected online* in the worker
-      (``loaders/acceptance.py``: ``tau`` = ``accept_quantile`` of a
+      (``loaders/importance/acceptance.py``: ``tau`` = ``accept_quantile`` of a
       ``warmup`` sample, at most ``max_reads`` candidates per slot).
       With ``prior_temperature`` (and no domain weights) the initial weights
       are ``∝ exp(−KL(target || domain) / prior_temperature)``.
@@ -207,119 +203,6 @@ class MixtureConfig:
     def config_hash(self) -> str:
         """SHA-256 of the config as written (canonical JSON), to tie logs and checkpoints to it."""
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()
-
-    def build_sources(self) -> list[Source]:
-        """Open every domain's source (index files are built here); errors name the domain."""
-        sources = []
-        for domain in self.domains:
-            transform_spec = domain.transform or self.transform
-            transform = ImportedTransform(transform_spec) if transform_spec else None
-            try:
-                source = SOURCES[domain.source](domain.path, self.seq_len, transform=transform, **domain.options)
-            except FileNotFoundError:
-                raise ConfigError(f"domain {domain.name!r}: file not found: {domain.path}") from None
-            except ValueError as error:
-                raise ConfigError(f"domain {domain.name!r}: {error}") from None
-            if len(source) == 0:
-                raise ConfigError(
-                    f"domain {domain.name!r}: {domain.path} holds no samples "
-                    f"(a {domain.source} sample needs seq_len + 1 = {self.seq_len + 1} tokens / one document)"
-                )
-            sources.append(source)
-        return sources
-
-    def initial_weights(self, sizes: list[int]) -> np.ndarray:
-        """The configured weights, the importance prior, or the temperature rule over the domain sizes."""
-        if self.domains[0].weight is not None:
-            return check_weights([d.weight for d in self.domains], self.names)
-        if self.importance is not None and self.importance.prior_temperature is not None:
-            return self.estimator().domain_prior(self.names, self.importance.prior_temperature)
-        return temperature_weights(sizes, self.temperature)
-
-    def estimator(self) -> ImportanceEstimator:
-        if self.importance is None or self.importance.estimator is None:
-            raise ConfigError("importance: this needs an estimator (importance.estimator: FILE)")
-        try:
-            return ImportanceEstimator.load(self.importance.estimator)
-        except ImportanceError as error:
-            raise ConfigError(f"importance.estimator: {error}") from None
-
-    def importance_roles(self) -> dict[str, str]:
-        """``{domain: "resampled" | "accepted"}`` for the domains the importance section applies to."""
-        section = self.importance
-        if section is None:
-            return {}
-        roles = {}
-        for name in section.domains or self.names:
-            if section.sidecars is not None and sidecar_paths(section.sidecars, name)[0].exists():
-                roles[name] = "resampled"
-            elif section.estimator is not None and (section.domains or section.sidecars is None):
-                roles[name] = "accepted"
-            elif section.domains:
-                raise ConfigError(f"importance: domain {name!r} has no sidecar in {section.sidecars} and no estimator")
-        return roles
-
-    def acceptance(self, sources: list[Source]) -> dict[int, OnlineAcceptance]:
-        """The online accept/reject of each ``accepted`` domain, calibrated (its ``tau``) on a warm-up sample."""
-        section, roles = self.importance, self.importance_roles()
-        accepted = [d for d, name in enumerate(self.names) if roles.get(name) == "accepted"]
-        if not accepted:
-            return {}
-        estimator = self.estimator()
-        try:
-            return {
-                d: OnlineAcceptance(
-                    estimator,
-                    self.names[d],
-                    d,
-                    sources[d],
-                    self.seed,
-                    section.beta,
-                    max_reads=section.max_reads,
-                    field=section.field,
-                ).calibrate(section.accept_quantile, section.warmup)
-                for d in accepted
-            }
-        except ImportanceError as error:
-            raise ConfigError(f"importance: {error}") from None
-
-    def _resampled(self, sources: list[Source]) -> list[ResampledOrder | None]:
-        section, roles = self.importance, self.importance_roles()
-        orders: list[ResampledOrder | None] = []
-        for name, source in zip(self.names, sources):
-            if roles.get(name) != "resampled":
-                orders.append(None)
-                continue
-            try:
-                log_weights = load_sidecar(section.sidecars, name, source, section.field)
-            except ImportanceError as error:
-                raise ConfigError(f"importance: {error}") from None
-            drawable = int(np.isfinite(log_weights).sum())
-            if not drawable:
-                raise ConfigError(f"importance: every sample of domain {name!r} is too short to have a weight")
-            orders.append(ResampledOrder(log_weights, section.beta, max(1, math.ceil(section.keep * drawable))))
-        return orders
-
-    def plan_spec(self, sources: list[Source]) -> PlanSpec:
-        resampled = self._resampled(sources)
-        sizes = [len(source) if order is None else order.size for source, order in zip(sources, resampled)]
-        shards = []
-        for domain, source, order in zip(self.domains, sources, resampled):
-            if domain.order == "shards" and source.shard_sizes is None:
-                raise ConfigError(f"domain {domain.name!r}: order: shards needs a sharded source, not {domain.source}")
-            if domain.order == "shards" and order is not None:
-                raise ConfigError(f"domain {domain.name!r}: order: shards and importance resampling exclude each other")
-            shards.append(source.shard_sizes if domain.order == "shards" else None)
-        caps = []
-        for domain, size in zip(self.domains, sizes):
-            if domain.max_epochs is None:
-                caps.append(UNLIMITED)
-                continue
-            cap = math.floor(domain.max_epochs * size)
-            if cap < 1:
-                raise ConfigError(f"domain {domain.name!r}: max_epochs {domain.max_epochs} allows no sample of {size}")
-            caps.append(cap)
-        return PlanSpec(sizes, caps, self.seed, self.global_batch_size, self.sampling, tuple(shards), tuple(resampled))
 
 
 def _importance(raw: Any, base_dir: Path, names: list[str]) -> ImportanceConfig | None:

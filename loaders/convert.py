@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onlinemix.loaders.files import atomic_output
+from onlinemix.loaders.transforms import ByteTokenizer
 from tqdm import tqdm
-
-from loaders.files import atomic_output
-from loaders.transforms import ByteTokenizer
 
 FORMATS = ("tokenbin", "mds", "webdataset")
 _TEXT_BATCH = 256  # documents tokenized per call (HF tokenizers encode a batch in parallel)

@@ -19,7 +19,7 @@ index within its domain) besides the transform's fields. With importance
 inside the stream (``importance:`` in the mixture file) it also carries
 ``importance`` (the sample's DSIR log weight; 0 in domains without one) and
 ``reads`` (samples read to fill the slot: more than 1 only where online
-accept/reject rejected some, see ``loaders/acceptance.py``).
+accept/reject rejected some, see ``loaders/importance/acceptance.py``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-
-from loaders.acceptance import OnlineAcceptance
-from loaders.config import MixtureConfig
-from loaders.plan import (
+from onlinemix.loaders import build
+from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.importance.acceptance import OnlineAcceptance
+from onlinemix.loaders.plan import (
     UNLIMITED,
     BatchPlan,
     PlanSpec,
@@ -46,8 +45,9 @@ from loaders.plan import (
     WeightSchedule,
     plan_batches,
 )
-from loaders.ranks import data_parallel_rank
-from loaders.sources import Source
+from onlinemix.loaders.ranks import data_parallel_rank
+from onlinemix.loaders.sources import Source
+from torch.utils.data import IterableDataset, get_worker_info
 
 OUTPUTS = ("batches", "samples")
 PLAN_CHUNK = 64  # batches each worker plans per call: amortises the per-call cost (a few µs)
@@ -120,11 +120,10 @@ class MixedDataset(IterableDataset):
         """Open the sources of a YAML config (or a loaded ``MixtureConfig``) with its static weights."""
         if not isinstance(config, MixtureConfig):
             config = MixtureConfig.load(config)
-        sources = config.build_sources()
-        sizes = [len(source) for source in sources]
-        schedule = kwargs.pop("schedule", None) or StaticSchedule(config.initial_weights(sizes))
-        spec = config.plan_spec(sources)
-        return cls(sources, config.names, spec, schedule, acceptance=config.acceptance(sources), **kwargs)
+        sources = build.build_sources(config)
+        schedule = kwargs.pop("schedule", None) or StaticSchedule(build.initial_weights(config, sources))
+        spec = build.plan_spec(config, sources)
+        return cls(sources, config.names, spec, schedule, acceptance=build.online_acceptance(config, sources), **kwargs)
 
     @property
     def local_batch_size(self) -> int:

@@ -13,11 +13,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from onlinemix.loaders.channel import VersionedSchedule, WeightsChannel
+from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.plan import PlanState, fast_forward
 from torch.utils.data import DataLoader
-
-from loaders.channel import VersionedSchedule, WeightsChannel
-from loaders.dataset import MixedDataset
-from loaders.plan import PlanState, fast_forward
 
 STATE_VERSION = 1
 

@@ -19,8 +19,7 @@ no numpy call overhead.
 from __future__ import annotations
 
 import numpy as np
-
-from loaders.plan_kernels import permute_each
+from onlinemix.loaders.plan_kernels import permute_each
 
 
 def block_bits(n: int) -> int:

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-
-from loaders import plan_kernels, rng
-from loaders.permutation import block_bits, permute
+from onlinemix.loaders import plan_kernels, rng
+from onlinemix.loaders.permutation import block_bits, permute
 
 UNLIMITED = 1 << 62  # cap of a domain without max_epochs
 SAMPLING_METHODS = ("systematic", "multinomial")
@@ -82,7 +81,7 @@ class StaticSchedule:
 
 @dataclass(frozen=True)
 class ResampledOrder:
-    """How a domain is drawn by importance (DSIR weights from a sidecar, see ``loaders/sidecars.py``).
+    """How a domain is drawn by importance (DSIR weights from a sidecar, see ``loaders/importance/sidecars.py``).
 
     ``log_weights`` has one entry per sample of the source (``-inf``: never
     drawn); each epoch draws ``size`` of the others, the plan's size for the

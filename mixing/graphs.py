@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from mixing.controllers.base import Controller
+    from onlinemix.mixing.controllers.base import Controller
 
 
 class ControllerGraphs:

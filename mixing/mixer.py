@@ -41,13 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
-from loaders.config import ConfigError, MixtureConfig
-from loaders.dataset import MixedDataset
-from mixing.controllers import CONTROLLERS
-from mixing.controllers.base import Controller
-from mixing.schedule_log import ScheduleWriter
+from onlinemix.loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
+from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.mixing.controllers import CONTROLLERS
+from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.schedule_log import ScheduleWriter
 
 NONFINITE = ("skip", "error")
 SYNC = ("auto", "all_reduce", "broadcast", "none")

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from loaders.channel import ReplayTable, VersionedSchedule
+from onlinemix.loaders.channel import ReplayTable, VersionedSchedule
 
 MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
 HEADER_DEFAULTS = {"accumulation": 1}  # keys added after format 1 was first written

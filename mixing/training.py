@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from loaders.config import MixtureConfig
-from loaders.dataset import MixedDataset
-from loaders.loader import MixedLoader
-from loaders.transforms import IGNORE_INDEX
-from mixing.mixer import OnlineMixer
+from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.loader import MixedLoader
+from onlinemix.loaders.transforms import IGNORE_INDEX
+from onlinemix.mixing.mixer import OnlineMixer
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

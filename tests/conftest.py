@@ -60,7 +60,7 @@ def example(tmp_path: Path) -> Path:
 
 def shout(record: dict) -> dict:
     """A config-named transform (``conftest:shout``): upper-case the text, then byte-tokenize."""
-    from loaders.transforms import ByteTokenizer
+    from onlinemix.loaders.transforms import ByteTokenizer
 
     return ByteTokenizer(128)(record["text"].upper())
 

@@ -3,9 +3,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from loaders.channel import ReplayTable, VersionedSchedule, WeightsChannel, WeightsTimeout
-from mixing.schedule_log import MAGIC, ScheduleLogError, ScheduleWriter, read_schedule
+from onlinemix.loaders.channel import ReplayTable, VersionedSchedule, WeightsChannel, WeightsTimeout
+from onlinemix.mixing.schedule_log import MAGIC, ScheduleLogError, ScheduleWriter, read_schedule
 
 HEADER = {"domains": ["a", "b"], "seed": 1, "lag": 2}
 

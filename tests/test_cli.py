@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import make_example
 
-from loaders.cli import main
+from onlinemix.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import EXAMPLE_CONFIG, make_example, write_config, write_tokens
-
-from loaders import ConfigError, MixedDataset, MixtureConfig
+from onlinemix.loaders import ConfigError, MixedDataset, MixtureConfig
 
 
 def test_the_example_config_loads_exactly_as_written(example):

@@ -2,8 +2,7 @@ import math
 
 import pytest
 import torch
-
-from mixing.controllers import (
+from onlinemix.mixing.controllers import (
     DGAController,
     DoReMiController,
     ODMController,
@@ -11,8 +10,8 @@ from mixing.controllers import (
     StaticController,
     gradient_alignment,
 )
-from mixing.controllers.odm import exploration
-from mixing.stats import DomainStats, ema
+from onlinemix.mixing.controllers.odm import exploration
+from onlinemix.mixing.stats import DomainStats, ema
 
 UNIFORM3 = torch.full((3,), 1 / 3)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onlinemix.loaders import convert as convert_module
+from onlinemix.loaders.convert import ConvertError, convert, parse_size
+from onlinemix.loaders.sources import MdsSource, TokenBinSource, WebDatasetSource
+from onlinemix.loaders.transforms import ByteTokenizer
 
-from loaders import convert as convert_module
-from loaders.cli import main
-from loaders.convert import ConvertError, convert, parse_size
-from loaders.sources import MdsSource, TokenBinSource, WebDatasetSource
-from loaders.transforms import ByteTokenizer
+from onlinemix.cli import main
 
 TEXTS = [f"document number {i}: " + "words and more words " * (i % 9) + "é ✓" for i in range(40)]
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_example
-
-from loaders import ByteTokenizer, MixedDataset, MixedLoader
+from onlinemix.loaders import ByteTokenizer, MixedDataset, MixedLoader
 
 BATCHES = 24
 

@@ -17,10 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import make_example
-
-from loaders import MixedDataset, MixedLoader
-from mixing.controllers import ODMController
-from mixing.mixer import MixingError, OnlineMixer
+from onlinemix.loaders import MixedDataset, MixedLoader
+from onlinemix.mixing.controllers import ODMController
+from onlinemix.mixing.mixer import MixingError, OnlineMixer
 
 STEPS, LAG = 12, 2
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import write_jsonl, write_tokens
-
-from mixing.schedule_log import read_schedule
+from onlinemix.mixing.schedule_log import read_schedule
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import yaml
 from conftest import write_jsonl
+from onlinemix.loaders.build import build_sources
+from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
+from onlinemix.loaders.importance.sidecars import load_sidecar, sidecar_paths
 
-from loaders.cli import main
-from loaders.importance import ImportanceError, ImportanceEstimator, NgramHasher
-from loaders.sidecars import load_sidecar, sidecar_paths
+from onlinemix.cli import main
 
 
 def sha_bucket(ngram: str, buckets: int) -> int:
@@ -110,9 +112,7 @@ def test_cli_fits_scores_resumes_and_reports(tmp_path, capsys):
     assert ImportanceEstimator.load(est).documents == {"target": 2, "a": 30, "b": 30}
     assert main(["importance", "score", str(est), "--config", str(config), "--out", str(out)]) == 0
     assert "b: 42 documents scored (2 short)" in capsys.readouterr().out  # "" has no words, "!" one: both short
-    from loaders.config import MixtureConfig
-
-    sources = dict(zip(["a", "b"], MixtureConfig.load(config).build_sources()))
+    sources = dict(zip(["a", "b"], build_sources(MixtureConfig.load(config))))
     full = load_sidecar(out, "a", sources["a"]).copy()
     texts = [f"def f{i}(x): return x + {i}" for i in range(60)]
     assert full.tolist() == ImportanceEstimator.load(est).score(texts, "a")[0].tolist()
@@ -137,4 +137,4 @@ def test_cli_fits_scores_resumes_and_reports(tmp_path, capsys):
 
     write_jsonl(tmp_path / "a.jsonl", [f"changed {i}" for i in range(60)])  # same length, other documents
     with pytest.raises(ImportanceError, match="does not match domain 'a'"):
-        load_sidecar(out, "a", MixtureConfig.load(config).build_sources()[0])
+        load_sidecar(out, "a", build_sources(MixtureConfig.load(config))[0])

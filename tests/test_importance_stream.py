@@ -11,14 +11,15 @@ import pytest
 import torch
 import yaml
 from conftest import write_jsonl
+from onlinemix.loaders import MixedDataset, MixedLoader
+from onlinemix.loaders.build import build_sources, initial_weights
+from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.importance.estimator import ImportanceEstimator, NgramHasher
+from onlinemix.loaders.importance.sidecars import load_sidecar
+from onlinemix.loaders.plan import UNLIMITED, PlanSpec, ResampledOrder, resampled_order
+from onlinemix.mixing.training import OnlineMixing
 
-from loaders import MixedDataset, MixedLoader
-from loaders.cli import main
-from loaders.config import ConfigError, MixtureConfig
-from loaders.importance import ImportanceEstimator, NgramHasher
-from loaders.plan import UNLIMITED, PlanSpec, ResampledOrder, resampled_order
-from loaders.sidecars import load_sidecar
-from mixing.training import OnlineMixing
+from onlinemix.cli import main
 
 TARGET_WORDS = "matrix vector tensor gradient"
 
@@ -192,7 +193,7 @@ def test_domain_prior_is_a_softmax_of_minus_kl_by_hand():
 def test_prior_from_the_config_sets_the_initial_weights(mixture):
     path = config(mixture, "prior.yaml", estimator="est.npz", domains=["science"], prior_temperature=0.05)
     loaded = MixtureConfig.load(path)
-    weights = loaded.initial_weights([240, 162])
+    weights = initial_weights(loaded, build_sources(loaded))
     assert np.allclose(weights, ImportanceEstimator.load(mixture / "est.npz").domain_prior(["science", "garden"], 0.05))
     assert weights[0] > weights[1]  # science has the target's vocabulary in a third of it, garden in a quarter
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 import yaml
 from conftest import write_tokens
+from onlinemix.mixing.schedule_log import read_schedule
+from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 from torch import nn
-
-from mixing.schedule_log import read_schedule
-from mixing.training import OnlineMixing, per_sample_loss
 
 SEQ_LEN, BATCH, VOCAB = 16, 8, 258
 
@@ -85,9 +84,8 @@ def tiny_gpt2():
 
 
 def hf_run(config: Path, out: Path, steps: int, resume: str | None = None, accumulation: int = 2):
+    from onlinemix.mixing.integrations.hf import MixingTrainer
     from transformers import TrainingArguments
-
-    from mixing.integrations.hf import MixingTrainer
 
     class Recording(MixingTrainer):
         trained: list
@@ -138,9 +136,8 @@ def test_hf_trainer_mixes_online_and_resumes_from_its_checkpoint_exactly(tmp_pat
 
 
 def test_hf_trainer_refuses_mismatched_accumulation(tmp_path):
+    from onlinemix.mixing.integrations.hf import MixingTrainer
     from transformers import TrainingArguments
-
-    from mixing.integrations.hf import MixingTrainer
 
     mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm")
     model = tiny_gpt2()
@@ -155,7 +152,7 @@ def test_hf_trainer_refuses_mismatched_accumulation(tmp_path):
 def lightning_run(config: Path, out: Path, steps: int, resume: str | None = None, accumulation: int = 2):
     pl = pytest.importorskip("lightning.pytorch")
 
-    from mixing.integrations.lightning import OnlineMixingCallback
+    from onlinemix.mixing.integrations.lightning import OnlineMixingCallback
 
     class Bigram(pl.LightningModule):
         def __init__(self):
@@ -209,7 +206,7 @@ def test_lightning_callback_mixes_online_and_resumes_from_its_checkpoint_exactly
 
 def test_lightning_callback_needs_a_lag_of_two(tmp_path):
     pytest.importorskip("lightning.pytorch")
-    from mixing.integrations.lightning import OnlineMixingCallback
+    from onlinemix.mixing.integrations.lightning import OnlineMixingCallback
 
     mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm", lag=1)
     with pytest.raises(ValueError, match="lag >= 2"):

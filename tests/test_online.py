@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_example
-
-from loaders import MixedDataset, MixedLoader
-from loaders.channel import DEFAULT_LAG
-from mixing.controllers import ODMController
-from mixing.mixer import MixingError, OnlineMixer
-from mixing.schedule_log import ScheduleLogError, read_schedule, replay_schedule
+from onlinemix.loaders import MixedDataset, MixedLoader
+from onlinemix.loaders.channel import DEFAULT_LAG
+from onlinemix.mixing.controllers import ODMController
+from onlinemix.mixing.mixer import MixingError, OnlineMixer
+from onlinemix.mixing.schedule_log import ScheduleLogError, read_schedule, replay_schedule
 
 STEPS, LAG = 16, 2
 
@@ -175,7 +174,7 @@ def test_out_of_range_domain_ids_raise(config):
 
 
 def test_cli_replays_a_log_and_shows_exports_and_plots_it(config, recorded, tmp_path, capsys):
-    from loaders.cli import main
+    from onlinemix.cli import main
 
     batches, log_path = recorded
     assert main(["sample", str(config), "--batches", str(STEPS), "--schedule", str(log_path), "--workers", "2"]) == 0
@@ -200,8 +199,7 @@ def test_cli_replays_a_log_and_shows_exports_and_plots_it(config, recorded, tmp_
 
 def test_mixer_from_the_config_mixing_section(tmp_path):
     import yaml
-
-    from loaders.config import ConfigError
+    from onlinemix.loaders.config import ConfigError
 
     path = make_example(tmp_path)
     raw = yaml.safe_load(path.read_text())

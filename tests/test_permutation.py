@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from loaders.permutation import block_bits, permute
+from onlinemix.loaders.permutation import block_bits, permute
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from loaders import plan as plan_module
-from loaders import plan_kernels
-from loaders.permutation import permute
-from loaders.plan import (
+from onlinemix.loaders import plan as plan_module
+from onlinemix.loaders import plan_kernels
+from onlinemix.loaders.permutation import permute
+from onlinemix.loaders.plan import (
     UNLIMITED,
     PlanSpec,
     PlanState,
@@ -22,7 +21,7 @@ from loaders.plan import (
     plan_batches,
     systematic_counts,
 )
-from loaders.rng import mix64
+from onlinemix.loaders.rng import mix64
 
 
 def spec(sizes=(100, 50, 30), caps=None, seed=3, batch=16, sampling="systematic"):

@@ -15,13 +15,12 @@ import pytest
 import webdataset
 import yaml
 from conftest import write_tokens
+from onlinemix.loaders import MixedDataset, MixedLoader
+from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.plan import shard_order
+from onlinemix.loaders.sources import MdsSource, SourceError, WebDatasetSource
+from onlinemix.loaders.sources.wds import ShardIndex, decode_npy
 from streaming import MDSWriter
-
-from loaders import MixedDataset, MixedLoader
-from loaders.config import ConfigError, MixtureConfig
-from loaders.plan import shard_order
-from loaders.sources import MdsSource, SourceError, WebDatasetSource
-from loaders.sources.wds import ShardIndex, decode_npy
 
 SEQ_LEN = 16
 
@@ -346,7 +345,7 @@ def test_shard_sources_travel_to_workers_without_their_open_files(tmp_path):
 
 
 def test_inspect_reports_the_shards_left_out(tmp_path, capsys):
-    from loaders.cli import main
+    from onlinemix.cli import main
 
     write_mds(tmp_path / "mds", documents(30))
     (tmp_path / "mds" / "shard.00001.mds").unlink()

@@ -4,10 +4,9 @@ import pickle
 import numpy as np
 import pytest
 from conftest import write_jsonl, write_tokens
-
-from loaders.sources import JsonlSource, SourceError, TokenBinSource
-from loaders.sources.jsonl import index_path
-from loaders.transforms import IGNORE_INDEX, ByteTokenizer
+from onlinemix.loaders.sources import JsonlSource, SourceError, TokenBinSource
+from onlinemix.loaders.sources.jsonl import index_path
+from onlinemix.loaders.transforms import IGNORE_INDEX, ByteTokenizer
 
 
 def test_tokenbin_windows_overlap_by_the_target_token(tmp_path):
@@ -77,7 +76,7 @@ def test_jsonl_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, monke
     path = write_jsonl(tmp_path / "d.jsonl", [f"doc {i}" for i in range(10)])
     assert len(JsonlSource(path, seq_len=8)) == 10
     scans = []
-    import loaders.sources.jsonl as jsonl_module
+    import onlinemix.loaders.sources.jsonl as jsonl_module
 
     original = jsonl_module._scan_line_starts
     monkeypatch.setattr(jsonl_module, "_scan_line_starts", lambda p: scans.append(p) or original(p))
@@ -92,7 +91,7 @@ def test_jsonl_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, monke
 
 
 def test_jsonl_large_chunked_scan_matches_a_line_split(tmp_path, monkeypatch):
-    import loaders.sources.jsonl as jsonl_module
+    import onlinemix.loaders.sources.jsonl as jsonl_module
 
     monkeypatch.setattr(jsonl_module, "_CHUNK", 64)  # many chunk boundaries
     texts = [("x" * (i % 13)) for i in range(300)]

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-
-from loaders.transforms import Transform, collate
+from onlinemix.loaders.transforms import Transform, collate
 
 
 class SourceError(Exception):

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onlinemix.loaders.files import FileHandles, file_header, save_cache
+from onlinemix.loaders.sources.base import Source, SourceError
+from onlinemix.loaders.transforms import ByteTokenizer, Transform
 from tqdm import tqdm
-
-from loaders.files import FileHandles, file_header, save_cache
-from loaders.sources.base import Source, SourceError
-from loaders.transforms import ByteTokenizer, Transform
 
 INDEX_SUFFIX = ".onlinemix-idx.npy"
 INDEX_VERSION = 1

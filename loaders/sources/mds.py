@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from loaders.sources.base import ShardedSource, SourceError
-from loaders.transforms import ByteTokenizer, Transform
+from onlinemix.loaders.sources.base import ShardedSource, SourceError
+from onlinemix.loaders.transforms import ByteTokenizer, Transform
 
 DOCUMENT_COLUMNS = ("tokens", "input_ids", "text")  # the default ``column``, in order of preference
 ON_BAD = ("error", "skip")

@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from loaders.sources.base import Source, SourceError
-from loaders.transforms import TokenWindow, Transform
+from onlinemix.loaders.sources.base import Source, SourceError
+from onlinemix.loaders.transforms import TokenWindow, Transform
 
 DTYPES = ("uint16", "uint32", "int32", "int64")
 

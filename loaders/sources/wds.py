@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onlinemix.loaders.files import FileHandles, file_header, save_cache
+from onlinemix.loaders.sources.base import ShardedSource, SourceError
+from onlinemix.loaders.transforms import ByteTokenizer, Transform
 from tqdm import tqdm
-
-from loaders.files import FileHandles, file_header, save_cache
-from loaders.sources.base import ShardedSource, SourceError
-from loaders.transforms import ByteTokenizer, Transform
 
 INDEX_SUFFIX = ".onlinemix-idx.npz"
 INDEX_VERSION = 1

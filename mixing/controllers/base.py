@@ -15,8 +15,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
-
-from mixing.stats import DomainStats
+from onlinemix.mixing.stats import DomainStats
 
 
 class Controller:
@@ -137,7 +136,7 @@ class Controller:
 
     def _graphed(self):
         if self._graphs is None:
-            from mixing.graphs import ControllerGraphs  # CUDA-only machinery, loaded when asked for
+            from onlinemix.mixing.graphs import ControllerGraphs  # CUDA-only machinery, loaded when asked for
 
             self._graphs = ControllerGraphs(self)
         return self._graphs

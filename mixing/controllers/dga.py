@@ -26,9 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from onlinemix.mixing.controllers.base import Controller
 from torch import nn
-
-from mixing.controllers.base import Controller
 
 
 def gradient_alignment(

@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from mixing.controllers.base import Controller
+from onlinemix.mixing.controllers.base import Controller
 
 
 def exploration(num_domains: int, t: int) -> float:

@@ -6,8 +6,7 @@ import bisect
 from collections.abc import Sequence
 
 import torch
-
-from mixing.controllers.base import Controller
+from onlinemix.mixing.controllers.base import Controller
 
 INTERPOLATIONS = ("constant", "linear")
 

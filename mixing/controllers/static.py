@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from mixing.controllers.base import Controller
-from mixing.simplex import temperature_weights
+from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.simplex import temperature_weights
 
 
 class StaticController(Controller):

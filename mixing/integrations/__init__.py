@@ -2,5 +2,5 @@
 
 Each module imports its framework only when imported itself, so onlinemix
 does not depend on either. A plain PyTorch loop needs none of them: use
-``mixing.training.OnlineMixing``.
+``onlinemix.OnlineMixing``.
 """

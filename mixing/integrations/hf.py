@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-
-from mixing.training import OnlineMixing, per_sample_loss
 
 STATE_FILE = "onlinemix.pt"  # the mixture's state, inside each checkpoint-N folder
 

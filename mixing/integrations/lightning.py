@@ -33,8 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-
-from mixing.training import OnlineMixing
+from onlinemix.mixing.training import OnlineMixing
 
 
 class _Batches:

@@ -24,19 +24,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+from onlinemix.loaders.build import build_sources
+from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.convert import input_files, read_documents
+from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
+from onlinemix.loaders.importance.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
+from onlinemix.loaders.sources import Source
 from tqdm import tqdm
-
-from loaders.config import MixtureConfig
-from loaders.convert import input_files, read_documents
-from loaders.importance import ImportanceError, ImportanceEstimator, NgramHasher
-from loaders.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
-from loaders.sources import Source
 
 CHUNK = 4096  # documents scored between two progress saves
 
 
 def _domains(config: MixtureConfig) -> dict[str, Source]:
-    return dict(zip(config.names, config.build_sources()))
+    return dict(zip(config.names, build_sources(config)))
 
 
 # -- fit ------------------------------------------------------------------------------------------

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders import convert
-from loaders.config import ConfigError, MixtureConfig
-from loaders.dataset import MixedDataset
-from loaders.importance_cli import add_importance
-from loaders.loader import MixedLoader
-from loaders.plan import PlanState, StreamEnded, fast_forward
-from loaders.sources import SourceError
-from mixing.schedule_log import read_schedule, replay_schedule
+from onlinemix.loaders import convert
+from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.importance.cli import add_importance
+from onlinemix.loaders.loader import MixedLoader
+from onlinemix.loaders.plan import PlanState, StreamEnded, fast_forward
+from onlinemix.loaders.sources import SourceError
+from onlinemix.mixing.schedule_log import read_schedule, replay_schedule
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -30,11 +30,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from loaders import rng
-from loaders.importance import ImportanceError, ImportanceEstimator
-from loaders.sidecars import domain_texts
-from loaders.sources import Source
+from onlinemix.loaders import rng
+from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator
+from onlinemix.loaders.importance.sidecars import domain_texts
+from onlinemix.loaders.sources import Source
 
 
 class OnlineAcceptance:

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from loaders.importance import ImportanceError
-from loaders.sources import Source
+from onlinemix.loaders.importance.estimator import ImportanceError
+from onlinemix.loaders.sources import Source
 
 
 def document_text(record: Any, field: str = "text") -> str:
