@@ -26,8 +26,9 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-from onlinemix.loaders.transforms import ByteTokenizer
 from tqdm import tqdm
+
+from onlinemix.loaders.tokenizers import ByteTokenizer
 
 MIXTURE = """\
 # Python-stdlib mixture written by examples/prepare_data.py
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cap = int(args.max_mb * 1e6)
-    tokenizer = ByteTokenizer(args.seq_len)
+    tokenizer = ByteTokenizer()
 
     groups: dict[str, list[str]] = {"code": [], "tests": [], "docs": [], "web": []}
     for path in tqdm(stdlib_files(), desc="reading the stdlib", unit="file", mininterval=1.0):

@@ -16,35 +16,129 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onlinemix.loaders.config import ConfigError, MixtureConfig
+
+from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
+from onlinemix.loaders.files import InputError
 from onlinemix.loaders.importance.acceptance import OnlineAcceptance
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator
 from onlinemix.loaders.importance.sidecars import load_sidecar, sidecar_paths
 from onlinemix.loaders.plan import UNLIMITED, PlanSpec, ResampledOrder
-from onlinemix.loaders.sources import SOURCES, Source
-from onlinemix.loaders.transforms import ImportedTransform
+from onlinemix.loaders.sources import SOURCES, DocumentSource, Source, SourceError, TokenBinSource, TokenizedSource
+from onlinemix.loaders.tokenizers import Tokenizer, load_tokenizer
+from onlinemix.loaders.transforms import ImportedTransform, TokenWindow
 from onlinemix.mixing.simplex import check_weights, temperature_weights
 
 
 def build_sources(config: MixtureConfig) -> list[Source]:
-    """Open every domain's source (index files are built here); errors name the domain."""
-    sources = []
-    for domain in config.domains:
-        transform_spec = domain.transform or config.transform
-        transform = ImportedTransform(transform_spec) if transform_spec else None
-        try:
-            source = SOURCES[domain.source](domain.path, config.seq_len, transform=transform, **domain.options)
-        except FileNotFoundError:
-            raise ConfigError(f"domain {domain.name!r}: file not found: {domain.path}") from None
-        except ValueError as error:
-            raise ConfigError(f"domain {domain.name!r}: {error}") from None
+    """Open every domain's source (token caches and indexes are built here); errors name the domain."""
+    sources = [open_source(config, domain) for domain in config.domains]
+    check_vocabulary(config, sources)
+    for domain, source in zip(config.domains, sources):
         if len(source) == 0:
             raise ConfigError(
                 f"domain {domain.name!r}: {domain.path} holds no samples "
-                f"(a {domain.source} sample needs seq_len + 1 = {config.seq_len + 1} tokens / one document)"
+                f"(a sample needs seq_len + 1 = {config.seq_len + 1} tokens)"
             )
-        sources.append(source)
     return sources
+
+
+def tokenizer_of(config: MixtureConfig, domain: DomainConfig | None = None) -> Tokenizer:
+    """The tokenizer of ``domain`` (its own, else the mixture's), or the mixture's; ``byte`` by default."""
+    spec = domain.tokenizer if domain is not None and domain.tokenizer is not None else config.tokenizer
+    where = f"domain {domain.name!r}: " if domain is not None and domain.tokenizer is not None else ""
+    try:
+        return load_tokenizer(spec)
+    except (ValueError, ImportError) as error:
+        raise ConfigError(f"{where}tokenizer: {error}") from None
+
+
+def source_class(domain: DomainConfig) -> type[Source]:
+    """A built-in source, or a class named ``package.module:Class`` (imported here)."""
+    if domain.source in SOURCES:
+        return SOURCES[domain.source]
+    try:
+        cls = ImportedTransform(domain.source).resolve()
+    except ValueError as error:
+        raise ConfigError(f"domain {domain.name!r}: source: {error}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+        raise ConfigError(f"domain {domain.name!r}: source {domain.source!r} is not a subclass of onlinemix's Source")
+    return cls
+
+
+def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
+    """One domain's source: a token-bin file, a tokenized document source, records through a transform, or
+    a class of your own (constructed with ``path`` when given and the domain's other keys)."""
+    cls = source_class(domain)
+    spec = domain.transform or config.transform
+    transform = ImportedTransform(spec) if spec else None
+    where = f"domain {domain.name!r}"
+    try:
+        if cls is TokenBinSource:
+            if domain.samples != "packed":
+                raise ConfigError(f"{where}: samples: documents needs a document source; a tokenbin has no documents")
+            return TokenBinSource(
+                domain.path, config.seq_len, stride=domain.stride, transform=transform, **domain.options
+            )
+        if issubclass(cls, DocumentSource):
+            documents = cls(domain.path, transform=transform, cache_dir=config.cache_dir, **domain.options)
+            if transform is not None:
+                if domain.tokenizer is not None or domain.stride is not None or domain.samples != "packed":
+                    raise ConfigError(
+                        f"{where}: a transform makes the samples: tokenizer, samples, stride do not apply"
+                    )
+                return documents
+            if domain.order == "shards":
+                raise ConfigError(
+                    f"{where}: order: shards reads shards front to back at random; a tokenized domain is read from "
+                    "its local token cache (order: samples), so it applies only with a transform"
+                )
+            return TokenizedSource(
+                documents, tokenizer_of(config, domain), config.seq_len, domain.samples, domain.stride, config.cache_dir
+            )
+        path = {} if domain.path is None else {"path": domain.path}
+        return cls(**path, **domain.options)
+    except ConfigError:
+        raise
+    except FileNotFoundError as error:
+        raise ConfigError(f"{where}: file not found: {error.filename or domain.path}") from None
+    except (ValueError, TypeError, SourceError, ImportError, InputError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def check_vocabulary(config: MixtureConfig, sources: list[Source]) -> None:
+    """Token-bin files must hold ids of the mixture's vocabulary, where it is known: a tokenizer given in the
+    config, or the byte tokenizer that tokenizes its text domains. (A pure token-bin mixture without a
+    tokenizer has no known vocabulary; nothing to check.)"""
+    tokenized = [s for s in sources if isinstance(s, TokenizedSource)]
+    vocabularies = {s.tokenizer.vocab_size for s in tokenized}
+    if config.tokenizer is None and not tokenized and not any(d.tokenizer for d in config.domains):
+        return
+    if len(vocabularies) > 1:
+        first = tokenized[0]
+        other = next(s for s in tokenized if s.tokenizer.vocab_size != first.tokenizer.vocab_size)
+        raise ConfigError(
+            f"the domains' tokenizers have different vocabularies ({first.tokenizer.name}: "
+            f"{first.tokenizer.vocab_size}, {other.tokenizer.name}: {other.tokenizer.vocab_size}): one batch "
+            "would mix ids that mean different things"
+        )
+    for domain, source in zip(config.domains, sources):
+        if not isinstance(source, TokenBinSource) or not isinstance(source.transform, TokenWindow):
+            continue
+        tokenizer = tokenizer_of(config, domain)
+        source.tokenizer = tokenizer
+        largest = source.max_token(config.cache_dir)
+        if largest >= tokenizer.vocab_size:
+            implicit = config.tokenizer is None and domain.tokenizer is None
+            hint = (
+                "the text domains are tokenized with the byte tokenizer by default: set tokenizer: to the one this "
+                "file was written with"
+                if implicit
+                else "it was written with another tokenizer"
+            )
+            raise ConfigError(
+                f"domain {domain.name!r}: {domain.path} holds token id {largest}, but {tokenizer.name} has "
+                f"{tokenizer.vocab_size} ids ({hint})"
+            )
 
 
 def initial_weights(config: MixtureConfig, sources: list[Source]) -> np.ndarray:

@@ -27,16 +27,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
 from onlinemix.loaders.plan import SAMPLING_METHODS
 from onlinemix.loaders.sources import SOURCES
 from onlinemix.mixing.simplex import check_weights
 
-TOP_KEYS = ("seed", "global_batch_size", "seq_len", "weighting", "transform", "domains", "mixing", "importance")
+TOP_KEYS = (
+    "seed",
+    "global_batch_size",
+    "seq_len",
+    "weighting",
+    "tokenizer",
+    "cache_dir",
+    "transform",
+    "domains",
+    "mixing",
+    "importance",
+)
 IMPORTANCE_KEYS = (
     "sidecars",
     "estimator",
@@ -50,12 +63,56 @@ IMPORTANCE_KEYS = (
     "field",
 )
 WEIGHTING_KEYS = ("temperature", "sampling")
-DOMAIN_KEYS = ("name", "source", "path", "weight", "max_epochs", "transform", "order")
+DOMAIN_KEYS = (
+    "name",
+    "source",
+    "path",
+    "weight",
+    "max_epochs",
+    "transform",
+    "order",
+    "tokenizer",
+    "samples",
+    "stride",
+)
 ORDERS = ("samples", "shards")
+SAMPLES = ("packed", "documents")
+# A domain's name becomes part of file names (importance sidecars): letters, digits and . _ + -, not first a dot.
+DOMAIN_NAME = re.compile(r"[^\W][\w.+-]*")
 
 
 class ConfigError(ValueError):
     """A mixture config that cannot be used; the message names the key, file or domain."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found key {key!r} twice", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a missing file, bad YAML or a duplicate key is a ``ConfigError`` naming the file."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
 
 
 def _unknown_keys(given: dict, allowed: tuple[str, ...] | frozenset[str], where: str) -> None:
@@ -74,13 +131,18 @@ def _integer(value: Any, key: str, minimum: int) -> int:
 
 @dataclass
 class DomainConfig:
+    """One entry of ``domains:``, checked; ``path`` resolved against the config's folder (a list for several)."""
+
     name: str
-    source: str
-    path: Path
+    source: str  # a built-in source's kind, or "package.module:Class"
+    path: Path | str | list[str] | None
     weight: float | None = None
     max_epochs: float | None = None
     transform: str | None = None
     order: str = "samples"  # or "shards": shuffle whole shards each epoch, read each front to back
+    tokenizer: Any = None  # this domain's tokenizer (None: the mixture's)
+    samples: str = "packed"  # document sources: windows of the concatenated documents, or one per document
+    stride: int | None = None  # packed windows: tokens between window starts (default seq_len)
     options: dict[str, Any] = field(default_factory=dict)  # source-specific keys (dtype, field, ...)
 
 
@@ -123,6 +185,8 @@ class MixtureConfig:
     temperature: float = 1.0
     sampling: str = "systematic"
     transform: str | None = None
+    tokenizer: Any = None  # as written ("byte", a tokenizer.json path, {path, eot}); None: byte
+    cache_dir: Path | None = None  # where token caches and indexes go (files.cache_root)
     mixing: dict[str, Any] = field(default_factory=dict)  # read by OnlineMixer.from_config, not here
     importance: ImportanceConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for the hash
@@ -134,13 +198,7 @@ class MixtureConfig:
     @classmethod
     def load(cls, path: str | Path) -> MixtureConfig:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        return cls.from_dict(raw, base_dir=path.parent)
+        return cls.from_dict(load_yaml(path), base_dir=path.parent)
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: str | Path = ".") -> MixtureConfig:
@@ -188,7 +246,9 @@ class MixtureConfig:
             seed=_integer(raw.get("seed", 0), "seed", 0),
             temperature=float(temperature),
             sampling=sampling,
-            transform=raw.get("transform"),
+            transform=_transform_spec(raw.get("transform"), "transform"),
+            tokenizer=_tokenizer_spec(raw.get("tokenizer"), "tokenizer", Path(base_dir)),
+            cache_dir=None if raw.get("cache_dir") is None else Path(base_dir) / _string(raw["cache_dir"], "cache_dir"),
             mixing=dict(mixing),
             importance=_importance(raw.get("importance"), Path(base_dir), [d.name for d in domains]),
             raw=raw,
@@ -248,25 +308,71 @@ def _importance(raw: Any, base_dir: Path, names: list[str]) -> ImportanceConfig 
     return section
 
 
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _transform_spec(value: Any, key: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or ":" not in value):
+        raise ConfigError(f"{key} must look like 'package.module:function', got {value!r}")
+    return value
+
+
+def _tokenizer_spec(value: Any, key: str, base_dir: Path) -> Any:
+    """A ``tokenizer:`` value, checked for its form and with its path resolved (the file is opened by build)."""
+    if value is None or value == "byte":
+        return value
+    if isinstance(value, str):
+        return str(base_dir / Path(value).expanduser())
+    if isinstance(value, dict) and "path" in value and set(value) <= {"path", "eot"}:
+        return {**value, "path": str(base_dir / Path(_string(value["path"], f"{key}.path")).expanduser())}
+    raise ConfigError(f"{key} must be 'byte', a tokenizer.json path, or {{path: ..., eot: ...}}; got {value!r}")
+
+
+def _path_spec(value: Any, base_dir: Path, where: str) -> str | list[str]:
+    """A domain's ``path`` (a file, folder, glob pattern, or a list of them) resolved against ``base_dir``."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, (str, Path)) and str(item) for item in items):
+        raise ConfigError(f"{where}: path must be a file, folder or glob pattern, or a list of them; got {value!r}")
+    resolved = [str(base_dir / Path(str(item)).expanduser()) for item in items]
+    return resolved if isinstance(value, list) else resolved[0]
+
+
 def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
     if not isinstance(entry, dict):
         raise ConfigError(f"domains[{position}] must be a mapping, got {entry!r}")
     name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"domains[{position}]: 'name' must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"domains[{position}]: name must be letters, digits and . _ + - (not starting with a dot or a symbol), "
+            f"got {name!r}"
+        )
     where = f"domain {name!r}"
     kind = entry.get("source")
-    if kind not in SOURCES:
-        raise ConfigError(f"{where}: source must be one of {sorted(SOURCES)}, got {kind!r}")
-    _unknown_keys(entry, DOMAIN_KEYS + tuple(SOURCES[kind].options), f"{where} ({kind})")
-    if "path" not in entry:
+    if kind not in SOURCES and not (isinstance(kind, str) and ":" in kind):
+        raise ConfigError(
+            f"{where}: source must be one of {sorted(SOURCES)} or a class as 'package.module:Class', got {kind!r}"
+        )
+    options_allowed = SOURCES[kind].options if kind in SOURCES else None
+    if options_allowed is not None:
+        _unknown_keys(entry, DOMAIN_KEYS + tuple(options_allowed), f"{where} ({kind})")
+        for key, expected in options_allowed.items():
+            if key in entry and (isinstance(entry[key], bool) or not isinstance(entry[key], expected)):
+                names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+                raise ConfigError(f"{where}: {key} must be a {names}, got {entry[key]!r}")
+    if "path" not in entry and kind in SOURCES:
         raise ConfigError(f"{where}: missing required key 'path'")
-    path = base_dir / Path(str(entry["path"])).expanduser()
-    if not SOURCES[kind].path_given(path, entry):
-        raise ConfigError(f"{where}: file not found: {path}")
+    path = None if "path" not in entry else _path_spec(entry["path"], base_dir, where)
+    if isinstance(path, list) and kind in ("tokenbin", "mds", "webdataset", "hf"):
+        raise ConfigError(f"{where}: a {kind} path is one file or folder, not a list")
     order = entry.get("order", "samples")
     if order not in ORDERS:
         raise ConfigError(f"{where}: order must be one of {ORDERS}, got {order!r}")
+    samples = entry.get("samples", "packed")
+    if samples not in SAMPLES:
+        raise ConfigError(f"{where}: samples must be one of {SAMPLES}, got {samples!r}")
     weight = entry.get("weight")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
         raise ConfigError(f"{where}: weight must be a number, got {weight!r}")
@@ -277,14 +383,19 @@ def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
         isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, float)) or not max_epochs > 0
     ):
         raise ConfigError(f"{where}: max_epochs must be a number > 0, got {max_epochs!r}")
-    options = {key: entry[key] for key in SOURCES[kind].options if key in entry}
+    stride = None if entry.get("stride") is None else _integer(entry["stride"], f"{where}: stride", 1)
+    reserved = {*DOMAIN_KEYS}
+    options = {key: value for key, value in entry.items() if key not in reserved}
     return DomainConfig(
         name=name,
         source=kind,
         path=path,
         weight=None if weight is None else float(weight),
         max_epochs=max_epochs,
-        transform=entry.get("transform"),
+        transform=_transform_spec(entry.get("transform"), f"{where}: transform"),
         order=order,
+        tokenizer=_tokenizer_spec(entry.get("tokenizer"), f"{where}: tokenizer", base_dir),
+        samples=samples,
+        stride=stride,
         options=options,
     )

@@ -3,10 +3,11 @@
 Documents come from the inputs in order: a ``.jsonl`` file gives one
 document per non-empty line (its ``field``), any other file is one document,
 a folder gives its files matching ``glob`` (recursively, sorted by path).
-Each document is tokenized — by default with the byte tokenizer the loader
-uses (UTF-8 bytes, then end-of-text 256), or with a Hugging Face
-``tokenizers`` file (``tokenizer.json``), optionally followed by an
-end-of-text token — and written as:
+Inputs may be compressed (``.gz``, ``.zst``). Each document is tokenized —
+by default with the byte tokenizer the loader uses (UTF-8 bytes, then
+end-of-text 256), or with a Hugging Face ``tokenizers`` file
+(``tokenizer.json``), followed by its end-of-text token (``eot``, or the
+first of ``tokenizers.EOT_NAMES`` it has) — and written as:
 
 - ``tokenbin``: one flat file of token ids (every document after the other);
 - ``mds``: mosaicml-streaming shards (``MDSWriter``), a ``tokens`` column
@@ -25,17 +26,20 @@ complete: an interrupted conversion leaves no output that looks complete.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onlinemix.loaders.files import atomic_output
-from onlinemix.loaders.transforms import ByteTokenizer
 from tqdm import tqdm
+
+from onlinemix.loaders.extras import require
+from onlinemix.loaders.files import atomic_output, stripped_name
+from onlinemix.loaders.sources.jsonl import JsonlSource
+from onlinemix.loaders.sources.text import TextSource
+from onlinemix.loaders.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, token_dtype
 
 FORMATS = ("tokenbin", "mds", "webdataset")
 _TEXT_BATCH = 256  # documents tokenized per call (HF tokenizers encode a batch in parallel)
@@ -87,63 +91,28 @@ def input_files(inputs: Sequence[Path], glob: str) -> list[Path]:
 
 
 def read_documents(files: Sequence[Path], text_field: str, progress: tqdm) -> Iterator[str]:
+    """The documents of ``files`` in order: a ``.jsonl`` (or ``.ndjson``, plain or ``.gz`` / ``.zst``) file gives
+    one per line (its ``text_field``), any other file is one document."""
     for path in files:
-        if path.suffix == ".jsonl":
-            with open(path, "rb") as lines:
-                for number, line in enumerate(lines, 1):
-                    if line.strip():
-                        yield _field(path, number, line, text_field)
+        if stripped_name(path).endswith((".jsonl", ".ndjson")):
+            yield from JsonlSource([path], field=text_field).documents(progress=progress.update)
         else:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise ConvertError(f"{path}: not UTF-8 text ({error})") from None
-        progress.update(path.stat().st_size)
-
-
-def _field(path: Path, number: int, line: bytes, text_field: str) -> str:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConvertError(f"{path}: line {number} is not valid JSON: {error}") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise ConvertError(f"{path}: line {number} has no text field {text_field!r}")
-    return record[text_field]
+            yield from TextSource([path]).documents(progress=progress.update)
 
 
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def load_tokenizer(spec: str, eot: str | None) -> tuple[Callable[[list[str]], list[np.ndarray]], int]:
-    """``(encode a batch of texts, vocabulary size)`` for ``"byte"`` or a ``tokenizer.json`` path."""
+def tokenizer_for(spec: str, eot: str | None) -> Tokenizer:
+    """The byte tokenizer, or a ``tokenizer.json`` with its end-of-text token (``eot``, or found in it)."""
     if spec == "byte":
         if eot is not None:
             raise ConvertError("--eot is for tokenizer files; the byte tokenizer always ends documents with 256")
-        byte = ByteTokenizer(seq_len=1)
-        return (lambda texts: [byte.encode(text) for text in texts]), ByteTokenizer.vocab_size
+        return ByteTokenizer()
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ConvertError("a tokenizer file needs the `tokenizers` package (pip install tokenizers)") from None
-    try:
-        tokenizer = Tokenizer.from_file(spec)
-    except Exception as error:
-        raise ConvertError(f"cannot load tokenizer {spec}: {error}") from None
-    tail: list[int] = []
-    if eot is not None:
-        eot_id = tokenizer.token_to_id(eot)
-        if eot_id is None:
-            raise ConvertError(f"{spec}: the tokenizer has no token {eot!r} for --eot")
-        tail = [eot_id]
-
-    def encode(texts: list[str]) -> list[np.ndarray]:
-        return [np.array(encoding.ids + tail, dtype=np.int64) for encoding in tokenizer.encode_batch(texts)]
-
-    return encode, tokenizer.get_vocab_size()
-
-
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+        return load_tokenizer({"path": spec, **({"eot": eot} if eot else {})})
+    except (ValueError, ImportError) as error:
+        raise ConvertError(str(error)) from None
 
 
 def _batched(documents: Iterator[str]) -> Iterator[list[str]]:
@@ -183,7 +152,7 @@ def _open_writer(fmt: str, folder_or_file: Path, dtype: str, options: dict[str, 
     if fmt == "tokenbin":
         return open(folder_or_file, "wb")
     if fmt == "mds":
-        from streaming import MDSWriter
+        MDSWriter = require("streaming", "writing mds shards").MDSWriter
 
         columns = {"tokens": f"ndarray:{dtype}", **({"text": "str"} if options["keep_text"] else {})}
         return MDSWriter(
@@ -193,7 +162,7 @@ def _open_writer(fmt: str, folder_or_file: Path, dtype: str, options: dict[str, 
             compression=options["compression"],
             progress_bar=False,
         )
-    import webdataset
+    webdataset = require("webdataset", "writing webdataset shards")
 
     folder_or_file.mkdir(parents=True)
     return webdataset.ShardWriter(
@@ -230,8 +199,8 @@ def convert(
     if output.exists() and not overwrite:
         raise ConvertError(f"{output} exists (use --overwrite to replace it)")
     files = input_files([Path(p) for p in inputs], glob)
-    encode, vocab_size = load_tokenizer(tokenizer, eot)
-    dtype = token_dtype(vocab_size)
+    encoder = tokenizer_for(tokenizer, eot)
+    dtype = token_dtype(encoder.vocab_size).name
     options = {"shard_bytes": shard_bytes, "compression": compression, "keep_text": keep_text}
     summary = Summary(dtype=dtype)
     packer = _Packer(pack) if pack else None
@@ -247,7 +216,7 @@ def convert(
         writer = _open_writer(fmt, temporary, dtype, options)
         with writer:
             for texts in _batched(read_documents(files, text_field, bar)):
-                for text, ids in zip(texts, encode(texts)):
+                for text, ids in zip(texts, encoder.encode_batch(texts)):
                     summary.documents += 1
                     summary.tokens += len(ids)
                     if fmt == "tokenbin":

@@ -1,16 +1,190 @@
-"""Small file-system helpers: atomic outputs and per-process file handles."""
+"""File-system helpers: the cache folder, input paths as users give them, atomic writes, per-process handles.
+
+- ``cache_root``: where onlinemix keeps what it derives from data (token caches, index files): the
+  mixture file's ``cache_dir``, else ``$ONLINEMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/onlinemix``
+  (``~/.cache/onlinemix``). Never beside the data, so read-only data needs nothing.
+- ``expand_paths``: a domain's ``path`` may be a file, a folder, a glob pattern, or a list of them.
+- ``open_binary``: reads ``.gz`` and ``.zst`` files decompressed, anything else as it is.
+- ``atomic_output`` / ``atomic_write`` / ``save_checkpoint``: a reader sees the old file or the new
+  one, never half of one, whatever kills the writer.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import gzip
+import hashlib
+import io
+import json
 import os
 import shutil
-import warnings
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-import numpy as np
+from onlinemix.loaders.extras import require
+
+CACHE_ENV = "ONLINEMIX_CACHE_DIR"
+COMPRESSED = (".gz", ".zst")
+
+
+class InputError(ValueError):
+    """A path that names no usable input; the message names it and says what was expected."""
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def cache_root(configured: str | Path | None = None) -> Path:
+    """The folder caches go in: ``configured`` (the mixture's ``cache_dir``), ``$ONLINEMIX_CACHE_DIR``, or the
+    user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``) / ``onlinemix``."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onlinemix"
+
+
+def cache_entry(root: Path, kind: str, key: Any) -> Path:
+    """The folder of one cache entry: ``<root>/<kind>-<hash of key>`` (``key``: anything JSON can write)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return root / f"{kind}-{digest}"
+
+
+def file_stamp(path: Path) -> list:
+    """What a cache records of an input file to notice a change: ``[path, size, mtime_ns]``."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock held on ``path`` (created if needed), so that one process builds a cache the others
+    then read: several ranks or workers opening the same data at once build it once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def writable_cache(root: Path) -> Path:
+    """``root``, created; an error that says how to choose another folder when it cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")  # noqa: SIM115 - removed on close
+        probe.close()
+    except OSError as error:
+        raise InputError(
+            f"cannot write to the cache folder {root} ({error.strerror}): set cache_dir in the mixture file or "
+            f"the {CACHE_ENV} environment variable to a writable folder"
+        ) from None
+    return root
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def expand_paths(spec: str | Path | Sequence[str | Path], base_dir: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The files a domain's ``path`` names, sorted and without repeats.
+
+    ``spec`` is a file, a folder (its files whose names end in one of ``suffixes``, recursively), a glob
+    pattern (``data/*.jsonl.gz``, ``shards/**/*.parquet``), or a list of those. Relative paths are
+    relative to ``base_dir``. Nothing found is an error naming what was looked for.
+    """
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if not items:
+        raise InputError("path is an empty list")
+    files: list[Path] = []
+    for item in items:
+        path = base_dir / Path(str(item)).expanduser()
+        if any(char in str(item) for char in "*?["):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise InputError(f"no file matches {path}")
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
+            if not found:
+                raise InputError(f"{path} is a folder with no {' / '.join(suffixes)} files")
+        elif path.is_file():
+            found = [path]
+        else:
+            raise InputError(f"file not found: {path}")
+        files.extend(found)
+    return list(dict.fromkeys(files))
+
+
+class _CountingReader(io.RawIOBase):
+    """A file read through, counting the bytes read from disk (so a progress bar can follow a compressed one)."""
+
+    def __init__(self, file: BinaryIO, count: Callable[[int], None]):
+        self.file, self.count = file, count
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        read = self.file.readinto(buffer)
+        self.count(read or 0)
+        return read
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def open_binary(path: Path, progress: Callable[[int], None] | None = None) -> BinaryIO:
+    """``path`` opened for reading, decompressed when it ends in ``.gz`` or ``.zst``.
+
+    ``progress(n)`` is called with the bytes read from disk as reading goes (compressed bytes, for a
+    compressed file). Errors name the file: a file that claims a compression it does not have fails on
+    its first read with a message that says so.
+    """
+    raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - the caller closes what this returns
+    if progress is not None:
+        raw = io.BufferedReader(_CountingReader(raw, progress), buffer_size=1 << 20)
+    if path.name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if path.name.endswith(".zst"):
+        try:
+            zstandard = require("zstandard", f"reading {path}")
+        except ImportError:
+            raw.close()
+            raise
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    return raw
+
+
+def read_lines(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` of a (possibly compressed) text file; a corrupt compressed file is an
+    ``InputError`` naming it."""
+    number = 0
+    try:
+        with open_binary(path, progress) as file:
+            for number, line in enumerate(file, 1):
+                yield number, line
+    except Exception as error:  # gzip.BadGzipFile (an OSError), EOFError, zstandard.ZstdError...
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{path}: cannot read it after line {number}: {error}") from None
+
+
+def stripped_name(path: Path) -> str:
+    """A file's name without a compression suffix: ``docs.jsonl.gz`` -> ``docs.jsonl``."""
+    for suffix in COMPRESSED:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+# ----------------------------------------------------------------------------- atomic writes
 
 
 def _remove(path: Path) -> None:
@@ -20,16 +194,30 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write a file or a folder into; rename it on success.
 
-    Readers see either nothing (or the old version) or the complete new one,
-    never a half-written output: an interrupted write leaves only the
-    temporary, which the next attempt removes. An existing ``path`` is
-    replaced (callers that must not overwrite check before they start).
+    Readers see either nothing (or the old version) or the complete new one, never a half-written
+    output: an interrupted write leaves only the temporary ``.<name>.partial-<pid>``, which any later
+    attempt removes once its process is gone (even after a SIGKILL). An existing ``path`` is replaced
+    (callers that must not overwrite check before they start).
     """
     path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(stale)
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     _remove(temporary)
     try:
@@ -46,25 +234,35 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
 
 
-def file_header(path: Path, version: int) -> np.ndarray:
-    """What an index cached beside ``path`` records of it: ``[version, size, mtime_ns]``.
-
-    A cache whose header differs belongs to another version of the file (or of
-    the index format) and is rebuilt.
-    """
-    stat = path.stat()
-    return np.array([version, stat.st_size, stat.st_mtime_ns], dtype=np.uint64)
-
-
-def save_cache(cache: Path, save: Callable[[BinaryIO], None], about: Path) -> None:
-    """Write an index cache atomically with ``save(file)``; warn (and go on without it) where that fails."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a fresh temporary beside it (created exclusively, so no
+    planted file or link is written through), flushed to disk, then renamed over ``path``. The temporary is
+    removed whatever stops the write, Ctrl-C included."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as file:
-            save(file)
-        os.replace(temporary, cache)  # readers never see a half-written index
-    except OSError as error:
-        warnings.warn(f"{about}: cannot cache its index ({error}); keeping it in memory", stacklevel=3)
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def save_checkpoint(state: Any, path: str | Path) -> None:
+    """``torch.save(state, path)``, atomically: a process killed while saving leaves the previous checkpoint
+    whole (``torch.save`` alone leaves a truncated file that cannot be loaded)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda file: torch.save(state, file))
+
+
+# ----------------------------------------------------------------------------- handles
 
 
 class FileHandles:

@@ -8,6 +8,7 @@ import yaml
 from conftest import make_example
 
 from onlinemix.cli import main
+from onlinemix.loaders import MixedDataset
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +50,16 @@ def test_sample_rank_slices_join_to_the_global_batch(config, capsys):
 def test_inspect_reports_sizes_weights_and_exact_epochs(config, capsys):
     assert main(["inspect", str(config), "--steps", "100"]) == 0
     out = capsys.readouterr().out
-    rows = {
-        line.split()[0]: line.split() for line in out.splitlines()[2:] if line.split()[0] in ("code", "prose", "web")
-    }
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[0] in ("code", "prose", "web")}
+    prose = MixedDataset.from_config(config).sources[1]
     assert rows["code"][1:4] == ["tokenbin", f"{(20_000 - 129) // 128 + 1:,}", "0.5000"]
-    assert rows["prose"][1:5] == ["jsonl", "150", "0.3000", "2"]
+    assert rows["prose"][1:5] == ["jsonl", f"{len(prose):,}", "0.3000", "2"]
     assert rows["prose"][5] == "2.000" and "(exhausted)" in " ".join(rows["prose"])
     # code's share after prose runs out is renormalised, so its epochs exceed 100 * 32 * 0.5 / 155
     assert float(rows["code"][5]) > 100 * 32 * 0.5 / 155
+    assert "tokenizer: byte, 258 ids, end of text 256" in out
+    tokens = prose.cache.meta["tokens"]
+    assert f"domain 'prose': 150 documents, {tokens:,} tokens packed into {len(prose):,} windows (byte)" in out
 
 
 def test_errors_are_one_line_and_exit_nonzero(tmp_path, capsys):

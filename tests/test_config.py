@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import EXAMPLE_CONFIG, make_example, write_config, write_tokens
+
 from onlinemix.loaders import ConfigError, MixedDataset, MixtureConfig
 
 
@@ -13,10 +14,10 @@ def test_the_example_config_loads_exactly_as_written(example):
     assert config.names == ["code", "prose", "web"]
     assert [d.weight for d in config.domains] == [0.5, 0.3, 0.2]
     assert config.domains[1].max_epochs == 2 and config.domains[1].options == {"field": "text"}
-    assert config.domains[0].path == example.parent / "data/code.bin"  # relative to the config's folder
+    assert config.domains[0].path == str(example.parent / "data/code.bin")  # relative to the config's folder
     dataset = MixedDataset.from_config(example)
     assert np.allclose(dataset.schedule.weights_for(0, 1)[0], [0.5, 0.3, 0.2])
-    assert dataset.spec.caps[1] == 2 * 150
+    assert dataset.spec.caps[1] == 2 * len(dataset.sources[1])  # max_epochs 2 of the prose windows
 
 
 def test_temperature_rule_when_no_weight_is_given(tmp_path):
@@ -48,7 +49,7 @@ def _domains(**changes):
         ({"seq_len": "long"}, "seq_len must be an integer"),
         ({"domains": []}, "domains must be a non-empty list"),
         ({"domains": _domains(d0={"dtype": "uint16", "field": "x"})}, "domain 'code' (tokenbin): unknown key 'field'"),
-        ({"domains": _domains(d1={"source": "parquet"})}, "domain 'prose': source must be one of"),
+        ({"domains": _domains(d1={"source": "csv"})}, "domain 'prose': source must be one of"),
         ({"domains": _domains(d2={"path": "data/missing.bin"})}, "domain 'web': file not found"),
         ({"domains": _domains(d1={"weight": -0.1})}, "domain 'prose': weight must be finite and >= 0"),
         ({"domains": _domains(d0={"weight": 0}, d1={"weight": 0}, d2={"weight": 0})}, "all weights are zero"),

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from onlinemix.loaders import convert as convert_module
-from onlinemix.loaders.convert import ConvertError, convert, parse_size
-from onlinemix.loaders.sources import MdsSource, TokenBinSource, WebDatasetSource
-from onlinemix.loaders.transforms import ByteTokenizer
 
 from onlinemix.cli import main
+from onlinemix.loaders import convert as convert_module
+from onlinemix.loaders.convert import ConvertError, convert, parse_size
+from onlinemix.loaders.sources import MdsSource, SourceError, TokenBinSource, TokenizedSource, WebDatasetSource
+from onlinemix.loaders.tokenizers import ByteTokenizer
 
 TEXTS = [f"document number {i}: " + "words and more words " * (i % 9) + "é ✓" for i in range(40)]
 
@@ -27,7 +28,7 @@ def corpus(root: Path) -> Path:
 
 
 def byte_ids(text: str) -> np.ndarray:
-    return ByteTokenizer(1).encode(text)
+    return ByteTokenizer().encode(text)
 
 
 def test_tokenbin_is_every_document_in_order(tmp_path):
@@ -42,7 +43,7 @@ def test_shards_hold_one_document_each(tmp_path, fmt, source):
     out = tmp_path / "shards"
     summary = convert([corpus(tmp_path)], out, fmt, text_field="body", shard_bytes=1000, keep_text=True, progress=False)
     assert summary.samples == 40 and len(summary.files) > 3
-    read = source(out, seq_len=8)
+    read = source(out)
     assert len(read) == 40
     for i in (0, 19, 20, 39):
         record = read.record(i)
@@ -55,7 +56,9 @@ def test_packed_shards_equal_token_bin_windows(tmp_path, fmt, source):
     convert([corpus(tmp_path)], tmp_path / "all.bin", "tokenbin", text_field="body", progress=False)
     summary = convert([tmp_path / "corpus"], tmp_path / "packed", fmt, text_field="body", pack=32, progress=False)
     windows = TokenBinSource(tmp_path / "all.bin", seq_len=32)
-    packed = source(tmp_path / "packed", seq_len=32)
+    # each stored sample is one whole window: one sample per document, nothing cut or padded
+    packed = TokenizedSource(source(tmp_path / "packed"), ByteTokenizer(), 32, "documents", cache_dir=tmp_path / "c")
+    assert packed.dropped_tokens == packed.padded_samples == 0
     assert len(packed) == len(windows) == summary.samples
     everything = np.arange(len(windows))
     for name in ("input_ids", "labels"):
@@ -82,7 +85,7 @@ def test_hf_tokenizer_file(tmp_path):
     eot = tokenizer.token_to_id("<eot>")
     expected = np.concatenate([[*tokenizer.encode(t).ids, eot] for t in TEXTS])
     np.testing.assert_array_equal(np.fromfile(tmp_path / "out.bin", dtype=np.uint16), expected)
-    with pytest.raises(ConvertError, match="has no token '<end>' for --eot"):
+    with pytest.raises(ConvertError, match="the end-of-text token '<end>' is not in its vocabulary"):
         convert(
             [tmp_path / "corpus"],
             tmp_path / "x.bin",
@@ -116,7 +119,7 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, 
     monkeypatch.undo()
     convert([tmp_path / "corpus"], out, fmt, text_field="body", progress=False)
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(ConvertError, match="line 1 has no text field 'missing'"):
+    with pytest.raises(SourceError, match="line 1 has no field 'missing'"):
         convert([tmp_path / "corpus"], out, fmt, text_field="missing", overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -130,8 +133,12 @@ def test_bad_inputs_and_options(tmp_path):
     with pytest.raises(ConvertError, match="--pack, --keep-text and --compression are for the shard formats"):
         convert([tmp_path / "corpus"], tmp_path / "o", "tokenbin", pack=8, progress=False)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(ConvertError, match=r"latin1\.txt: not UTF-8 text"):
+    with pytest.raises(SourceError, match=r"latin1\.txt: not UTF-8 text"):
         convert([tmp_path / "latin1.txt"], tmp_path / "o", "tokenbin", progress=False)
+    gz = tmp_path / "docs.jsonl.gz"  # compressed inputs are read decompressed
+    gz.write_bytes(gzip.compress(b'{"text": "compressed"}\n'))
+    convert([gz], tmp_path / "gz.bin", "tokenbin", progress=False)
+    assert np.fromfile(tmp_path / "gz.bin", dtype=np.uint16).tolist() == byte_ids("compressed").tolist()
     assert parse_size("64MB") == 64 << 20 and parse_size("512k") == 512 << 10 and parse_size("1000") == 1000
     with pytest.raises(ConvertError, match="cannot read size"):
         parse_size("lots")

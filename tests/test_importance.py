@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import yaml
 from conftest import write_jsonl
+
+from onlinemix.cli import main
 from onlinemix.loaders.build import build_sources
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
 from onlinemix.loaders.importance.sidecars import load_sidecar, sidecar_paths
-
-from onlinemix.cli import main
 
 
 def sha_bucket(ngram: str, buckets: int) -> int:
@@ -103,7 +103,7 @@ def test_cli_fits_scores_resumes_and_reports(tmp_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", [f"def f{i}(x): return x + {i}" for i in range(60)])
     write_jsonl(tmp_path / "b.jsonl", [f"the cat sat on mat number {i}" for i in range(40)] + ["", "!"])
     write_jsonl(tmp_path / "target.jsonl", ["def g(y): return y", "def h(): return 0"])
-    domains = [{"name": n, "source": "jsonl", "path": f"{n}.jsonl"} for n in "ab"]
+    domains = [{"name": n, "source": "jsonl", "path": f"{n}.jsonl", "samples": "documents"} for n in "ab"]
     config = tmp_path / "mix.yaml"
     config.write_text(yaml.safe_dump({"global_batch_size": 4, "seq_len": 16, "domains": domains}))
     est, out = tmp_path / "est.npz", tmp_path / "w"

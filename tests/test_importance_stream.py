@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 from conftest import write_jsonl
+
+from onlinemix.cli import main
 from onlinemix.loaders import MixedDataset, MixedLoader
 from onlinemix.loaders.build import build_sources, initial_weights
 from onlinemix.loaders.config import ConfigError, MixtureConfig
@@ -18,8 +20,6 @@ from onlinemix.loaders.importance.estimator import ImportanceEstimator, NgramHas
 from onlinemix.loaders.importance.sidecars import load_sidecar
 from onlinemix.loaders.plan import UNLIMITED, PlanSpec, ResampledOrder, resampled_order
 from onlinemix.mixing.training import OnlineMixing
-
-from onlinemix.cli import main
 
 TARGET_WORDS = "matrix vector tensor gradient"
 
@@ -37,7 +37,10 @@ def mixture(tmp_path_factory) -> Path:
     write_jsonl(root / "science.jsonl", [text(i, i % 3 == 0) for i in range(240)])
     write_jsonl(root / "garden.jsonl", [text(i, i % 4 == 0) for i in range(160)] + ["", "!"])  # two too short
     write_jsonl(root / "target.jsonl", [text(i, True) for i in range(20)])
-    domains = [{"name": n, "source": "jsonl", "path": f"{n}.jsonl"} for n in ("science", "garden")]
+    # one sample per document: DSIR weighs documents
+    domains = [
+        {"name": n, "source": "jsonl", "path": f"{n}.jsonl", "samples": "documents"} for n in ("science", "garden")
+    ]
     (root / "base.yaml").write_text(
         yaml.safe_dump({"seed": 7, "global_batch_size": 8, "seq_len": 32, "domains": domains})
     )
@@ -163,7 +166,7 @@ def test_acceptance_keeps_each_sample_or_not_once_and_for_all(mixture):
 def test_the_batches_importance_reaches_a_controller_with_an_importance_gain(mixture):
     path = config(mixture, "signal.yaml", sidecars="scores", beta=1.0)
     raw = yaml.safe_load(path.read_text())
-    raw["mixing"] = {"controller": "odm", "alpha": 0.5, "importance_gain": 0.01, "lag": 1}
+    raw["mixing"] = {"controller": "odm", "reward_scale": 0.5, "importance_gain": 0.01, "lag": 1}
     path.write_text(yaml.safe_dump(raw))
     mixing = OnlineMixing.from_config(path, dataset_options={"num_batches": 1})
     batch = next(iter(mixing))
@@ -171,7 +174,8 @@ def test_the_batches_importance_reaches_a_controller_with_an_importance_gain(mix
     mixing.step()
     domains, importance = batch["domain"].numpy(), batch["importance"].numpy()
     initial = mixing.dataset.schedule.weights_for(0, 1)[0]  # π, the weights batch 0 was drawn with
-    expected = [0.5 * np.mean(1 + 0.01 * importance[domains == d]) / initial[d] for d in (0, 1)]
+    share = [np.mean(domains == d) for d in (0, 1)]  # each sample is one pull of its domain's arm
+    expected = [0.5 * share[d] * np.mean(1 + 0.01 * importance[domains == d]) / initial[d] for d in (0, 1)]
     assert np.allclose(mixing.mixer.controller.rewards.numpy(), expected)
     mixing.close()
 

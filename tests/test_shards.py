@@ -15,20 +15,22 @@ import pytest
 import webdataset
 import yaml
 from conftest import write_tokens
+from streaming import MDSWriter
+
 from onlinemix.loaders import MixedDataset, MixedLoader
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.plan import shard_order
-from onlinemix.loaders.sources import MdsSource, SourceError, WebDatasetSource
+from onlinemix.loaders.sources import MdsSource, SourceError, TokenizedSource, WebDatasetSource
 from onlinemix.loaders.sources.wds import ShardIndex, decode_npy
-from streaming import MDSWriter
+from onlinemix.loaders.tokenizers import ByteTokenizer
 
 SEQ_LEN = 16
 
 
 def documents(n: int, seed: int = 0) -> list[np.ndarray]:
-    """Token-id documents of varied length; ids encode (document, position) for checking reads."""
+    """Token-id documents of varied length, in the byte tokenizer's vocabulary; each starts at its own id."""
     lengths = np.random.default_rng(seed).integers(1, 40, size=n)
-    return [(1000 * (i % 60) + np.arange(length)).astype(np.uint16) for i, length in enumerate(lengths)]
+    return [((7 * i + np.arange(length)) % 256).astype(np.uint16) for i, length in enumerate(lengths)]
 
 
 def write_wds(folder: Path, docs: list[np.ndarray], per_shard: int = 7) -> Path:
@@ -48,11 +50,22 @@ def write_mds(folder: Path, docs: list[np.ndarray], size_limit: int = 600, compr
 
 
 def window(doc: np.ndarray) -> np.ndarray:
-    """What the default transform makes of a token-id document: its first SEQ_LEN ids, padded with 257."""
+    """A token-id document as a per-document sample: its first SEQ_LEN ids, padded with 257."""
     out = np.full(SEQ_LEN, 257, dtype=np.int64)
     head = doc[:SEQ_LEN].astype(np.int64)
     out[: len(head)] = head
     return out
+
+
+def per_document(source, tmp_path: Path) -> TokenizedSource:
+    """One sample per document of a shard source (the byte tokenizer: token-id documents are taken as they are)."""
+    return TokenizedSource(source, ByteTokenizer(), SEQ_LEN, "documents", cache_dir=tmp_path / "cache")
+
+
+def ids_window(record: dict) -> dict:
+    """A config-named transform (``test_shards:ids_window``): a record's token-id document as one sample."""
+    ids = window(np.asarray(record["document"]))
+    return {"input_ids": ids, "labels": ids}
 
 
 # ----------------------------------------------------------------------------- WebDataset
@@ -60,7 +73,7 @@ def window(doc: np.ndarray) -> np.ndarray:
 
 def test_webdataset_shards_read_back_exactly(tmp_path):
     docs = documents(40)
-    source = WebDatasetSource(write_wds(tmp_path / "wds", docs), SEQ_LEN)
+    source = WebDatasetSource(write_wds(tmp_path / "wds", docs))
     assert len(source) == 40 and source.shard_sizes.tolist() == [7, 7, 7, 7, 7, 5]
     assert source.field == "npy"  # the token ids win over the text by default
     for i in (0, 6, 7, 39):
@@ -71,32 +84,35 @@ def test_webdataset_shards_read_back_exactly(tmp_path):
             and record["json"] == {"text": f"j{i}"}
         )
         np.testing.assert_array_equal(record["npy"], docs[i])
-    batch = source.read_batch(np.array([5, 33, 0]))
+    batch = per_document(source, tmp_path).read_batch(np.array([5, 33, 0]))
     np.testing.assert_array_equal(batch["input_ids"], [window(docs[5]), window(docs[33]), window(docs[0])])
-    text = WebDatasetSource(tmp_path / "wds", SEQ_LEN, field="txt").read_batch(np.array([12]))["input_ids"][0]
-    assert bytes(text[text < 256].astype(np.uint8)).decode() == "text of 12"
-    assert WebDatasetSource(tmp_path / "wds", SEQ_LEN, field="json").record(3)["document"] == "j3"
+    assert per_document(WebDatasetSource(tmp_path / "wds", field="txt"), tmp_path).text(12) == "text of 12"
+    assert WebDatasetSource(tmp_path / "wds", field="json").record(3)["document"] == "j3"
+    packed = TokenizedSource(source, ByteTokenizer(), SEQ_LEN, cache_dir=tmp_path / "cache")
+    stream = np.concatenate(docs).astype(np.int64)  # token-id documents are concatenated as they are
+    np.testing.assert_array_equal(packed.record(2), stream[2 * SEQ_LEN : 3 * SEQ_LEN + 1])
 
 
 def test_webdataset_index_is_cached_and_rebuilt_when_a_shard_changes(tmp_path, monkeypatch):
     folder = write_wds(tmp_path / "wds", documents(10), per_shard=10)
-    WebDatasetSource(folder, SEQ_LEN)
+    WebDatasetSource(folder)
     scanned = []
     real_scan = ShardIndex.scan
     monkeypatch.setattr(ShardIndex, "scan", classmethod(lambda cls, shard: scanned.append(shard) or real_scan(shard)))
-    assert len(WebDatasetSource(folder, SEQ_LEN)) == 10 and scanned == []  # from the cache
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0000.tar"]  # the index lives in the cache folder
+    assert len(WebDatasetSource(folder)) == 10 and scanned == []  # from the cache
     shutil.rmtree(folder)
     write_wds(folder, documents(4, seed=1), per_shard=10)  # same name, other content
-    source = WebDatasetSource(folder, SEQ_LEN)
+    source = WebDatasetSource(folder)
     assert len(source) == 4 and len(scanned) == 1
     np.testing.assert_array_equal(source.record(3)["npy"], documents(4, seed=1)[3])
 
 
 def test_webdataset_brace_pattern_and_missing_shard(tmp_path):
     write_wds(tmp_path / "wds", documents(30))  # 5 shards
-    assert len(WebDatasetSource(tmp_path / "wds" / "part-{0000..0002}.tar", SEQ_LEN)) == 21
+    assert len(WebDatasetSource(tmp_path / "wds" / "part-{0000..0002}.tar")) == 21
     with pytest.raises(SourceError, match=r"shard not found: .*part-0005\.tar \(and 3 more\)"):
-        WebDatasetSource(tmp_path / "wds" / "part-{0000..0008}.tar", SEQ_LEN)
+        WebDatasetSource(tmp_path / "wds" / "part-{0000..0008}.tar")
 
 
 def truncate(path: Path, keep: int) -> None:
@@ -113,16 +129,16 @@ def test_truncated_tar_is_an_error_or_a_reported_skip(tmp_path):
     cut_member = members[4 * 3 + 1]
     truncate(shard, cut_member.offset_data + 3)
     with pytest.raises(SourceError, match=r"part-0001\.tar: truncated tar, cut in member 'doc00011\.."):
-        WebDatasetSource(folder, SEQ_LEN)
+        WebDatasetSource(folder)
     with pytest.warns(UserWarning, match=r"1 truncated shard\(s\)"):
-        source = WebDatasetSource(folder, SEQ_LEN, on_bad="skip")
+        source = WebDatasetSource(folder, on_bad="skip")
     assert source.shard_sizes.tolist() == [7, 4]  # the partial sample 4 is dropped, 0-3 kept
     assert list(source.skipped) == [str(shard)]
     np.testing.assert_array_equal(source.record(10)["npy"], documents(14)[10])
     # A cut exactly between members is caught too.
     truncate(shard, members[3 * 3].offset_data - 512)
     with pytest.raises(SourceError, match=r"truncated tar, cut after byte \d+"):
-        WebDatasetSource(folder, SEQ_LEN)
+        WebDatasetSource(folder)
 
 
 def test_webdataset_sample_without_the_field_names_shard_and_key(tmp_path):
@@ -131,16 +147,16 @@ def test_webdataset_sample_without_the_field_names_shard_and_key(tmp_path):
     with webdataset.TarWriter(str(folder / "a.tar")) as sink:
         sink.write({"__key__": "good", "txt": "hello"})
         sink.write({"__key__": "odd", "json": {"text": "x"}})
-    source = WebDatasetSource(folder, SEQ_LEN)
+    source = WebDatasetSource(folder)
     assert source.field == "txt"
     with pytest.raises(SourceError, match=r"a\.tar, sample 'odd' \(#1\) has no 'txt' member \(it has \['json'\]\)"):
-        source.read_batch(np.array([1]))
+        per_document(source, tmp_path)
 
 
 def test_not_a_tar_file(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"definitely not a tar archive" * 40)
     with pytest.raises(SourceError, match=r"bad\.tar: not a tar file"):
-        WebDatasetSource(tmp_path / "bad.tar", SEQ_LEN)
+        WebDatasetSource(tmp_path / "bad.tar")
 
 
 # ----------------------------------------------------------------------------- MDS
@@ -150,23 +166,25 @@ def test_not_a_tar_file(tmp_path):
 def test_mds_shards_read_back_exactly(tmp_path, compression):
     docs = documents(30)
     folder = write_mds(tmp_path / "mds", docs, compression=compression)
-    source = MdsSource(folder, SEQ_LEN)
+    source = MdsSource(folder, cache_dir=tmp_path / "cache")
     assert source.column == "tokens" and len(source) == 30 and len(source.shard_sizes) > 3
     for i in (0, 13, 29):
         record = source.record(i)
         assert record["text"] == f"text of {i}" and record["id"] == i
         np.testing.assert_array_equal(record["tokens"], docs[i])
-    batch = source.read_batch(np.array([29, 2]))
+    batch = per_document(source, tmp_path).read_batch(np.array([29, 2]))
     np.testing.assert_array_equal(batch["input_ids"], [window(docs[29]), window(docs[2])])
-    text = MdsSource(folder, SEQ_LEN, column="text").read_batch(np.array([7]))["input_ids"][0]
-    assert bytes(text[text < 256].astype(np.uint8)).decode() == "text of 7"
+    text = per_document(MdsSource(folder, column="text", cache_dir=tmp_path / "cache"), tmp_path)
+    assert text.text(7) == "text of 7"
+    if compression:  # decompressed into the cache folder: the dataset is left as it was written
+        assert not list(folder.glob("*.mds")) and list((tmp_path / "cache").glob("mds-shards-*/*.mds"))
 
 
 def test_mds_remote_downloads_into_the_local_cache_on_first_read(tmp_path):
     docs = documents(30)
     remote = write_mds(tmp_path / "remote", docs, compression="zstd")
     cache = tmp_path / "cache"
-    source = MdsSource(cache, SEQ_LEN, remote=str(remote))
+    source = MdsSource(cache, remote=str(remote))
     assert len(source) == 30
     assert sorted(p.name for p in cache.iterdir()) == ["index.json"]  # no shard fetched yet
     np.testing.assert_array_equal(source.record(29)["tokens"], docs[29])
@@ -177,24 +195,24 @@ def test_mds_bad_data(tmp_path):
     docs = documents(30)
     folder = write_mds(tmp_path / "mds", docs)
     with pytest.raises(SourceError, match="no column 'label'"):
-        MdsSource(folder, SEQ_LEN, column="label")
+        MdsSource(folder, column="label")
     with pytest.raises(SourceError, match="column 'id' is int"):
-        MdsSource(folder, SEQ_LEN, column="id")
-    sizes = MdsSource(folder, SEQ_LEN).shard_sizes
+        MdsSource(folder, column="id")
+    sizes = MdsSource(folder).shard_sizes
     shards = sorted(folder.glob("*.mds"))
     shard_1 = shards[1].read_bytes()
     shards[1].unlink()
     with pytest.raises(SourceError, match=r"shard shard\.00001\.mds is missing"):
-        MdsSource(folder, SEQ_LEN)
+        MdsSource(folder)
     shards[1].write_bytes(shard_1)
     data = bytearray(shards[2].read_bytes())
     data[0] += 1  # the sample count in the shard's header
     shards[2].write_bytes(bytes(data))
     with pytest.raises(SourceError, match=r"shard\.00002\.mds is corrupt or replaced: it holds \d+ samples, index"):
-        MdsSource(folder, SEQ_LEN)
+        MdsSource(folder)
     truncate(shards[3], 40)
     with pytest.warns(UserWarning, match="left out 2 bad shard"):
-        source = MdsSource(folder, SEQ_LEN, on_bad="skip")
+        source = MdsSource(folder, on_bad="skip")
     assert sorted(source.skipped) == ["shard.00002.mds", "shard.00003.mds"]
     assert re.fullmatch(
         r"corrupt: its sample offsets end at byte \d+, the file has 40", source.skipped["shard.00003.mds"]
@@ -202,7 +220,7 @@ def test_mds_bad_data(tmp_path):
     assert source.shard_sizes.tolist() == np.delete(sizes, [2, 3]).tolist()
     np.testing.assert_array_equal(source.record(len(source) - 1)["tokens"], docs[-1])
     with pytest.raises(SourceError, match=r"no index\.json"):
-        MdsSource(tmp_path, SEQ_LEN)
+        MdsSource(tmp_path)
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -212,15 +230,18 @@ def shard_mixture(root: Path, order: str = "samples") -> Path:
     docs = documents(60)
     write_wds(root / "wds", docs[:35])
     write_mds(root / "mds", docs[35:])
-    write_tokens(root / "code.bin", np.arange(5_000) % 30_000)
+    write_tokens(root / "code.bin", np.arange(5_000) % 256)
+    # Shard order reads records front to back: it needs records, made into samples by a transform.
+    records = {"order": "shards", "transform": "test_shards:ids_window"} if order == "shards" else {}
     config = {
         "seed": 7,
         "global_batch_size": 8,
         "seq_len": SEQ_LEN,
+        "cache_dir": "cache",
         "domains": [
             {"name": "code", "source": "tokenbin", "path": "code.bin", "weight": 0.4},
-            {"name": "web", "source": "webdataset", "path": "wds", "weight": 0.3, "order": order},
-            {"name": "books", "source": "mds", "path": "mds", "weight": 0.3, "order": order},
+            {"name": "web", "source": "webdataset", "path": "wds", "weight": 0.3, **records},
+            {"name": "books", "source": "mds", "path": "mds", "weight": 0.3, **records},
         ],
     }
     path = root / "mixture.yaml"
@@ -288,6 +309,11 @@ def test_order_shards_needs_a_sharded_source(tmp_path):
     config.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="domain 'code': order: shards needs a sharded source, not tokenbin"):
         MixedDataset.from_config(config)
+    raw["domains"][0]["order"] = "samples"
+    raw["domains"][1]["order"] = "shards"  # a tokenized domain reads its local token cache: no shard order
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"domain 'web': order: shards .* applies only with a transform"):
+        MixedDataset.from_config(config)
     raw["domains"][0]["order"] = "random"
     config.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="order must be one of"):
@@ -296,7 +322,7 @@ def test_order_shards_needs_a_sharded_source(tmp_path):
 
 def test_mds_remote_in_a_config(tmp_path):
     remote = write_mds(tmp_path / "remote", documents(20))
-    write_tokens(tmp_path / "code.bin", np.arange(2_000))
+    write_tokens(tmp_path / "code.bin", np.arange(2_000) % 256)
     config = tmp_path / "mixture.yaml"
     config.write_text(
         json.dumps(
@@ -335,8 +361,8 @@ def test_npy_members_decode_like_np_load(array):
 def test_shard_sources_travel_to_workers_without_their_open_files(tmp_path):
     docs = documents(30)
     for source in (
-        MdsSource(write_mds(tmp_path / "mds", docs), SEQ_LEN),
-        WebDatasetSource(write_wds(tmp_path / "wds", docs), SEQ_LEN),
+        MdsSource(write_mds(tmp_path / "mds", docs), transform=ids_window),
+        WebDatasetSource(write_wds(tmp_path / "wds", docs), transform=ids_window),
     ):
         before = source.read_batch(np.arange(30))["input_ids"]  # opens files and memory maps
         state = pickle.dumps(source)

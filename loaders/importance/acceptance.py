@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from onlinemix.loaders import rng
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator
 from onlinemix.loaders.importance.sidecars import domain_texts

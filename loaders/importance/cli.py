@@ -24,13 +24,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from onlinemix.loaders.build import build_sources
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.convert import input_files, read_documents
+from onlinemix.loaders.extras import pyplot
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
 from onlinemix.loaders.importance.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
 from onlinemix.loaders.sources import Source
-from tqdm import tqdm
 
 CHUNK = 4096  # documents scored between two progress saves
 
@@ -152,10 +154,7 @@ def report(args: argparse.Namespace) -> None:
             f" {divergence:9.4f} {weight:6.3f}"
         )
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         figure, axis = plt.subplots(figsize=(7, 4))
         for name, weights in histograms.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from onlinemix.loaders.importance.estimator import ImportanceError
 from onlinemix.loaders.sources import Source
 
@@ -34,7 +35,8 @@ def document_text(record: Any, field: str = "text") -> str:
 
 
 def domain_texts(source: Source, indices: np.ndarray, field: str) -> list[str]:
-    return [document_text(source.record(int(i)), field) for i in indices]
+    """The text of samples ``indices`` (``Source.text``: decoded with the domain's tokenizer where it has one)."""
+    return [source.text(int(i), field) for i in indices]
 
 
 def source_fingerprint(source: Source, field: str) -> dict[str, Any]:

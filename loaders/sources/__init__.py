@@ -1,11 +1,35 @@
-"""Domain sources, one module each. ``SOURCES`` maps a config's ``source:`` value to its class."""
+"""Domain sources, one module each. ``SOURCES`` maps a config's ``source:`` value to its class.
 
-from onlinemix.loaders.sources.base import Source, SourceError
+``tokenbin`` is read as it is; every other built-in is a ``DocumentSource``, tokenized once into a
+cached token stream (``TokenizedSource``) unless a ``transform`` reads its records.
+"""
+
+from onlinemix.loaders.sources.base import DocumentSource, Source, SourceError
+from onlinemix.loaders.sources.hf import HFDatasetSource
 from onlinemix.loaders.sources.jsonl import JsonlSource
 from onlinemix.loaders.sources.mds import MdsSource
+from onlinemix.loaders.sources.parquet import ParquetSource
+from onlinemix.loaders.sources.text import TextSource
 from onlinemix.loaders.sources.tokenbin import TokenBinSource
+from onlinemix.loaders.sources.tokenized import TokenizedSource
 from onlinemix.loaders.sources.wds import WebDatasetSource
 
-SOURCES: dict[str, type[Source]] = {cls.kind: cls for cls in (TokenBinSource, JsonlSource, MdsSource, WebDatasetSource)}
+SOURCES: dict[str, type[Source]] = {
+    cls.kind: cls
+    for cls in (TokenBinSource, JsonlSource, TextSource, ParquetSource, HFDatasetSource, MdsSource, WebDatasetSource)
+}
 
-__all__ = ["SOURCES", "JsonlSource", "MdsSource", "Source", "SourceError", "TokenBinSource", "WebDatasetSource"]
+__all__ = [
+    "SOURCES",
+    "DocumentSource",
+    "HFDatasetSource",
+    "JsonlSource",
+    "MdsSource",
+    "ParquetSource",
+    "Source",
+    "SourceError",
+    "TextSource",
+    "TokenBinSource",
+    "TokenizedSource",
+    "WebDatasetSource",
+]

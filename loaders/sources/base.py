@@ -1,12 +1,26 @@
-"""What every domain source is: a random-access, lazily opened, picklable sequence of samples."""
+"""What a domain source is: a random-access, lazily opened, picklable sequence of samples.
+
+Two kinds of sources:
+
+- ``Source`` is the interface the loader reads: ``len(source)`` samples, read a batch of them by
+  index (``read_batch``, or ``read_into`` a preallocated batch). ``TokenBinSource`` (windows of a token
+  file) and ``TokenizedSource`` (windows of a tokenized document collection) are sources; so is any
+  class of yours that implements ``__len__`` and ``record`` (see the docs' "Bring your own source").
+- ``DocumentSource`` is a collection of documents in a fixed order (JSONL, text files, Parquet, a
+  Hugging Face dataset, MDS or WebDataset shards). By default its documents are tokenized once into a
+  cached token stream and read as windows (``TokenizedSource``); with a ``transform`` it is itself the
+  source, one sample per record, passed through the transform.
+"""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
 from onlinemix.loaders.transforms import Transform, collate
 
 
@@ -17,24 +31,19 @@ class SourceError(Exception):
 class Source(abc.ABC):
     """One domain's samples, addressed by index in ``[0, len(source))``.
 
-    Subclasses open their files on first read (not in ``__init__``) and drop
-    open handles when pickled, so a source travels cheaply to DataLoader
-    workers under both fork and spawn.
+    Subclasses implement ``__len__`` and ``record(index)`` (the raw sample, before the ``transform``);
+    the rest has defaults. They open their files on first read (not in ``__init__``) and drop open
+    handles when pickled (attributes whose names start with ``_open``), so a source travels cheaply to
+    DataLoader workers under both fork and spawn. Reads must be pure: the same index, the same sample.
     """
 
-    kind: ClassVar[str]  # the ``source:`` value that selects this class in a config
-    options: ClassVar[frozenset[str]] = frozenset()  # extra config keys it accepts
+    kind: ClassVar[str] = "custom"  # the ``source:`` value that selects this class in a config
     # Sharded sources: the sample count of each shard, in storage order (enables ``order: shards``).
     shard_sizes: np.ndarray | None = None
 
-    def __init__(self, path: str | Path, transform: Transform):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, transform: Transform | None = None):
+        self.path = path if isinstance(path, str) else Path(path)  # how messages name the source
         self.transform = transform
-
-    @classmethod
-    def path_given(cls, path: Path, options: dict[str, Any]) -> bool:
-        """Whether a config's ``path`` (with the domain's other keys) names something to read."""
-        return path.exists()
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -48,8 +57,16 @@ class Source(abc.ABC):
         """How error messages name sample ``index`` (a line number, a shard member...)."""
         return f"sample {index}"
 
+    def text(self, index: int, field: str = "text") -> str:
+        """Sample ``index`` as text (what importance estimates read); ``field``: where a dict record keeps it."""
+        from onlinemix.loaders.importance.sidecars import document_text
+
+        return document_text(self.record(index), field)
+
     def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Transformed samples at ``indices``, stacked field by field."""
+        if self.transform is None:
+            raise SourceError(f"{self.path}: its records need a transform that makes them fields (transform:)")
         samples = []
         for index in map(int, indices):
             record = self.record(index)
@@ -72,6 +89,10 @@ class Source(abc.ABC):
         """Each output field's per-sample shape and dtype, from reading sample 0."""
         return {name: (values.shape[1:], values.dtype.str) for name, values in self.read_batch(np.zeros(1)).items()}
 
+    def fingerprint(self) -> Any:
+        """What identifies this source's samples in a checkpoint (beyond its length); JSON-able."""
+        return None
+
     def __getstate__(self) -> dict[str, Any]:
         # Open files and memory maps are reopened lazily in the receiving process.
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
@@ -80,11 +101,35 @@ class Source(abc.ABC):
         self.__dict__.update(state)
 
 
-class ShardedSource(Source):
+class DocumentSource(Source):
+    """A collection of documents (text, or arrays of token ids) in a fixed order.
+
+    Subclasses implement ``documents()`` (every document, in order, streamed: what the token cache is
+    built from), ``fingerprint()`` (what changes when a document would: the files' sizes and
+    modification times, the field read) and ``input_bytes()`` (for the progress bar); and, for use with
+    a ``transform``, the record interface (``__len__``, ``record``).
+
+    ``options`` lists the config keys a format takes and their types (checked before construction).
+    ``suffixes``: the files a folder ``path`` stands for.
+    """
+
+    options: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def documents(self) -> Iterator[str | np.ndarray]:
+        """Every document in order: a ``str`` to tokenize, or a 1-d integer array of token ids already."""
+
+    @abc.abstractmethod
+    def input_bytes(self) -> int:
+        """Bytes the documents are read from (for progress)."""
+
+
+class ShardedSource(DocumentSource):
     """A source stored in shards: sample ``i`` is a sample of the shard whose range holds ``i``.
 
-    Subclasses call ``_set_shards`` with each shard's sample count (storage
-    order), which also makes the domain eligible for ``order: shards``.
+    Subclasses call ``_set_shards`` with each shard's sample count (storage order), which also makes the
+    domain eligible for ``order: shards``.
     """
 
     def _set_shards(self, sizes: list[int]) -> None:

@@ -1,36 +1,50 @@
-"""JSONL: one JSON document per line, addressed through a cached line-offset index.
+"""JSONL: one JSON document per line, in one or many files, plain or compressed (``.gz``, ``.zst``).
 
-The index (the byte offset of every non-empty line) is built once with a
-vectorised newline scan and saved beside the file as
-``<file>.onlinemix-idx.npy``, together with the file's size and
-modification time; a changed file rebuilds it. Where the folder is read-only
-the index is kept in memory for the process. Empty lines are not documents.
+``path`` is a file, a folder (its ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` and ``.ndjson`` files,
+recursively, by name), a glob pattern or a list of those; ``field`` names each line's text (default
+``text``). Empty lines are not documents. A line that is not JSON, or lacks the field, is an error
+naming the file and the line.
+
+For records (a ``transform`` reads each line's object), the lines are addressed through a line-offset
+index built once per file with a vectorised newline scan (a progress bar on files over 64 MB) and
+cached in the cache folder, rebuilt when the file's size or modification time changes; such records
+need uncompressed files (a compressed file has no random access).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from onlinemix.loaders.files import FileHandles, file_header, save_cache
-from onlinemix.loaders.sources.base import Source, SourceError
-from onlinemix.loaders.transforms import ByteTokenizer, Transform
 from tqdm import tqdm
 
-INDEX_SUFFIX = ".onlinemix-idx.npy"
-INDEX_VERSION = 1
-_HEADER = 3  # version, file size, mtime_ns: stored ahead of the offsets
+from onlinemix.loaders.files import (
+    FileHandles,
+    InputError,
+    atomic_write,
+    cache_entry,
+    cache_root,
+    expand_paths,
+    file_stamp,
+    read_lines,
+)
+from onlinemix.loaders.sources.base import DocumentSource, SourceError
+from onlinemix.loaders.transforms import Transform
+
+INDEX_VERSION = 2
 _CHUNK = 16 << 20
 _PROGRESS_FROM = 64 << 20  # show a progress bar when indexing files at least this large
 
 
-def index_path(path: Path) -> Path:
-    return path.with_name(path.name + INDEX_SUFFIX)
+def describe_paths(files: list[Path]) -> str:
+    """How messages name a source of several files."""
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
 
 
-def _scan_line_starts(path: Path) -> np.ndarray:
+def scan_line_starts(path: Path) -> np.ndarray:
     """Byte offsets of the non-empty lines of ``path``."""
     size = path.stat().st_size
     starts = []
@@ -38,9 +52,7 @@ def _scan_line_starts(path: Path) -> np.ndarray:
     line_start = 0  # offset where the current (unfinished) line began
     with (
         open(path, "rb") as file,
-        tqdm(
-            total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}", disable=size < _PROGRESS_FROM
-        ) as progress,
+        tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}", disable=size < _PROGRESS_FROM) as bar,
     ):
         while chunk := file.read(_CHUNK):
             newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + position
@@ -50,67 +62,125 @@ def _scan_line_starts(path: Path) -> np.ndarray:
             if len(newlines):
                 line_start = int(newlines[-1]) + 1
             position += len(chunk)
-            progress.update(len(chunk))
+            bar.update(len(chunk))
     if line_start < size:  # last line without a trailing newline
         starts.append(np.array([line_start], dtype=np.uint64))
     return np.concatenate(starts) if starts else np.empty(0, dtype=np.uint64)
 
 
-def load_index(path: Path) -> np.ndarray:
-    """Line offsets of ``path``, from the cache when it matches the file, else rebuilt (and cached)."""
-    header = file_header(path, INDEX_VERSION)
-    cache = index_path(path)
+def line_index(path: Path, cache_dir: str | Path | None) -> np.ndarray:
+    """Line offsets of ``path``, from the cache when it matches the file, else scanned (and cached)."""
+    cache = cache_entry(cache_root(cache_dir), "jsonl-lines", [INDEX_VERSION, file_stamp(path)]).with_suffix(".npy")
     if cache.exists():
         try:
-            cached = np.load(cache, mmap_mode="r")
-            if cached.shape[0] >= _HEADER and np.array_equal(cached[:_HEADER], header):
-                return cached[_HEADER:]
+            return np.load(cache, mmap_mode="r")
         except (ValueError, OSError):
-            pass  # unreadable cache: rebuild it
-    offsets = _scan_line_starts(path)
-    save_cache(cache, lambda file: np.save(file, np.concatenate([header, offsets])), path)
+            pass  # unreadable: scan again
+    offsets = scan_line_starts(path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, lambda file: np.save(file, offsets))
+    except OSError:
+        pass  # an unwritable cache folder: the index stays in memory for this process
     return offsets
 
 
-class JsonlSource(Source):
+def text_of(record: Any, field: str, where: str) -> str:
+    """The text under ``field`` of a decoded record; an error naming ``where`` otherwise."""
+    if not isinstance(record, dict):
+        raise SourceError(f"{where} is a JSON {type(record).__name__}, not an object with a {field!r} field")
+    if field not in record:
+        raise SourceError(f"{where} has no field {field!r} (its fields: {sorted(record)[:8]})")
+    text = record[field]
+    if not isinstance(text, str):
+        raise SourceError(f"{where}: field {field!r} is a {type(text).__name__}, not text")
+    return text
+
+
+class JsonlSource(DocumentSource):
+    """Documents of JSONL files (see the module docstring)."""
+
     kind = "jsonl"
-    options = frozenset({"field"})
+    options: ClassVar[dict[str, type]] = {"field": str}
+    suffixes = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 
     def __init__(
         self,
-        path: str | Path,
-        seq_len: int,
+        path: str | Path | list,
         field: str = "text",
         transform: Transform | None = None,
+        cache_dir: str | Path | None = None,
     ):
-        super().__init__(path, transform or ByteTokenizer(seq_len, field=field))
-        self.field = field
-        self._length = len(self.offsets)
+        self.files = expand_paths(path, Path("."), self.suffixes)
+        super().__init__(describe_paths(self.files), transform)
+        self.field, self.cache_dir = field, cache_dir
         self._files = FileHandles()
 
-    def __len__(self) -> int:
-        return self._length
+    # -- documents ----------------------------------------------------------------
+
+    def documents(self, progress=None) -> Iterator[str]:
+        for path in self.files:
+            for number, line in read_lines(path, progress):
+                if line.strip():
+                    yield text_of(self._decode(line, path, number), self.field, f"{path}: line {number}")
+
+    def input_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "files": [file_stamp(path) for path in self.files], "field": self.field}
+
+    @staticmethod
+    def _decode(line: bytes, path: Path, number: int) -> Any:
+        try:
+            return json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SourceError(f"{path}: line {number} is not valid JSON: {error}") from None
+
+    # -- records (with a transform) ------------------------------------------------
 
     @property
-    def offsets(self) -> np.ndarray:
-        offsets = getattr(self, "_open_offsets", None)
-        if offsets is None:
-            offsets = self._open_offsets = load_index(self.path)
-        return offsets
+    def _index(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """Each file's line offsets, and where each file's records start in the whole."""
+        index = getattr(self, "_open_index", None)
+        if index is None:
+            compressed = [path for path in self.files if path.name.endswith((".gz", ".zst"))]
+            if compressed:
+                raise InputError(
+                    f"{compressed[0]}: a transform reads records by index, which a compressed file cannot give; "
+                    "decompress it, or leave out the transform (the default tokenizes every document once)"
+                )
+            offsets = [line_index(path, self.cache_dir) for path in self.files]
+            starts = np.cumsum([0] + [len(o) for o in offsets])
+            index = self._open_index = (offsets, starts)
+        return index
+
+    def __len__(self) -> int:
+        return int(self._index[1][-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        offsets, starts = self._index
+        if not 0 <= index < starts[-1]:
+            raise SourceError(f"{self.path}: document {index} out of range [0, {starts[-1]})")
+        number = int(np.searchsorted(starts, index, side="right")) - 1
+        return number, int(offsets[number][index - starts[number]])
 
     def describe(self, index: int) -> str:
-        offset = int(self.offsets[index])
-        with open(self.path, "rb") as file:  # slow, but only ever on the way to an error
+        number, offset = self._locate(index)
+        with open(self.files[number], "rb") as file:  # slow, but only ever on the way to an error
             line = file.read(offset).count(b"\n") + 1
-        return f"line {line} (document {index})"
+        of = f" of {self.files[number].name}" if len(self.files) > 1 else ""
+        return f"line {line}{of} (document {index})"
 
     def record(self, index: int) -> Any:
-        if not 0 <= index < self._length:
-            raise SourceError(f"{self.path}: document {index} out of range [0, {self._length})")
-        file = self._files.get(self.path)
-        file.seek(int(self.offsets[index]))
+        number, offset = self._locate(index)
+        file = self._files.get(self.files[number])
+        file.seek(offset)
         line = file.readline()
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise SourceError(f"{self.path}: {self.describe(index)} is not valid JSON: {error}") from None
+
+    def text(self, index: int, field: str = "text") -> str:
+        return text_of(self.record(index), self.field, f"{self.path}: {self.describe(index)}")

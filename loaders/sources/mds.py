@@ -14,11 +14,15 @@ encoding works).
 
 **Which column.** ``column`` names the document (default: the first of
 ``tokens``, ``input_ids``, ``text`` that the shards have). A ``str`` column
-is byte-tokenized; an ``ndarray`` column is taken as token ids; a ``bytes``
+is text for the tokenizer; an ``ndarray`` column is token ids; a ``bytes``
 column is token ids of dtype ``token_dtype`` (the llm-foundry convention).
-Each sample becomes one window of ``seq_len + 1`` tokens, cut or padded.
-The record a custom transform receives is the whole decoded sample (a dict
-of every column) plus ``"document"``.
+By default the documents are tokenized once into a cached token stream and
+packed into windows (``loaders/sources/tokenized.py``). The record a custom
+transform receives is the whole decoded sample (a dict of every column) plus
+``"document"``.
+
+**Compressed shards** of a local dataset are decompressed into the cache
+folder, never beside the data: a read-only dataset needs no write access.
 
 **Bad data.** A shard listed in ``index.json`` but missing (without a
 remote), a shard whose header disagrees with ``index.json`` (sample count,
@@ -30,14 +34,18 @@ reported (``source.skipped``, and a warning): the plan never sees them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+
+from onlinemix.loaders.extras import require
+from onlinemix.loaders.files import cache_entry, cache_root, file_stamp, writable_cache
 from onlinemix.loaders.sources.base import ShardedSource, SourceError
-from onlinemix.loaders.transforms import ByteTokenizer, Transform
+from onlinemix.loaders.transforms import Transform
 
 DOCUMENT_COLUMNS = ("tokens", "input_ids", "text")  # the default ``column``, in order of preference
 ON_BAD = ("error", "skip")
@@ -58,34 +66,47 @@ def _default_transform_reads(encoding: str) -> bool:
 
 
 class MdsSource(ShardedSource):
-    kind = "mds"
-    options = frozenset({"remote", "split", "column", "token_dtype", "on_bad"})
+    """The documents of mosaicml-streaming MDS shards (see the module docstring)."""
 
-    @classmethod
-    def path_given(cls, path: Path, options: dict[str, Any]) -> bool:
-        return bool(options.get("remote")) or path.exists()  # with a remote, path is a cache made on demand
+    kind = "mds"
+    options: ClassVar[dict[str, type]] = {"remote": str, "split": str, "column": str, "token_dtype": str, "on_bad": str}
 
     def __init__(
         self,
         path: str | Path,
-        seq_len: int,
         column: str | None = None,
         remote: str | None = None,
         split: str | None = None,
         token_dtype: str | None = None,
         on_bad: str = "error",
         transform: Transform | None = None,
+        cache_dir: str | Path | None = None,
     ):
-        super().__init__(path, transform or ByteTokenizer(seq_len, field="document"))
+        super().__init__(Path(path), transform)
         if on_bad not in ON_BAD:
             raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
         self.remote, self.split = remote, split
         self.folder = self.path / (split or "")
         self.token_dtype = None if token_dtype is None else np.dtype(token_dtype)
-        shards = self._stream().get_shards(_world(), allow_unsafe_types=False) if remote else self._local_shards()
+        if not remote and not (self.folder / "index.json").is_file():
+            raise SourceError(f"{self.folder}: no index.json (is this an MDS dataset folder?)")
+        self.cache_dir = cache_dir
+        self.local = self.path  # where shards are read from: the data, or for a remote its local cache
+        if remote:
+            try:
+                shards = self._stream().get_shards(_world(), allow_unsafe_types=False)
+            except Exception as error:
+                raise SourceError(f"cannot read {remote}/index.json into {self.path}: {error}") from None
+        else:
+            shards = self._local_shards()
         self.skipped: dict[str, str] = {}  # shard file -> why it was left out
         if not remote:  # with a remote, a shard is checked when it is downloaded
             shards = [shard for shard in shards if self._usable(shard, on_bad)]
+            if any(not (self.folder / shard.raw_data.basename).exists() for shard in shards):
+                # compressed shards: decompress into the cache folder, the data stays as it is
+                index = file_stamp(self.folder / "index.json")
+                self.local = cache_entry(writable_cache(cache_root(cache_dir)), "mds-shards", index)
+                self.remote = str(self.path)
         if self.skipped:
             warnings.warn(
                 f"{self.folder}: left out {len(self.skipped)} bad shard(s): "
@@ -105,12 +126,32 @@ class MdsSource(ShardedSource):
         encoding = shards[0].column_encodings[shards[0].column_names.index(self.column)]
         if transform is None and not _default_transform_reads(encoding):
             raise SourceError(
-                f"{self.folder}: column {self.column!r} is {encoding}; the default transform reads text (str) "
-                "or token ids (ndarray, or bytes with token_dtype) — give a transform for anything else"
+                f"{self.folder}: column {self.column!r} is {encoding}; documents are text (str) or token ids "
+                "(ndarray, or bytes with token_dtype) — give a transform for anything else"
             )
         if encoding == "bytes" and self.token_dtype is None and transform is None:
             raise SourceError(f"{self.folder}: column {self.column!r} is raw bytes: set token_dtype (e.g. uint16)")
         self._set_shards([shard.samples for shard in shards])
+
+    # -- documents -----------------------------------------------------------------
+
+    def documents(self, progress=None):
+        for number, shard in enumerate(self.shards):
+            for row in range(shard.samples):
+                yield self._document(number, row)
+            if progress is not None:
+                progress(shard.raw_data.bytes)
+
+    def input_bytes(self) -> int:
+        return sum(shard.raw_data.bytes for shard in self.shards)
+
+    def fingerprint(self) -> dict:
+        index = self.local / (self.split or "") / "index.json"
+        content = hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index.exists() else None
+        shards = [[shard.raw_data.basename, shard.raw_data.bytes, shard.samples] for shard in self.shards]
+        where = self.remote if self.remote and self.remote != str(self.path) else str(self.path.resolve())
+        return {"kind": self.kind, "where": where, "index": content, "shards": shards, "column": self.column,
+                "token_dtype": None if self.token_dtype is None else self.token_dtype.name}  # fmt: skip
 
     # -- opening -------------------------------------------------------------------
 
@@ -118,15 +159,15 @@ class MdsSource(ShardedSource):
         """mosaicml-streaming's ``Stream``: it downloads, validates and decompresses shards into ``path``."""
         stream = getattr(self, "_open_stream", None)
         if stream is None:
-            from streaming import Stream
-
-            stream = Stream(remote=self.remote, local=str(self.path), split=self.split)
+            stream = require("streaming", "an mds domain").Stream(
+                remote=self.remote, local=str(self.local), split=self.split
+            )
             stream.apply_default(_STREAM_DEFAULTS)
             self._open_stream = stream
         return stream
 
     def _local_shards(self) -> list:
-        from streaming.base.format import reader_from_json
+        reader_from_json = require("streaming.base.format", "an mds domain").reader_from_json
 
         index_file = self.folder / "index.json"
         try:
@@ -168,7 +209,7 @@ class MdsSource(ShardedSource):
         opened = self.__dict__.setdefault("_open_shards", {})
         if number not in opened:
             shard = self.shards[number]
-            raw = self.folder / shard.raw_data.basename
+            raw = self.local / (self.split or "") / shard.raw_data.basename
             try:
                 self._stream().prepare_shard(shard)  # download / decompress when needed
             except Exception as error:
@@ -197,17 +238,29 @@ class MdsSource(ShardedSource):
         return f"shard {self.shards[shard].raw_data.basename}, sample {row}"
 
     def record(self, index: int) -> dict[str, Any]:
-        number, row = self.locate(index)
+        return self._sample(*self.locate(index))
+
+    def _sample(self, number: int, row: int) -> dict[str, Any]:
         data, offsets = self._shard_data(number)
         try:
             sample = self.shards[number].decode_sample(data[offsets[row] : offsets[row + 1]].tobytes())
         except Exception as error:
-            raise SourceError(f"{self.folder}: {self.describe(index)} cannot be decoded: {error}") from None
+            where = f"shard {self.shards[number].raw_data.basename}, sample {row}"
+            raise SourceError(f"{self.folder}: {where} cannot be decoded: {error}") from None
         document = sample[self.column]
         if isinstance(document, bytes) and self.token_dtype is not None:
             document = np.frombuffer(document, dtype=self.token_dtype)
         sample["document"] = document
         return sample
+
+    def _document(self, number: int, row: int):
+        document = self._sample(number, row)["document"]
+        return document if isinstance(document, str) else np.asarray(document, dtype=np.int64)
+
+    def text(self, index: int, field: str = "text") -> str:
+        from onlinemix.loaders.importance.sidecars import document_text
+
+        return document_text(self.record(index)["document"])
 
 
 def _check_header(raw: Path, samples: int) -> str | None:
@@ -226,6 +279,6 @@ def _check_header(raw: Path, samples: int) -> str | None:
 
 
 def _world():
-    from streaming.base.world import World
-
-    return World.detect()  # only the local leader downloads index.json; the other ranks wait for it
+    return require(
+        "streaming.base.world", "an mds domain"
+    ).World.detect()  # only the local leader downloads index.json; the other ranks wait for it

@@ -10,9 +10,14 @@ in several contexts).
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+
+from onlinemix.loaders.files import atomic_write, cache_entry, cache_root, file_stamp
 from onlinemix.loaders.sources.base import Source, SourceError
 from onlinemix.loaders.transforms import TokenWindow, Transform
 
@@ -20,8 +25,10 @@ DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
 class TokenBinSource(Source):
+    """Windows of ``seq_len + 1`` tokens of one flat file of token ids (see the module docstring)."""
+
     kind = "tokenbin"
-    options = frozenset({"dtype", "stride"})
+    options: ClassVar[dict[str, type]] = {"dtype": str}
 
     def __init__(
         self,
@@ -31,7 +38,7 @@ class TokenBinSource(Source):
         stride: int | None = None,
         transform: Transform | None = None,
     ):
-        super().__init__(path, transform or TokenWindow())
+        super().__init__(Path(path), transform or TokenWindow())
         if dtype not in DTYPES:
             raise ValueError(f"{path}: dtype must be one of {DTYPES}, got {dtype!r}")
         if seq_len < 1:
@@ -41,10 +48,14 @@ class TokenBinSource(Source):
         self.stride = seq_len if stride is None else int(stride)
         if self.stride < 1:
             raise ValueError(f"{path}: stride must be >= 1, got {stride}")
+        if self.path.is_dir():
+            raise SourceError(f"{path} is a folder: a tokenbin domain is one file of token ids")
         size = self.path.stat().st_size
         if size % self.dtype.itemsize:
             raise SourceError(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
+        self.tokenizer = None  # set where the mixture knows it: then text() decodes with it
         self.num_tokens = size // self.dtype.itemsize
+        self._bytes = size
         window = seq_len + 1
         self._length = 0 if self.num_tokens < window else (self.num_tokens - window) // self.stride + 1
 
@@ -83,10 +94,45 @@ class TokenBinSource(Source):
 
     def windows(self, indices: np.ndarray) -> np.ndarray:
         """Windows at ``indices`` as one ``(n, seq_len + 1)`` int64 array (one gather, no Python loop)."""
+        self._check_size()
         return self._views[0][self._check(indices)].astype(np.int64)
+
+    def _check_size(self) -> None:
+        """A file truncated under a running loader would end the process with SIGBUS on the next read of a page
+        past its new end; checking its size first (one fstat, ~1 µs) makes that an error naming the file."""
+        descriptor = getattr(self, "_open_descriptor", None)
+        if descriptor is None or descriptor[0] != os.getpid():
+            descriptor = self._open_descriptor = (os.getpid(), os.open(self.path, os.O_RDONLY))
+        size = os.fstat(descriptor[1]).st_size
+        if size < self._bytes:
+            raise SourceError(
+                f"{self.path} shrank from {self._bytes:,} to {size:,} bytes while it was being read (truncated or "
+                "rewritten in place): replace data files by renaming a complete new file over them"
+            )
+
+    def max_token(self, cache_dir: str | Path | None = None) -> int:
+        """The largest token id in the file (a scan at 1-2 GB/s, once: cached by the file's size and mtime)."""
+        entry = cache_entry(cache_root(cache_dir), "tokenbin-max", [file_stamp(self.path), self.dtype.name])
+        cached = entry.with_suffix(".json")
+        if cached.exists():
+            return int(json.loads(cached.read_text())["max"])
+        largest = 0
+        for start in range(0, len(self.tokens), 1 << 26):
+            largest = max(largest, int(self.tokens[start : start + (1 << 26)].max()))
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, lambda file: file.write(json.dumps({"max": largest}).encode()))
+        except OSError:
+            pass  # an unwritable cache: scan again next time
+        return largest
 
     def record(self, index: int) -> np.ndarray:
         return self.windows(np.array([index]))[0]
+
+    def text(self, index: int, field: str = "text") -> str:
+        if self.tokenizer is None:
+            return super().text(index, field)  # byte-tokenizer ids, the default
+        return self.tokenizer.decode(self.record(index))
 
     def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         if isinstance(self.transform, TokenWindow):
@@ -99,6 +145,7 @@ class TokenBinSource(Source):
             return super().read_into(indices, out, rows)
         # Gather straight from the memory map into the batch (the cast to int64 happens in the same pass).
         # No range check here: the plan only ever asks for indices below len(self).
+        self._check_size()
         _, inputs, labels = self._views
         out["input_ids"][rows] = inputs[indices]
         out["labels"][rows] = labels[indices]

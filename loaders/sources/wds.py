@@ -7,9 +7,9 @@ last path part; the rest, lower-cased, is the extension). Members whose
 names start with ``__`` and non-file members are ignored, as webdataset does.
 
 **Random access.** Each shard's members are indexed once (one pass over the
-tar headers, no data read) and the index is cached beside the shard as
-``<shard>.onlinemix-idx.npz`` with the shard's size and mtime, so a changed
-shard is re-indexed. A sample is then one seek and one read per member.
+tar headers, no data read) and the index is cached in the cache folder,
+keyed by the shard's path, size and mtime, so a changed shard is re-indexed.
+A sample is then one seek and one read per member.
 
 **Shard order** (``order: shards`` in the config): for stores where random
 access is slow, each epoch reads the domain's shards in a shuffled order,
@@ -21,9 +21,9 @@ of a shard arrive together).
 **Decoding** by extension (the part after the last dot): ``txt``/``text`` →
 ``str``; ``json`` → the parsed value; ``npy`` → ``numpy`` array; ``u16``,
 ``u32``, ``i32``, ``i64`` → little-endian token ids; anything else stays
-``bytes``. The record handed to the transform is ``{"__key__": key, ext:
-value, ...}``; the default transform byte-tokenizes ``field`` when it is text
-and takes it as token ids when it is an integer array (``json`` records give
+``bytes``. The record handed to a transform is ``{"__key__": key, ext:
+value, ...}``. Each sample's document is its ``field`` member: text for the
+tokenizer, or token ids when it is an integer array (``json`` records give
 their ``json_key``, default ``text``).
 
 **Bad data.** A missing shard, a truncated tar (a member that runs past the
@@ -43,15 +43,16 @@ import re
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from onlinemix.loaders.files import FileHandles, file_header, save_cache
-from onlinemix.loaders.sources.base import ShardedSource, SourceError
-from onlinemix.loaders.transforms import ByteTokenizer, Transform
 from tqdm import tqdm
 
-INDEX_SUFFIX = ".onlinemix-idx.npz"
+from onlinemix.loaders.extras import require
+from onlinemix.loaders.files import FileHandles, atomic_write, cache_entry, cache_root, file_stamp
+from onlinemix.loaders.sources.base import ShardedSource, SourceError
+from onlinemix.loaders.transforms import Transform
+
 INDEX_VERSION = 1
 FIELD_PREFERENCE = ("npy", "u16", "u32", "i32", "i64", "txt", "text", "json")  # the default ``field``, in order
 _TOKEN_EXTENSIONS = {"u16": "<u2", "u32": "<u4", "i32": "<i4", "i64": "<i8"}
@@ -177,22 +178,23 @@ class ShardIndex:
         return cls(arrays, cut)
 
     @classmethod
-    def load(cls, shard: Path) -> ShardIndex:
-        """The index of ``shard``, from its cache when that matches the shard, else scanned (and cached)."""
-        header = file_header(shard, INDEX_VERSION)
-        cache = shard.with_name(shard.name + INDEX_SUFFIX)
+    def load(cls, shard: Path, cache_dir: str | Path | None = None) -> ShardIndex:
+        """The index of ``shard``, from the cache when one matches the shard, else scanned (and cached)."""
+        cache = cache_entry(cache_root(cache_dir), "wds-index", [INDEX_VERSION, file_stamp(shard)])
+        cache = cache.with_suffix(".npz")
         if cache.exists():
             try:
                 with np.load(cache, allow_pickle=False) as stored:
-                    if np.array_equal(stored["header"], header):
-                        cut = str(stored["cut"]) or None
-                        return cls({name: stored[name] for name in stored.files}, cut)
+                    arrays = {name: stored[name] for name in stored.files if name != "cut"}
+                    return cls(arrays, str(stored["cut"]) or None)
             except (ValueError, OSError, KeyError):
                 pass  # unreadable cache: rescan
         index = cls.scan(shard)
-        save_cache(
-            cache, lambda file: np.savez(file, header=header, cut=np.array(index.cut or ""), **index.arrays()), shard
-        )
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache, lambda file: np.savez(file, cut=np.array(index.cut or ""), **index.arrays()))
+        except OSError:
+            pass  # an unwritable cache folder: the index stays in memory for this process
         return index
 
 
@@ -204,7 +206,7 @@ def _nonzero(path: Path, offset: int, length: int) -> bool:
 
 def expand_shards(path: Path) -> list[Path]:
     """The shards a config's ``path`` names: a ``.tar`` file, a folder of them, or a brace pattern."""
-    from braceexpand import braceexpand  # a webdataset dependency
+    braceexpand = require("braceexpand", "a webdataset domain").braceexpand
 
     if "{" in path.name:
         return [Path(p) for p in braceexpand(str(path))]
@@ -214,23 +216,21 @@ def expand_shards(path: Path) -> list[Path]:
 
 
 class WebDatasetSource(ShardedSource):
-    kind = "webdataset"
-    options = frozenset({"field", "json_key", "on_bad"})
+    """The samples of WebDataset ``.tar`` shards (see the module docstring)."""
 
-    @classmethod
-    def path_given(cls, path: Path, options: dict[str, Any]) -> bool:
-        return "{" in path.name or path.exists()  # a brace pattern's shards are checked when opened
+    kind = "webdataset"
+    options: ClassVar[dict[str, type]] = {"field": str, "json_key": str, "on_bad": str}
 
     def __init__(
         self,
         path: str | Path,
-        seq_len: int,
         field: str | None = None,
         json_key: str = "text",
         on_bad: str = "error",
         transform: Transform | None = None,
+        cache_dir: str | Path | None = None,
     ):
-        super().__init__(path, transform or ByteTokenizer(seq_len, field="document"))
+        super().__init__(Path(path), transform)
         if on_bad not in ON_BAD:
             raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
         self.shards = expand_shards(self.path)
@@ -246,7 +246,7 @@ class WebDatasetSource(ShardedSource):
         self.skipped: dict[str, str] = {}  # shard -> where it was cut, for shards read only in part
         progress = tqdm(self.shards, desc=f"indexing {self.path.name}", unit="shard", disable=len(self.shards) < 16)
         for shard in progress:
-            index = ShardIndex.load(shard)
+            index = ShardIndex.load(shard, cache_dir)
             if index.cut is not None:
                 if on_bad == "error":
                     raise SourceError(
@@ -313,6 +313,37 @@ class WebDatasetSource(ShardedSource):
             document = document[self.json_key]
         record["document"] = document
         return record
+
+    # -- documents -----------------------------------------------------------------
+
+    def documents(self, progress=None):
+        for number, shard in enumerate(self.shards):
+            start = int(self.shard_starts[number])
+            for row in range(len(self.indices[number])):
+                document = self.record(start + row)["document"]
+                if isinstance(document, str):
+                    yield document
+                elif isinstance(document, np.ndarray) and document.dtype.kind in "iu" and document.ndim == 1:
+                    yield document.astype(np.int64)
+                else:
+                    raise SourceError(
+                        f"{self.path}: {self.describe(start + row)}: its {self.field!r} member is a "
+                        f"{type(document).__name__}, not text or a 1-d array of token ids"
+                    )
+            if progress is not None:
+                progress(shard.stat().st_size)
+
+    def input_bytes(self) -> int:
+        return sum(shard.stat().st_size for shard in self.shards)
+
+    def fingerprint(self) -> dict:
+        shards = [file_stamp(shard) for shard in self.shards]
+        return {"kind": self.kind, "shards": shards, "field": self.field, "json_key": self.json_key}
+
+    def text(self, index: int, field: str = "text") -> str:
+        from onlinemix.loaders.importance.sidecars import document_text
+
+        return document_text(self.record(index)["document"])
 
     def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
         # Read in storage order (sequential within a shard), then put each sample in its row.

@@ -1,0 +1,247 @@
+"""A document source, tokenized once into a cached token stream, read as windows (packed) or per document.
+
+**Packed** (``samples: packed``, the default): the documents are concatenated, each followed by the
+tokenizer's end-of-text token (documents that are token ids already are taken as they are), and
+sample ``i`` is the window of ``seq_len + 1`` tokens starting at token ``i * stride``: exactly what a
+token-bin file of the same tokens gives (what nanoGPT, Megatron and torchtitan train on). No token is
+dropped but the fewer than ``stride`` after the last whole window.
+
+**Per document** (``samples: documents``): sample ``i`` is document ``i``, cut or padded to
+``seq_len + 1`` tokens; the tokens cut off are counted (``dropped_tokens``, shown by ``onlinemix inspect``).
+
+**The cache.** The first open tokenizes every document, with a progress bar, into
+``<cache_dir>/<format>-<key>/``: ``tokens.bin`` (``uint16``, or ``uint32`` for vocabularies over
+65,536 ids: 2 or 4 bytes per token), ``documents.npy`` (where each document starts) and ``meta.json``.
+The key hashes the input files' paths, sizes and modification times, the field read and the
+tokenizer's fingerprint, so a changed file or tokenizer makes a new cache and an old one is never
+read for new data. It is built in a temporary folder and renamed into place when complete, under a
+file lock, so several processes opening the same data at once build it once. Reads are then
+token-bin reads: one gather from a memory map per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from onlinemix.loaders.files import cache_entry, cache_root, locked, writable_cache
+from onlinemix.loaders.sources.base import DocumentSource, Source, SourceError
+from onlinemix.loaders.sources.tokenbin import TokenBinSource
+from onlinemix.loaders.tokenizers import Tokenizer, token_dtype
+from onlinemix.loaders.transforms import IGNORE_INDEX
+
+log = logging.getLogger("onlinemix")
+CACHE_VERSION = 1
+SAMPLES = ("packed", "documents")
+_BATCH_DOCUMENTS = 256  # documents tokenized per call (a Hugging Face tokenizer encodes a batch in parallel)
+_BATCH_TOKENS = 1 << 22  # tokens buffered before they are written
+_PROGRESS_FROM = 16 << 20  # show a progress bar for inputs at least this large
+
+
+class TokenCache:
+    """The token stream of a document source: ``tokens`` (memory-mapped), document ``starts``, ``meta``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.starts = np.load(folder / "documents.npy", mmap_mode="r")  # documents + 1 entries
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.folder / "tokens.bin"
+
+    @classmethod
+    def open(cls, documents: DocumentSource, tokenizer: Tokenizer, root: Path) -> TokenCache:
+        """The cache of ``documents`` tokenized by ``tokenizer``, built first if there is none."""
+        key = {"version": CACHE_VERSION, "source": documents.fingerprint(), "tokenizer": tokenizer.fingerprint()}
+        folder = cache_entry(root, documents.kind, key)
+        if (folder / "meta.json").exists():
+            return cls(folder)
+        writable_cache(root)
+        with locked(root / f".{folder.name}.lock"):
+            if not (folder / "meta.json").exists():  # another process may have built it while this one waited
+                _build(documents, tokenizer, folder, key)
+        return cls(folder)
+
+
+class _TokenWriter:
+    """Appends documents' token ids to a file in large writes, and records each document's length."""
+
+    def __init__(self, file, dtype: np.dtype, tokenizer: Tokenizer, where: str):
+        self.file, self.dtype, self.tokenizer, self.where = file, dtype, tokenizer, where
+        self.lengths: list[int] = []
+        self.pending: list[np.ndarray] = []
+        self.buffered = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.tokenizer.vocab_size):
+            raise SourceError(
+                f"{self.where}: document {len(self.lengths) + len(self.pending)} holds token id {int(ids.max())}, "
+                f"outside the vocabulary of {self.tokenizer.name} ({self.tokenizer.vocab_size} ids): set tokenizer: "
+                "to the one its token ids come from"
+            )
+        self.pending.append(ids)
+        self.buffered += len(ids)
+        if self.buffered >= _BATCH_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.file.write(np.concatenate(self.pending).astype(self.dtype).tobytes())
+            self.lengths.extend(len(ids) for ids in self.pending)
+        self.pending, self.buffered = [], 0
+
+
+def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: dict) -> None:
+    """Tokenize every document into a temporary folder beside ``folder``, then rename it into place."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    total = documents.input_bytes()
+    log.info("tokenizing %s (%.1f MB) with %s into %s", documents.path, total / 1e6, tokenizer.name, folder)
+    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"tokenizing {documents.path}", disable=total < _PROGRESS_FROM
+    )
+    try:
+        with open(temporary / "tokens.bin", "wb") as out, bar:
+            writer = _TokenWriter(out, dtype, tokenizer, str(documents.path))
+            texts: list[str] = []
+            for document in documents.documents(progress=bar.update):
+                if isinstance(document, str):
+                    texts.append(document)
+                    if len(texts) < _BATCH_DOCUMENTS:
+                        continue
+                for ids in tokenizer.encode_batch(texts):  # texts before this one keep their order
+                    writer.add(ids)
+                texts.clear()
+                if not isinstance(document, str):  # token ids already: as they are (their writer chose separators)
+                    writer.add(np.asarray(document, dtype=np.int64))
+            for ids in tokenizer.encode_batch(texts):
+                writer.add(ids)
+            writer.flush()
+            out.flush()
+            os.fsync(out.fileno())
+        starts = np.concatenate([[0], np.cumsum(writer.lengths, dtype=np.int64)])
+        np.save(temporary / "documents.npy", starts)
+        meta = {**key, "dtype": dtype.name, "documents": len(writer.lengths), "tokens": int(starts[-1])}
+        (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        os.replace(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    log.info("%s: %d documents, %d tokens", documents.path, len(writer.lengths), int(starts[-1]))
+
+
+class TokenizedSource(Source):
+    """``documents`` tokenized once (see the module docstring), as packed windows or one sample per document.
+
+    Args:
+        documents: the document source (JSONL, text, Parquet, Hugging Face, MDS, WebDataset).
+        tokenizer: what turns its text into ids (``ByteTokenizer()`` or ``HFTokenizer(path)``).
+        seq_len: tokens per sample (a sample holds ``seq_len + 1``: the last is the last label).
+        samples: ``"packed"`` or ``"documents"``.
+        stride: packed only: tokens between window starts (default ``seq_len``).
+        cache_dir: where the token cache goes (default: ``files.cache_root``).
+    """
+
+    def __init__(
+        self,
+        documents: DocumentSource,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        samples: str = "packed",
+        stride: int | None = None,
+        cache_dir: str | Path | None = None,
+    ):
+        if samples not in SAMPLES:
+            raise ValueError(f"samples must be one of {SAMPLES}, got {samples!r}")
+        if samples == "documents" and stride is not None:
+            raise ValueError("stride is for packed samples (samples: packed)")
+        super().__init__(documents.path)
+        self.documents, self.tokenizer, self.seq_len, self.samples = documents, tokenizer, seq_len, samples
+        self.cache = TokenCache.open(documents, tokenizer, cache_root(cache_dir))
+        lengths = np.diff(self.cache.starts)
+        self.dropped_tokens = 0 if samples == "packed" else int(np.maximum(lengths - seq_len - 1, 0).sum())
+        self.padded_samples = 0 if samples == "packed" else int((lengths < seq_len + 1).sum())
+        if samples == "packed":
+            self.windows = TokenBinSource(self.cache.tokens_path, seq_len, dtype=self.cache.dtype.name, stride=stride)
+            self._length = len(self.windows)
+        else:
+            self._length = len(lengths)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """What the document source left out when it opened (``on_bad: skip``), by file: why."""
+        return getattr(self.documents, "skipped", {})
+
+    def fingerprint(self) -> Any:
+        return {"tokenizer": self.tokenizer.fingerprint(), "samples": self.samples}
+
+    def describe(self, index: int) -> str:
+        return f"window {index}" if self.samples == "packed" else f"document {index}"
+
+    def record(self, index: int) -> np.ndarray:
+        """The sample's ``seq_len + 1`` token ids (a short document padded with the tokenizer's pad id)."""
+        if self.samples == "packed":
+            return self.windows.record(index)
+        return self._windows(np.array([index]))[0][0]
+
+    def text(self, index: int, field: str = "text") -> str:
+        """A packed window's text, or a whole document's (not cut to the sample: importance scores documents)."""
+        if self.samples == "packed":
+            return self.tokenizer.decode(self.windows.record(index))
+        if not 0 <= index < self._length:
+            raise SourceError(f"{self.path}: document {index} out of range [0, {self._length})")
+        return self.tokenizer.decode(self._tokens[int(self.cache.starts[index]) : int(self.cache.starts[index + 1])])
+
+    @property
+    def _tokens(self) -> np.ndarray:
+        tokens = getattr(self, "_open_tokens", None)
+        if tokens is None:
+            tokens = self._open_tokens = np.memmap(self.cache.tokens_path, dtype=self.cache.dtype, mode="r")
+        return tokens
+
+    def _windows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Documents ``indices`` cut or padded to ``seq_len + 1`` tokens, and how many of those are theirs."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self._length):
+            raise SourceError(f"{self.path}: document index out of range [0, {self._length})")
+        width = self.seq_len + 1
+        starts = np.asarray(self.cache.starts[indices])
+        lengths = np.minimum(np.asarray(self.cache.starts[indices + 1]) - starts, width)
+        positions = np.arange(width)
+        tokens = self._tokens
+        gather = np.minimum(starts[:, None] + positions, max(len(tokens) - 1, 0))
+        values = tokens[gather] if len(tokens) else np.zeros(gather.shape, dtype=np.int64)
+        window = np.where(positions < lengths[:, None], values, self.tokenizer.pad_id).astype(np.int64)
+        return window, lengths
+
+    def _documents(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-document samples: ``input_ids`` and ``labels`` (nothing to predict past a document's end)."""
+        window, lengths = self._windows(indices)
+        labels = window[:, 1:].copy()
+        labels[np.arange(1, self.seq_len + 1) >= lengths[:, None]] = IGNORE_INDEX
+        return window[:, :-1], labels
+
+    def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        if self.samples == "packed":
+            return self.windows.read_batch(indices)
+        inputs, labels = self._documents(indices)
+        return {"input_ids": inputs, "labels": labels}
+
+    def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
+        if self.samples == "packed":
+            self.windows.read_into(indices, out, rows)
+        else:
+            super().read_into(indices, out, rows)
