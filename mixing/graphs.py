@@ -74,7 +74,7 @@ class ControllerGraphs:
     def _update_in_place(self) -> None:
         controller = self.controller
         buffers = {"weights": controller.weights, **controller.extra_state()}
-        updated = {"weights": controller.floor(controller.update()), **controller.extra_state()}
+        updated = {"weights": controller.next_weights(), **controller.extra_state()}
         for name, buffer in buffers.items():
             if updated[name] is not buffer:
                 buffer.copy_(updated[name])

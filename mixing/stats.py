@@ -28,10 +28,12 @@ def accumulate_(
     Column ``1 + d`` holds domain ``d``. The others catch what must not be
     averaged: column 0 negative ids and column ``k + 1`` ids ``>= k`` (the
     clamp puts them there), ``k + 2`` non-finite values (they add 0 to the
-    sums there), ``k + 3`` samples with no unmasked token. A pure function of
-    tensors, so ``torch.compile`` can fuse it whole and a CUDA graph capture it.
+    sums there), ``k + 3`` samples with no unmasked token. (Column ``k + 4``
+    counts weight vectors the controller rejected, see ``DomainStats.reject``.)
+    A pure function of tensors, so ``torch.compile`` can fuse it whole and a
+    CUDA graph capture it.
     """
-    k = sums.shape[0] - 4
+    k = sums.shape[0] - 5
     if mask is not None:
         mask = mask.to(values.dtype)
         dims = tuple(range(1, values.ndim))
@@ -57,11 +59,12 @@ class DomainStats:
 
     def __init__(self, num_domains: int, device: torch.device | str | None = None, compile: bool | str = False):
         self.num_domains = num_domains
-        self.table = torch.zeros(2, num_domains + 4, dtype=torch.float32, device=device)
+        self.table = torch.zeros(2, num_domains + 5, dtype=torch.float32, device=device)
         # Views made once (making a view costs a few µs too); the table is only ever updated in place.
         self.window = self.table[:, 1 : num_domains + 1]  # (2, k) sums and counts since the last take
         self._sums, self._counts = self.window.unbind(0)
         self._all_sums, self._all_counts = self.table.unbind(0)
+        self._rejected = self.table[1, num_domains + 4 :]  # (1,) weight vectors rejected so far
         self._ones: dict[int, torch.Tensor] = {}  # by batch size
         self._accumulate = accumulate_
         if compile:
@@ -70,15 +73,21 @@ class DomainStats:
 
     @property
     def problems(self) -> torch.Tensor:
-        """[non-finite values skipped, out-of-range domain ids skipped] since creation (or the last load)."""
+        """[non-finite values skipped, out-of-range domain ids skipped, weight vectors rejected] since creation
+        (or the last load)."""
         counts, k = self.table[1], self.num_domains
-        return torch.stack([counts[k + 2], counts[0] + counts[k + 1]])
+        return torch.stack([counts[k + 2], counts[0] + counts[k + 1], counts[k + 4]])
 
     @problems.setter
     def problems(self, problems: torch.Tensor) -> None:
         counts, k = self.table[1], self.num_domains
         counts[k + 1] = 0
         counts[0], counts[k + 2] = problems[1], problems[0]
+        counts[k + 4] = problems[2] if len(problems) > 2 else 0
+
+    def reject(self, rejected: torch.Tensor) -> None:
+        """Count a weight vector the controller rejected (``rejected``: a 0-d bool tensor; no host sync)."""
+        self._rejected.add_(rejected.to(self._rejected.dtype))
 
     def add(self, values: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add per-sample ``values`` (or per-token, with ``mask`` of the same shape) of ``domains``."""
@@ -102,10 +111,15 @@ class DomainStats:
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(means, present)`` since the last take, then reset. Absent domains have mean 0."""
-        means = self._sums / self._counts.clamp(min=1)
-        present = self._counts.bool()
+        means, counts = self.take_counts()
+        return means, counts.bool()
+
+    def take_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(means, counts)`` since the last take, then reset: the samples each mean is over (0: absent, mean 0)."""
+        counts = self._counts.clone()
+        means = self._sums / counts.clamp(min=1)
         self.window.zero_()
-        return means, present
+        return means, counts
 
 
 def ema(previous: torch.Tensor, new: torch.Tensor, present: torch.Tensor, decay: float) -> torch.Tensor:

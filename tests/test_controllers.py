@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+
 from onlinemix.mixing.controllers import (
+    ADOController,
     DGAController,
     DoReMiController,
     ODMController,
@@ -24,7 +26,7 @@ def test_domain_stats_means_masks_and_problem_counts():
     means, present = stats.take()
     assert means.tolist() == [2.0, 0.0, 3.0]  # domain 2: (5 + 1) / 2; the NaN and the id 7 are left out
     assert present.tolist() == [True, False, True]
-    assert stats.problems.tolist() == [1.0, 1.0]
+    assert stats.problems.tolist() == [1.0, 1.0, 0.0]  # a NaN, a bad id, no rejected weights
     assert stats.take()[1].tolist() == [False, False, False]  # reset
     with pytest.raises(ValueError, match="do not match domains"):
         stats.add(torch.ones(3), torch.tensor([0, 1]))
@@ -52,20 +54,40 @@ def test_doremi_update_hand_computed():
 
 
 def test_odm_exp3_update_hand_computed():
-    c = ODMController(UNIFORM3, alpha=0.5)
-    c.observe(torch.tensor([2.0, 4.0]), torch.tensor([1, 1]))
-    w = c.step()
-    reward = torch.tensor([0.0, 0.5 * 3.0 / (1 / 3), 0.0])  # R_1 = 0.5 * 0 + 0.5 * L / π = 4.5
-    eps1, eps2 = exploration(3, 1), exploration(3, 2)
-    assert eps1 == pytest.approx(min(1 / 3, math.sqrt(math.log(3) / 3)))
-    expected = (1 - 3 * eps2) * torch.softmax(eps1 * reward, 0) + eps2
-    assert torch.allclose(c.rewards, reward)
-    assert torch.allclose(w, expected)
+    c = ODMController(UNIFORM3, reward_scale=0.5)
+    rewards = torch.zeros(3)
+    for step in range(1, 6):  # domain 1 alone, mean loss 3: each step adds 0.5 * 1 * 3 / π_1 to R_1
+        rewards[1] += 0.5 * 3.0 / c.weights[1]
+        c.observe(torch.tensor([2.0, 4.0]), torch.tensor([1, 1]))
+        w = c.step()
+        eps, previous = exploration(3, step), exploration(3, step - 1)
+        assert torch.allclose(c.rewards, rewards)
+        assert torch.allclose(w, (1 - 3 * eps) * torch.softmax(previous * rewards, 0) + eps)
+    assert exploration(3, 3) == pytest.approx(1 / 3) and exploration(3, 5) == pytest.approx(math.sqrt(math.log(3) / 15))
+    assert w[1] > 0.34 > w[0] == w[2]  # past t = k ln k the exploration rate decays and the weights move
+
+
+def test_odm_moves_toward_high_loss_domains_as_training_goes_on():
+    """The failure this pins: with smoothed (not summed) rewards every weight stayed within 0.01 of uniform for
+    1,000 steps. Summed, a loss gap of one nat between two of six domains is a factor e^(0.1 sqrt(1000 ln 6 / 6))
+    ≈ 5.6 between their weights after 1,000 steps."""
+    k, batch = 6, 60
+    c = ODMController(torch.full((k,), 1 / k))
+    mean_loss = torch.linspace(2.0, 3.0, k)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(1000):
+        counts = torch.round(c.weights * batch).long().clamp(min=1)  # the batch follows the weights
+        domains = torch.repeat_interleave(torch.arange(k), counts)
+        c.observe(mean_loss[domains] + 0.3 * torch.randn(len(domains), generator=generator), domains)
+        c.step()
+    ratio = (c.weights[-1] / c.weights[0]).item()
+    assert 3.5 < ratio < 9, ratio
+    assert torch.all(c.weights[1:] > c.weights[:-1])  # ordered by loss
 
 
 def test_importance_gain_adds_the_target_similarity_to_the_feedback():
     # ODM: the reward of domain 1 is 0.5 * (L + γ s) / π with L = mean(2, 4), s = mean(-10, -30), γ = 0.05
-    c = ODMController(UNIFORM3, alpha=0.5, importance_gain=0.05)
+    c = ODMController(UNIFORM3, reward_scale=0.5, importance_gain=0.05)
     c.observe(
         torch.tensor([[2.0, 2.0], [4.0, 4.0]]),
         torch.tensor([1, 1]),
@@ -95,9 +117,54 @@ def test_odm_warmup_holds_initial_weights():
     for _ in range(2):
         c.observe(torch.tensor([5.0]), torch.tensor([2]))
         assert torch.allclose(c.step(), torch.tensor([0.5, 0.3, 0.2]))
-    assert c.rewards[2] > 0
-    c.step()
-    assert not torch.allclose(c.weights, torch.tensor([0.5, 0.3, 0.2]))
+    assert c.rewards.sum() == 0  # nothing counts during the warm-up
+    for _ in range(4):
+        c.observe(torch.tensor([5.0]), torch.tensor([2]))
+        c.step()
+    assert c.rewards[2] > 0 and c.weights[2] > 1 / 3
+
+
+def test_ado_fits_each_domains_power_law_exactly():
+    c = ADOController(torch.tensor([0.5, 0.5]), warmup=20, ignore=10)
+    domains = torch.tensor([0] * 16 + [1] * 16)
+    for t in range(1, 201):
+        loss = torch.tensor([1.0 + 3.0 * t**-0.3, 2.0 + 1.0 * t**-0.6])
+        c.observe(loss[domains], domains)
+        c.step()
+    epsilon, beta, alpha = c.fit()
+    torch.testing.assert_close(epsilon, torch.tensor([1.0, 2.0], dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(beta, torch.tensor([3.0, 1.0], dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alpha, torch.tensor([0.3, 0.6], dtype=torch.float64))
+    assert c.weights[0] > 0.75  # domain 0's loss still falls ~15x faster: 0.3 * 3 * 200^-0.3 vs 0.6 * 200^-0.6
+
+
+def test_ado_update_hand_computed():
+    prior = torch.tensor([0.2, 0.8])
+    c = ADOController(torch.tensor([0.5, 0.5]), prior=prior, warmup=4, ignore=0, mix=0.25, history=0.5)
+    domains = torch.tensor([0, 1, 1, 1])  # shares 1/4, 3/4 every step
+    for t in range(1, 5):
+        c.observe(torch.tensor([2.0 + t**-0.5, 1.0 + 4 * t**-0.2])[domains], domains)
+        assert torch.allclose(c.step(), torch.tensor([0.5, 0.5]))  # warm-up
+    c.observe(torch.tensor([2.0 + 5**-0.5, 1.0 + 4 * 5**-0.2])[domains], domains)
+    w = c.step()
+    h = torch.tensor([0.5, 0.5])
+    for _ in range(5):
+        h = 0.5 * torch.tensor([0.25, 0.75]) + 0.5 * h
+    slope = torch.tensor([0.5 * 1.0 * 5**-0.5, 0.2 * 4.0 * 5**-0.2])  # α β t^-α of the exact fits
+    rho = prior * slope * torch.sqrt(h * (1 - h))
+    assert torch.allclose(c.preference, rho, rtol=1e-4)
+    average = torch.lerp(torch.tensor([0.5, 0.5]), rho / rho.sum(), 1 / 5)  # the initial weights count 4 steps
+    assert torch.allclose(w, torch.lerp(average, rho / rho.sum(), 0.25), rtol=1e-4)
+
+
+def test_ado_prefers_the_prior_when_no_loss_falls():
+    c = ADOController(torch.tensor([0.5, 0.5]), prior=torch.tensor([0.9, 0.1]), warmup=1, ignore=0, mix=1.0)
+    for _ in range(5):
+        c.observe(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))  # flat losses: β = 0 everywhere
+        c.step()
+    assert torch.allclose(c.weights, torch.tensor([0.9, 0.1]))
+    with pytest.raises(ValueError, match="prior must be 2 non-negative weights"):
+        ADOController(torch.tensor([0.5, 0.5]), prior=torch.tensor([1.0, -1.0]))
 
 
 def test_dga_mirror_descent_with_ema_every_t_steps():
@@ -195,6 +262,7 @@ def build(name: str, k: int, device: str = "cpu", **kwargs):
         "doremi": lambda: DoReMiController(uniform, eta=0.5, importance_gain=0.01, **kwargs),
         "odm": lambda: ODMController(uniform, warmup=1, min_prob=0.001, importance_gain=0.01, **kwargs),
         "dga": lambda: DGAController(uniform, every=2, **kwargs),
+        "ado": lambda: ADOController(uniform, warmup=2, ignore=1, importance_gain=0.01, **kwargs),
     }[name]()
 
 
@@ -210,7 +278,7 @@ def feed(controller, name: str, losses: torch.Tensor, domains: torch.Tensor) -> 
     controller.step()
 
 
-ALL = ["static", "scheduled", "doremi", "odm", "dga"]
+ALL = ["static", "scheduled", "doremi", "odm", "dga", "ado"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,5 +1,6 @@
 """Controllers, one module each, with one interface: ``observe(...)``, ``step()``, ``weights``, ``state_dict()``."""
 
+from onlinemix.mixing.controllers.ado import ADOController
 from onlinemix.mixing.controllers.base import Controller
 from onlinemix.mixing.controllers.dga import DGAController, gradient_alignment
 from onlinemix.mixing.controllers.doremi import DoReMiController
@@ -8,11 +9,13 @@ from onlinemix.mixing.controllers.scheduled import ScheduledController
 from onlinemix.mixing.controllers.static import StaticController
 
 CONTROLLERS: dict[str, type[Controller]] = {
-    cls.name: cls for cls in (StaticController, ScheduledController, DoReMiController, ODMController, DGAController)
+    cls.name: cls
+    for cls in (StaticController, ScheduledController, DoReMiController, ODMController, DGAController, ADOController)
 }
 
 __all__ = [
     "CONTROLLERS",
+    "ADOController",
     "Controller",
     "DGAController",
     "DoReMiController",

@@ -15,7 +15,21 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
+
 from onlinemix.mixing.stats import DomainStats
+
+
+def check_initial(initial: torch.Tensor) -> None:
+    """A controller's initial weights must be a vector of finite, non-negative numbers with a positive sum."""
+    if initial.ndim != 1 or not initial.numel():
+        raise ValueError(f"initial weights must be a non-empty vector, got shape {tuple(initial.shape)}")
+    values = initial.detach().cpu()  # once, at construction: never in observe() or step()
+    if not torch.isfinite(values).all():
+        raise ValueError(f"initial weights must be finite, got {values.tolist()}")
+    if (values < 0).any():
+        raise ValueError(f"initial weights must be >= 0, got {values.tolist()}")
+    if not values.sum() > 0:
+        raise ValueError(f"initial weights must not all be zero, got {values.tolist()}")
 
 
 class Controller:
@@ -55,6 +69,7 @@ class Controller:
     ):
         initial = torch.as_tensor(initial, dtype=torch.float32, device=device)
         self.num_domains = initial.numel()
+        check_initial(initial)
         if not 0 <= min_prob * self.num_domains < 1:
             raise ValueError(f"min_prob {min_prob} x {self.num_domains} domains must be in [0, 1)")
         self.min_prob = min_prob
@@ -64,6 +79,7 @@ class Controller:
         self.weights = self.floor(self.initial).clone()
         self.stats = DomainStats(self.num_domains, self.device, compile=compile)
         self.steps = 0
+        self.domains: list[str] | None = None  # the domain names, where the controller knows them (from a log)
         self.now: dict[str, Any] = {}
         self.graph = graph
         self._graphs = None
@@ -74,6 +90,16 @@ class Controller:
         if self.min_prob == 0:
             return weights
         return (1 - self.num_domains * self.min_prob) * weights + self.min_prob
+
+    def next_weights(self) -> torch.Tensor:
+        """``update()`` with the probability floor, checked on the device: a vector that is not a distribution
+        (a non-finite, negative or all-zero weight, e.g. from a NaN alignment or an overflowing reward) is
+        rejected: the last weights stay, and the rejection is counted in ``stats`` (the mixer warns or raises)."""
+        weights = self.floor(self.update())
+        total = weights.sum()
+        good = torch.isfinite(total) & (weights >= 0).all() & (total > 0)  # a NaN or inf makes the sum non-finite
+        self.stats.reject(~good)
+        return torch.where(good, weights / torch.where(good, total, 1.0), self.weights)
 
     # -- what subclasses write ----------------------------------------------------
 
@@ -130,7 +156,7 @@ class Controller:
             self._graphed().step()
         else:
             self.now = self.schedule(self.steps)
-            self.weights = self.floor(self.update())
+            self.weights = self.next_weights()
         self.stepped()
         return self.weights
 

@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from onlinemix.mixing.controllers.base import Controller
 from torch import nn
+
+from onlinemix.mixing.controllers.base import Controller
 
 
 def gradient_alignment(
@@ -35,20 +36,28 @@ def gradient_alignment(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     domain_batches: Sequence[Any | None],
     target_batch: Any,
+    cosine: bool = False,
 ) -> torch.Tensor:
     """``a_d = <∇ loss_fn(model, domain_batches[d]), ∇ loss_fn(model, target_batch)>`` for each domain.
 
+    ``cosine=True`` divides each inner product by both gradients' norms: alignments in [-1, 1] whatever
+    the gradients' scale (which shrinks as training goes on), so one ``eta`` suits a whole run.
     ``None`` in ``domain_batches`` gives ``a_d = 0``. Gradients are taken with
     ``torch.autograd.grad`` and leave the parameters' ``.grad`` untouched.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     target = torch.autograd.grad(loss_fn(model, target_batch), parameters)
+    target_norm = torch.sqrt(sum((t * t).sum() for t in target))
     alignment = torch.zeros(len(domain_batches), device=target[0].device)
     for d, batch in enumerate(domain_batches):
         if batch is None:
             continue
         gradient = torch.autograd.grad(loss_fn(model, batch), parameters, allow_unused=True)
-        alignment[d] = sum(((g * t).sum() for g, t in zip(gradient, target) if g is not None), alignment.new_zeros(()))
+        inner = sum(((g * t).sum() for g, t in zip(gradient, target) if g is not None), alignment.new_zeros(()))
+        if cosine:
+            norm = torch.sqrt(sum(((g * g).sum() for g in gradient if g is not None), alignment.new_zeros(())))
+            inner = inner / (norm * target_norm).clamp(min=1e-30)
+        alignment[d] = inner
     return alignment
 
 

@@ -16,6 +16,7 @@ column precomputed by a reference model, or its output in the same step.
 from __future__ import annotations
 
 import torch
+
 from onlinemix.mixing.controllers.base import Controller
 
 

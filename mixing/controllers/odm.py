@@ -1,16 +1,30 @@
 """ODM (Albalak et al., 2023, "Efficient Online Data Mixing"): EXP3 with the training loss as reward.
 
-Domains are arms; a domain's reward is its training loss (high loss = much to
-learn). After step ``t``, for each domain ``d`` seen in the step, with mean
-loss ``L_d`` and ``π(d)`` the weight it was drawn with::
+Domains are arms; a sample's reward is its training loss (high loss = much
+left to learn). As in the authors' reference code, each domain accumulates its
+importance-weighted rewards, and the weights are a softmax of the sums under
+the paper's decaying exploration rate::
 
-    R_d = α R_d + (1 - α) · L_d / π(d)          (importance-weighted, smoothed)
-    ε_t = min(1/k, sqrt(ln k / (k t)))            (the paper's exploration schedule)
-    π(d) = (1 - k ε_{t+1}) · softmax(ε_t R)_d + ε_{t+1}
+    R_d += s · (n_d / n) · L_d / π(d)          (cumulative, importance-weighted)
+    ε_t  = min(1/k, sqrt(ln k / (k t)))
+    π(d) = (1 - k ε_t) · softmax(ε_{t-1} R)_d + ε_t
 
-During ``warmup`` steps the rewards are collected but the weights stay at
-their initial values. ``π(d)`` is the current weight; with the loader's lag
-the batch was drawn ``lag`` versions earlier (a small bias, documented).
+with ``n_d / n`` the share of the step's samples that came from ``d`` (each
+sample is one pull of its arm, drawn with probability ``π(d)``, so the
+estimate of every domain's loss is unbiased whether the batch holds one
+domain or all of them) and ``s`` = ``reward_scale`` (0.1, the reference's
+"scale down reward so that cumulative reward doesn't explode").
+
+Why cumulative: ``ε_t R_d`` then grows like ``s · L_d · sqrt(t ln k / k)``, so
+a loss difference between two domains moves their weights further the longer
+training runs. An earlier version of this controller smoothed the reward with
+an exponential moving average instead of summing it; ``ε_t`` times a bounded
+reward shrinks toward 0 and every weight stayed within 0.01 of uniform for a
+thousand steps, whatever the losses (``tests/test_controllers.py`` pins both).
+
+During ``warmup`` steps nothing is accumulated and the weights stay at their
+initial values. ``π(d)`` is the current weight; with the loader's lag the
+batch was drawn ``lag`` versions earlier (a small bias, documented).
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from onlinemix.mixing.controllers.base import Controller
 
 
@@ -29,29 +44,39 @@ def exploration(num_domains: int, t: int) -> float:
 
 
 class ODMController(Controller):
+    """EXP3 over the domains with the training loss as reward (see the module docstring).
+
+    Args:
+        initial: the starting weights (also the weights during warm-up).
+        reward_scale: ``s``, multiplies every reward before it is summed. Larger
+            moves the weights sooner and further toward high-loss domains.
+        warmup: optimizer steps with the initial weights, before any reward counts.
+        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+    """
+
     name = "odm"
 
-    def __init__(self, initial: torch.Tensor, alpha: float = 0.9, warmup: int = 0, **kwargs):
+    def __init__(self, initial: torch.Tensor, reward_scale: float = 0.1, warmup: int = 0, **kwargs):
         super().__init__(initial, **kwargs)
-        if not 0 <= alpha < 1 or warmup < 0:
-            raise ValueError(f"need 0 <= alpha < 1 and warmup >= 0, got alpha={alpha}, warmup={warmup}")
-        self.alpha, self.warmup = alpha, warmup
+        if not (math.isfinite(reward_scale) and reward_scale > 0) or warmup < 0:
+            raise ValueError(f"need reward_scale > 0 and warmup >= 0, got reward_scale={reward_scale}, warmup={warmup}")
+        self.reward_scale, self.warmup = reward_scale, warmup
         self.rewards = torch.zeros_like(self.weights)
 
     def schedule(self, step: int) -> dict[str, float]:
         k, t = self.num_domains, step - self.warmup
-        explore = exploration(k, t + 1)
-        return {"temperature": exploration(k, t), "explore": explore, "keep": 1 - k * explore}
+        explore = exploration(k, t)
+        return {"temperature": exploration(k, t - 1), "explore": explore, "keep": 1 - k * explore}
 
     def phase(self) -> bool:
         return self.steps <= self.warmup  # warming up: weights held
 
     def update(self) -> torch.Tensor:
-        losses, present = self.stats.take()
-        observed = torch.lerp(losses / self.weights, self.rewards, self.alpha)  # α R + (1 - α) L / π
-        self.rewards = torch.where(present, observed, self.rewards)
+        losses, counts = self.stats.take_counts()
         if self.phase():
             return self.initial
+        share = counts / counts.sum().clamp(min=1)
+        self.rewards = self.rewards + self.reward_scale * share * losses / self.weights
         now = self.now
         return torch.softmax(self.rewards * now["temperature"], dim=0).mul_(now["keep"]).add_(now["explore"])
 

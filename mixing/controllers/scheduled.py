@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
+
 from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.schedule_log import ScheduleLog, read_schedule
 
 INTERPOLATIONS = ("constant", "linear")
 
@@ -37,6 +41,36 @@ class ScheduledController(Controller):
         super().__init__(table[0], **kwargs)
         self.table = (table / table.sum(1, keepdim=True)).to(self.device)
         self.interpolation = interpolation
+
+    @classmethod
+    def from_log(
+        cls, log: str | Path | ScheduleLog, steps: int | None = None, most: int = 1000, **kwargs
+    ) -> ScheduledController:
+        """The weights a recorded run used, as a schedule for another run (the proxy-to-target workflow).
+
+        ``steps``: the new run's length. The recorded schedule is stretched (or shrunk) to it: the weights
+        recorded at step ``s`` of a run of ``S`` steps come at step ``s * steps / S``, linearly interpolated
+        between. Default: the recorded steps as they are. After the last waypoint the last weights hold.
+        At most ``most`` waypoints are kept (evenly spread, the last one always). The controller knows the
+        log's domain names, and ``OnlineMixer`` checks them against the dataset's.
+        """
+        recorded = log if isinstance(log, ScheduleLog) else read_schedule(log)
+        if len(recorded.weights) < 2:
+            raise ValueError(f"{log} holds {len(recorded.weights)} weight version(s): nothing to schedule")
+        last = int(recorded.steps[-1])
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        keep = np.unique(np.linspace(0, len(recorded.steps) - 1, min(most, len(recorded.steps))).round().astype(int))
+        scale = 1.0 if steps is None else steps / last
+        waypoints, previous = [], -1
+        for i in keep:
+            step = round(float(recorded.steps[i]) * scale)
+            if step > previous:  # shrinking can map two recorded steps to one: keep the first
+                waypoints.append((step, recorded.weights[i].tolist()))
+                previous = step
+        controller = cls(waypoints, interpolation="linear", **kwargs)
+        controller.domains = recorded.domains
+        return controller
 
     def segment(self, step: int) -> tuple[int, float]:
         """The waypoint ``i`` that ``step`` follows and how far it is toward waypoint ``i + 1`` (Python numbers)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from onlinemix.mixing.controllers.base import Controller
 from onlinemix.mixing.simplex import temperature_weights
 

@@ -1,0 +1,153 @@
+"""ADO (Jiang et al., ICLR 2025, "Adaptive Data Optimization"): sample where each domain's loss falls fastest.
+
+For every domain ``d`` a power law of the training step ``t`` is fitted to its
+training loss::
+
+    L_d(t) ≈ ε_d + β_d · t^(-α_d)
+
+and the domains are weighted by how fast their fitted loss is still falling,
+times a prior ``μ`` and a credit-assignment term of the realised sampling
+history ``h`` (an EMA of each step's domain shares)::
+
+    ρ_d  ∝ μ_d · α_d β_d t^(-α_d) · sqrt(h_d (1 - h_d))      (α β t^-α / t = -dL/dt; the 1/t cancels)
+    π̄   = running mean of ρ (the initial weights count as the warm-up's steps)
+    π    = (1 - mix) · π̄ + mix · ρ
+
+as the authors' reference code does (the fit on a step count shared by all
+domains, ``sqrt(h (1 - h))``, the running mean, ``mix = 0.1``).
+
+**The fit runs on the device, every step, in closed form.** For a fixed
+exponent ``α`` the law is linear in ``(ε, β)``, so least squares over the
+step's losses weighted by their sample counts only needs six running sums per
+domain and exponent (``Σw, Σw x, Σw x², Σw L, Σw x L, Σw L²`` with
+``x = t^-α``). The controller keeps them for a grid of ``exponents`` and, at
+each step, solves every 2×2 system and keeps the exponent with the smallest
+residual: a few hundred multiply-adds per domain, no history buffer, no
+iterative optimiser, no host synchronisation. (The reference fits with L-BFGS
+from a grid of starting points every ``update_interval`` steps, on a host copy
+of the whole loss history.) ``ε`` and ``β`` are kept non-negative: where the
+unconstrained solution has ``β < 0`` (a loss that rises) the domain's slope is
+taken as 0, where it has ``ε < 0`` the fit is redone with ``ε = 0``.
+
+Steps before ``ignore`` are left out of the fit (the first steps fall faster
+than any power law of the rest); the weights stay at their initial values for
+``warmup`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from onlinemix.mixing.controllers.base import Controller
+
+DEFAULT_EXPONENTS = tuple(0.02 * i for i in range(1, 41))  # α in (0, 0.8], the reference's range
+
+
+class ADOController(Controller):
+    """Weights from per-domain power-law fits of the training loss (see the module docstring).
+
+    Args:
+        initial: the starting weights; also the prior ``μ`` unless ``prior`` is given
+            (the reference uses the domains' natural, size-proportional distribution).
+        prior: ``μ``, a distribution over the domains.
+        warmup: optimizer steps with the initial weights.
+        ignore: the first steps left out of the fit (default: half the warm-up).
+        mix: ``π = (1 - mix) · π̄ + mix · ρ``: how much of each step's preference
+            goes straight into the weights (the rest through the running mean).
+        history: decay of the EMA ``h`` of each step's domain shares.
+        exponents: the grid of exponents ``α`` the fit chooses from.
+        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+    """
+
+    name = "ado"
+
+    def __init__(
+        self,
+        initial: torch.Tensor,
+        prior: torch.Tensor | None = None,
+        warmup: int = 100,
+        ignore: int | None = None,
+        mix: float = 0.1,
+        history: float = 0.9,
+        exponents: Sequence[float] = DEFAULT_EXPONENTS,
+        **kwargs,
+    ):
+        super().__init__(initial, **kwargs)
+        ignore = warmup // 2 if ignore is None else ignore
+        if warmup < 0 or not 0 <= ignore <= warmup or not 0 < mix <= 1 or not 0 <= history < 1:
+            raise ValueError(
+                f"need warmup >= 0, 0 <= ignore <= warmup, 0 < mix <= 1, 0 <= history < 1; "
+                f"got {warmup}, {ignore}, {mix}, {history}"
+            )
+        if not exponents or any(not 0 < a < 10 for a in exponents):
+            raise ValueError(f"exponents must be a non-empty list of numbers in (0, 10), got {exponents!r}")
+        self.warmup, self.ignore, self.mix, self.history = warmup, ignore, mix, history
+        self.prior = self.initial if prior is None else torch.as_tensor(prior, dtype=torch.float32, device=self.device)
+        if self.prior.shape != self.initial.shape or (self.prior < 0).any() or not self.prior.sum() > 0:
+            raise ValueError(f"prior must be {self.num_domains} non-negative weights with a positive sum")
+        self.prior = self.prior / self.prior.sum()
+        self.exponents = torch.tensor(list(exponents), dtype=torch.float64, device=self.device)
+        # (6, k, A): the weighted sums of the fit, in float64 (sums over thousands of steps)
+        self.sums = torch.zeros(6, self.num_domains, len(self.exponents), dtype=torch.float64, device=self.device)
+        self.shares = self.initial.clone()  # h: EMA of the realised domain shares
+        self.average = self.initial.clone()  # π̄: running mean of the preferences since the warm-up
+        self.preference = self.initial.clone()  # ρ of the last step (for inspection)
+
+    def schedule(self, step: int) -> dict[str, float]:
+        # log t for the fit's regressor t^-α; the running mean's weight for this step (the initial weights count
+        # as the warm-up's steps, as in the reference, whose mean runs from step 0)
+        return {"log_t": math.log(step), "fit": float(step > self.ignore), "mean": 1 / step}
+
+    def phase(self) -> bool:
+        return self.steps <= self.warmup  # warming up: weights held
+
+    def update(self) -> torch.Tensor:
+        losses, counts = self.stats.take_counts()
+        share = counts / counts.sum().clamp(min=1)
+        self.shares = torch.lerp(share, self.shares, self.history)
+        self._accumulate(losses.double(), counts.double() * self.now["fit"])
+        if self.phase():
+            return self.initial
+        self.preference = self.prior * self.slopes() * torch.sqrt(self.shares * (1 - self.shares))
+        total = self.preference.sum()
+        # No domain left with a falling loss (or no fit yet): prefer the prior instead of dividing by zero.
+        preference = torch.where(total > 0, self.preference / total.clamp(min=1e-30), self.prior)
+        self.average = torch.lerp(self.average, preference, self.now["mean"])
+        return torch.lerp(self.average, preference, self.mix)
+
+    def _accumulate(self, losses: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add this step's ``(t^-α, L)`` pairs, weighted by the domains' sample counts, to the running sums."""
+        x = torch.exp(-self.exponents * self.now["log_t"])[None, :]  # (1, A)
+        w, loss = weights[:, None], losses[:, None]  # (k, 1)
+        wx, wl = w * x, w * loss
+        step = torch.stack([w.expand_as(wx), wx, wx * x, wl.expand_as(wx), wx * loss, (wl * loss).expand_as(wx)])
+        self.sums = self.sums + step
+
+    def fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ε, β, α)`` per domain: the least-squares power law of the losses seen so far (zeros without data)."""
+        n, sx, sxx, sl, sxl, sll = self.sums.unbind(0)  # each (k, A)
+        variance = n * sxx - sx * sx
+        covariance = n * sxl - sx * sl
+        # A covariance within rounding of its terms is a flat loss, not a tiny slope: β = 0 there.
+        real = (variance > 0) & (covariance.abs() > 1e-9 * (n * sxl).abs())
+        beta = torch.where(real, covariance / variance.clamp(min=1e-30), 0.0).clamp(min=0)
+        epsilon = (sl - beta * sx) / n.clamp(min=1e-30)
+        # ε < 0 is not a loss floor: refit with ε = 0 (β = Σ x L / Σ x²)
+        beta = torch.where(epsilon < 0, (sxl / sxx.clamp(min=1e-30)).clamp(min=0), beta)
+        epsilon = epsilon.clamp(min=0)
+        # Σ w (L - ε - β x)², expanded into the sums
+        residual = sll + epsilon**2 * n + beta**2 * sxx - 2 * epsilon * sl - 2 * beta * sxl + 2 * epsilon * beta * sx
+        best = residual.argmin(dim=1, keepdim=True)  # (k, 1)
+        alpha = self.exponents[best.squeeze(1)]
+        return epsilon.gather(1, best).squeeze(1), beta.gather(1, best).squeeze(1), alpha
+
+    def slopes(self) -> torch.Tensor:
+        """``α β t^-α`` per domain: how fast each fitted loss still falls (times the step, which cancels)."""
+        _, beta, alpha = self.fit()
+        return (alpha * beta * torch.exp(-alpha * self.now["log_t"])).float()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"sums": self.sums, "shares": self.shares, "average": self.average, "preference": self.preference}
