@@ -28,6 +28,7 @@ import torch
 # wait on training; the weights in force are then 16 optimizer steps old, a small part of a run of thousands.
 DEFAULT_LAG = 16
 DEFAULT_TIMEOUT = 600.0  # seconds a worker waits for weights before it gives up
+SUM_TOLERANCE = 1e-3  # how far from 1 a published weight vector may sum (float32 controllers round)
 
 
 class WeightsTimeout(RuntimeError):
@@ -64,6 +65,10 @@ class WeightsChannel(WeightTable):
         initial = torch.as_tensor(initial, dtype=torch.float64).cpu()
         if initial.ndim != 1:
             raise ValueError(f"initial weights must be a vector, got shape {tuple(initial.shape)}")
+        if not (abs(initial.sum().item() - 1.0) <= SUM_TOLERANCE and initial.min().item() >= 0):
+            raise ValueError(f"initial weights are not a distribution (finite, >= 0, summing to 1): {initial.tolist()}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.num_domains = initial.numel()
         self._row_shape = (self.num_domains,)
         self.capacity = capacity
@@ -71,6 +76,9 @@ class WeightsChannel(WeightTable):
         self._ring = torch.zeros(capacity, self.num_domains, dtype=torch.float64).share_memory_()
         self._latest = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._ring[0] = initial
+        # Versions the trainer has stepped to in this process (publication may follow a moment later, from a
+        # CUDA copy): what a loader in the same process may wait for without a deadlock.
+        self.promised = 0
         self._views()
 
     def _views(self) -> None:
@@ -101,8 +109,16 @@ class WeightsChannel(WeightTable):
             weights = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
         if weights.shape != self._row_shape:
             raise ValueError(f"expected {self.num_domains} weights, got shape {weights.shape}")
+        # What a worker reads must be a distribution: NaN or inf make the sum fail the test, all zeros too
+        # (the plan would read such a row as "every domain exhausted" and end the stream).
+        total = weights.sum()
+        if not (abs(total - 1.0) <= SUM_TOLERANCE and weights.min() >= 0):
+            raise ValueError(
+                f"weights of version {version} are not a distribution (finite, >= 0, summing to 1): {weights.tolist()}"
+            )
         self._ring_np[version % self.capacity] = weights  # converted to float64 as it is copied
         self._latest_np[0] = version  # written last: readers never see a half-written row
+        self.promised = max(self.promised, version)
 
     def rows(self, first: int, last: int) -> np.ndarray:
         latest = self.latest()
@@ -144,20 +160,37 @@ class WeightsChannel(WeightTable):
         first = int(state["first"])
         for offset, row in enumerate(weights):
             self._ring[(first + offset) % self.capacity] = torch.from_numpy(row)
-        self._latest[0] = first + len(weights) - 1
+        self._latest[0] = self.promised = first + len(weights) - 1
 
 
 class ReplayTable(WeightTable):
-    """A recorded history (version ``v`` = row ``v``); versions past the end repeat the last row."""
+    """A recorded history: version ``v`` is row ``v``.
 
-    def __init__(self, weights: np.ndarray):
+    Past the last row, ``past_end`` decides: ``"error"`` (default) fails with a message naming the
+    version asked for and where the record ends; ``"hold"`` keeps the last row for every later version
+    (e.g. to train on past the end of a proxy run's schedule).
+    """
+
+    PAST_END = ("error", "hold")
+
+    def __init__(self, weights: np.ndarray, past_end: str = "error", source: str = "the recorded schedule"):
         self.weights = np.asarray(weights, dtype=np.float64)
         if self.weights.ndim != 2 or not len(self.weights):
-            raise ValueError("a replayed schedule needs at least one weight vector")
+            raise ValueError(f"{source} holds no weight versions")
+        if past_end not in self.PAST_END:
+            raise ValueError(f"past_end must be one of {self.PAST_END}, got {past_end!r}")
         self.num_domains = self.weights.shape[1]
+        self.past_end, self.source = past_end, source
 
     def latest(self) -> int:
-        return 1 << 62  # everything is known in advance
+        return (1 << 62) if self.past_end == "hold" else len(self.weights) - 1
+
+    def wait_for(self, version: int) -> None:
+        if version > self.latest():
+            raise ValueError(
+                f"weight version {version} is past the end of {self.source} (versions 0..{len(self.weights) - 1}: a "
+                f"run of {len(self.weights) - 1} steps); replay with past_end='hold' to keep its last weights beyond it"
+            )
 
     def rows(self, first: int, last: int) -> np.ndarray:
         return self.weights[np.minimum(np.arange(first, last + 1), len(self.weights) - 1)]

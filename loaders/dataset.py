@@ -24,14 +24,19 @@ accept/reject rejected some, see ``loaders/importance/acceptance.py``).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate_fn_map
+
 from onlinemix.loaders import build
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.importance.acceptance import OnlineAcceptance
@@ -43,11 +48,13 @@ from onlinemix.loaders.plan import (
     StaticSchedule,
     StreamEnded,
     WeightSchedule,
+    cursors_before,
     plan_batches,
 )
 from onlinemix.loaders.ranks import data_parallel_rank
-from onlinemix.loaders.sources import Source
-from torch.utils.data import IterableDataset, get_worker_info
+from onlinemix.loaders.sources import Source, TokenizedSource
+from onlinemix.loaders.tokenizers import Tokenizer
+from onlinemix.mixing.simplex import check_weights
 
 OUTPUTS = ("batches", "samples")
 PLAN_CHUNK = 64  # batches each worker plans per call: amortises the per-call cost (a few µs)
@@ -113,17 +120,60 @@ class MixedDataset(IterableDataset):
         # persistent workers see a position set in the main process after they started.
         self._start = torch.zeros(1 + spec.num_domains, dtype=torch.int64).share_memory_()
         self._fields: dict[str, tuple[tuple[int, ...], str]] | None = None
+        self.tokenizer: Tokenizer | None = None  # the mixture's, when known (from_config sets it)
         self._layout: _BatchLayout | None = None
 
     @classmethod
     def from_config(cls, config: MixtureConfig | str | Path, **kwargs: Any) -> MixedDataset:
-        """Open the sources of a YAML config (or a loaded ``MixtureConfig``) with its static weights."""
+        """Open the sources of a YAML config (or a loaded ``MixtureConfig``) with its static weights.
+
+        ``kwargs``: this class's keyword arguments (``output``, ``rank``, ``world_size``, ``num_batches``...).
+        The dataset's ``tokenizer`` is the mixture's (``None`` when it only has token-bin domains and names
+        no tokenizer: their vocabulary is unknown).
+        """
         if not isinstance(config, MixtureConfig):
             config = MixtureConfig.load(config)
         sources = build.build_sources(config)
         schedule = kwargs.pop("schedule", None) or StaticSchedule(build.initial_weights(config, sources))
         spec = build.plan_spec(config, sources)
-        return cls(sources, config.names, spec, schedule, acceptance=build.online_acceptance(config, sources), **kwargs)
+        acceptance = build.online_acceptance(config, sources)
+        dataset = cls(sources, config.names, spec, schedule, acceptance=acceptance, **kwargs)
+        known = config.tokenizer is not None or any(isinstance(s, TokenizedSource) for s in sources)
+        dataset.tokenizer = build.tokenizer_of(config) if known else None
+        return dataset
+
+    @classmethod
+    def from_sources(
+        cls,
+        sources: Mapping[str, Source],
+        global_batch_size: int,
+        weights: Sequence[float] | None = None,
+        *,
+        seed: int = 0,
+        max_epochs: Mapping[str, float] | None = None,
+        sampling: str = "systematic",
+        **kwargs: Any,
+    ) -> MixedDataset:
+        """A mixture of sources you built yourself (your own ``Source`` subclasses included), by domain name.
+
+        ``weights`` default to size-proportional; ``max_epochs`` caps domains by name (a domain drops out
+        after ``max_epochs x len(source)`` samples). ``kwargs`` as for the constructor. The sample order is
+        the same pure function of ``(seed, batch, weights)`` as for a config's domains.
+        """
+        names = list(sources)
+        sizes = [len(source) for source in sources.values()]
+        if weights is None:
+            weights = np.asarray(sizes, dtype=np.float64) / sum(sizes)
+        caps = []
+        for name, size in zip(names, sizes):
+            epochs = (max_epochs or {}).get(name)
+            caps.append(UNLIMITED if epochs is None else max(1, math.floor(epochs * size)))
+        unknown = set(max_epochs or {}) - set(names)
+        if unknown:
+            raise ValueError(f"max_epochs names {sorted(unknown)}, not domains of {names}")
+        spec = PlanSpec(sizes, caps, seed, global_batch_size, sampling)
+        schedule = StaticSchedule(check_weights(weights, names, "weights"))
+        return cls(list(sources.values()), names, spec, schedule, **kwargs)
 
     @property
     def local_batch_size(self) -> int:
@@ -190,27 +240,133 @@ class MixedDataset(IterableDataset):
 
     # -- iteration -----------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> MixedIterator:
+        _refuse_accelerate_resharding(sys._getframe(1), "IterableDatasetShard")
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        state = self.start_state()
-        keep = (num_workers, (state.batch + worker_id) % num_workers)  # the other workers make the other batches
+        return MixedIterator(self, worker_id, num_workers)
 
-        while state.batch < self.num_batches:
-            # Plan a chunk of batches at once: the cost of a plan call is then amortised over it.
-            stop = min(self.num_batches, state.batch + PLAN_CHUNK * num_workers)
-            weights = self.schedule.weights_for(state.batch, stop)
-            try:
-                plans = plan_batches(self.spec, state, weights, self.rank, self.world_size, keep)
-            except StreamEnded:
-                return
-            for plan in plans:
-                batch = self.read(plan)
-                if self.output == "batches":
-                    yield batch
-                else:
-                    for i in range(len(plan.domains)):
-                        yield {name: values[i] for name, values in batch.items()}
+    # -- torchdata's Stateful protocol (StatefulDataLoader saves and restores it with each worker's iterator) ------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next iterator starts (``set_start``), as plain ints."""
+        return {"start": self.start_state().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_start(PlanState.from_state_dict(state["start"]))
+
+
+class Batch(dict):
+    """A whole per-rank batch (``output="batches"``): a ``dict`` of tensors, field by field.
+
+    Its own type so that a ``DataLoader`` told to batch whole batches again (``batch_size`` set instead of
+    ``None``) fails with a message saying so, instead of stacking them into an extra dimension; and so
+    that ``accelerate`` slicing one rank's batch for the other ranks (its dispatcher) is refused too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if "accelerate" in sys.modules:  # its dispatcher rebuilds each slice of a batch as the batch's type
+            _refuse_accelerate_resharding(sys._getframe(1), "slice_tensors")
+        super().__init__(*args, **kwargs)
+
+
+def _refuse_accelerate_resharding(frame: Any, function: str) -> None:
+    """Raise if one of the few callers above ``frame`` is accelerate's ``function`` (which would split this rank's
+    data among the ranks again, dropping all but a slice of it)."""
+    for _ in range(4):
+        if frame is None:
+            return
+        if frame.f_code.co_name == function and frame.f_globals.get("__name__", "").startswith("accelerate"):
+            raise RuntimeError(
+                "accelerate is splitting a MixedDataset's batches among the ranks, but each rank's dataset already "
+                "yields that rank's own slice of every global batch: half (or more) of the data would be skipped. "
+                "Give accelerator.prepare() your model and optimizer only, and iterate MixedLoader (or pass the "
+                "MixedLoader itself to prepare(), which leaves it as it is)"
+            )
+        frame = frame.f_back
+
+
+def _refuse_to_collate(batch: Sequence[Batch], *, collate_fn_map: Any = None) -> None:
+    raise TypeError(
+        f"a DataLoader is batching {len(batch)} items of a MixedDataset that yields whole batches already: build it "
+        "with batch_size=None (or use MixedLoader), or make the dataset with output='samples' to batch samples"
+    )
+
+
+default_collate_fn_map[Batch] = _refuse_to_collate  # only this type: every other collation is untouched
+
+
+class MixedIterator(Iterator[dict[str, Any]]):
+    """One pass over a ``MixedDataset``'s plan, in one DataLoader worker (or the main process).
+
+    Worker ``w`` of ``n`` yields the batches ``b`` with ``(b - start) % n == w``, planning a chunk of batches
+    per call (the others' are counted, not read). ``state_dict()`` is the exact position of the next item
+    it yields (and ``load_state_dict`` resumes there), so torchdata's ``StatefulDataLoader`` checkpoints
+    each worker mid-stream and resumes without replaying anything.
+    """
+
+    def __init__(self, dataset: MixedDataset, worker_id: int, num_workers: int):
+        self.dataset, self.num_workers = dataset, num_workers
+        start = dataset.start_state()
+        self._restart(start, start.batch + worker_id, 0)
+
+    def _restart(self, position: PlanState, first: int, sample: int) -> None:
+        """Plan from ``position`` on; yield this worker's batches from batch ``first``, sample ``sample`` of it."""
+        self.position = position  # the plan state after what has been planned so far
+        self.next = first  # the next batch this iterator yields
+        self.sample = sample  # samples output: the next sample of that batch
+        self.keep = (self.num_workers, first % self.num_workers)
+        self.pending: collections.deque[BatchPlan] = collections.deque()
+        self.chunk: tuple[int, np.ndarray] | None = None  # (first batch, cursors before each batch and after all)
+        self.current: tuple[int, dict[str, torch.Tensor]] | None = None  # samples output: the batch being split
+
+    def __iter__(self) -> MixedIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        dataset = self.dataset
+        while not self.pending:
+            if self.position.batch >= dataset.num_batches or not self._plan():
+                raise StopIteration
+        plan = self.pending[0]
+        if dataset.output == "batches":
+            self.pending.popleft()
+            self.next = plan.batch + self.num_workers
+            return Batch(dataset.read(plan))
+        if self.current is None or self.current[0] != plan.batch:
+            self.current = (plan.batch, dataset.read(plan))
+        item = {name: values[self.sample] for name, values in self.current[1].items()}
+        self.sample += 1
+        if self.sample == len(plan.domains):
+            self.pending.popleft()
+            self.next, self.sample, self.current = plan.batch + self.num_workers, 0, None
+        return item
+
+    def _plan(self) -> bool:
+        """Plan the next chunk (a cost per call: amortised over ``PLAN_CHUNK`` batches per worker)."""
+        dataset = self.dataset
+        stop = min(dataset.num_batches, self.position.batch + PLAN_CHUNK * self.num_workers)
+        weights = dataset.schedule.weights_for(self.position.batch, stop)
+        first = self.position.batch
+        try:
+            cursors = cursors_before(dataset.spec, self.position, weights)
+            plans = plan_batches(dataset.spec, self.position, weights, dataset.rank, dataset.world_size, self.keep)
+        except StreamEnded:
+            return False
+        self.chunk = (first, cursors[: self.position.batch - first + 1])
+        self.pending.extend(plan for plan in plans if plan.batch >= self.next)  # after a restore: from `next` on
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next item: where to plan from, the next batch to yield, and the sample in it."""
+        if self.chunk is not None and self.chunk[0] <= self.next < self.chunk[0] + len(self.chunk[1]):
+            plan = PlanState(self.next, self.chunk[1][self.next - self.chunk[0]])
+        else:  # the next batch is past what is planned: resume planning where planning stands
+            plan = self.position
+        return {"plan": plan.state_dict(), "next": self.next, "sample": self.sample}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restart(PlanState.from_state_dict(state["plan"]), int(state["next"]), int(state["sample"]))
 
 
 class _BatchLayout:

@@ -1,10 +1,15 @@
-"""``MixedLoader``: a ``DataLoader`` over a ``MixedDataset`` that can checkpoint and resume exactly.
+"""``MixedLoader``: a ``MixedDataset`` read through a stock ``DataLoader``, checkpointed and resumed exactly.
 
-The loader counts the batches it has handed to the training loop. Its
-``state_dict()`` is the plan position after the last of them — ``(batch,
-cursors)``, a few integers — so a run resumed from it continues with the
-very next batch, whatever ``num_workers`` either run used. Batches the
-DataLoader had prefetched but not yet handed out are simply made again.
+``MixedLoader`` is not itself a ``torch.utils.data.DataLoader`` (``isinstance`` is false): it makes one
+per ``iter()`` (``loader.dataloader``) and counts the batches it has handed to the training loop. Its
+``state_dict()`` is the plan position after the last of them — ``(batch, cursors)``, a few integers —
+so a run resumed from it continues with the very next batch, whatever ``num_workers`` either run used.
+Batches the DataLoader had prefetched but not yet handed out are simply made again.
+
+**A stream, not epochs.** Each ``iter()`` continues where the loader stands, so ``for epoch in ...:
+for batch in loader:`` goes on through the stream; ``len(loader)`` is the number of batches left.
+Iterating a loader whose stream is over (``num_batches`` handed out, or every domain with weight at
+its ``max_epochs``) is an error saying so, never a silently empty epoch.
 """
 
 from __future__ import annotations
@@ -13,12 +18,22 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from onlinemix.loaders.channel import VersionedSchedule, WeightsChannel
-from onlinemix.loaders.dataset import MixedDataset
-from onlinemix.loaders.plan import PlanState, fast_forward
+import torch
 from torch.utils.data import DataLoader
 
+from onlinemix.loaders.channel import VersionedSchedule, WeightsChannel
+from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.plan import UNLIMITED, PlanState, StaticSchedule, StreamEnded, fast_forward
+
 STATE_VERSION = 1
+
+
+class StreamOver(RuntimeError):
+    """``iter()`` of a loader whose stream has no batch left."""
+
+
+# Identity keys with one value per domain, and what a mismatch message calls the value.
+PER_DOMAIN = {"sizes": "size", "caps": "cap", "order": "order", "sources": "data (tokenizer, samples)"}
 
 
 class MixedLoader:
@@ -59,6 +74,40 @@ class MixedLoader:
         self._dataloader: DataLoader | None = None
 
     @property
+    def batch_size(self) -> int:
+        """Samples per batch this loader hands out: the global batch size divided by the world size."""
+        return self.dataset.local_batch_size
+
+    @property
+    def dataloader(self) -> DataLoader | None:
+        """The ``DataLoader`` of the current (or last) ``iter()``; ``None`` before the first."""
+        return self._dataloader
+
+    def __len__(self) -> int:
+        """Batches left from the loader's position, where that is known.
+
+        Known when the dataset has ``num_batches``, and, for a mixture with repeat caps, when its weights are
+        static (the plan then says exactly where the caps end the stream). Otherwise ``TypeError``, as for any
+        iterable without a length.
+        """
+        dataset = self.dataset
+        if dataset.num_batches >= UNLIMITED:
+            raise TypeError("a MixedLoader without num_batches streams on: it has no length (set num_batches)")
+        position = self.position
+        if (dataset.spec.caps >= UNLIMITED).all():
+            return max(0, dataset.num_batches - position.batch)
+        if not isinstance(dataset.schedule, StaticSchedule):
+            raise TypeError(
+                "the length of a capped mixture (max_epochs) with online weights is unknown: where the caps end the "
+                "stream depends on weights not chosen yet"
+            )
+        try:
+            fast_forward(dataset.spec, position, dataset.num_batches, dataset.schedule)
+        except StreamEnded as end:
+            return end.batch - self.position.batch
+        return dataset.num_batches - self.position.batch
+
+    @property
     def position(self) -> PlanState:
         """The plan position of the next batch this loader will hand out."""
         return self.position_at(self._position.batch + self._handed_out)
@@ -82,13 +131,58 @@ class MixedLoader:
         return self._position.copy()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_start(self.position)
+        position = self.position
+        self._check_not_over(position)
+        self.dataset.set_start(position)
         if self._dataloader is None or not self._dataloader_kwargs["persistent_workers"]:
             self._warn_if_prefetch_outruns_weights()
-            self._dataloader = DataLoader(self.dataset, **self._dataloader_kwargs)
-        for batch in self._dataloader:
+            # Its own generator: creating the DataLoader's iterator draws worker seeds from it, and drawing from
+            # the global torch RNG instead would shift dropout and everything else a resumed run restores.
+            generator = torch.Generator().manual_seed(0)
+            self._dataloader = DataLoader(self.dataset, generator=generator, **self._dataloader_kwargs)
+        batches = iter(self._dataloader)
+        while True:
+            self._check_weights_can_arrive(self._position.batch + self._handed_out)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
             self._handed_out += 1
             yield batch
+
+    def _check_weights_can_arrive(self, batch: int) -> None:
+        """Fail at once, naming the fix, when the next batch needs weights that no step will publish.
+
+        The batch's weights come from step ``batch // accumulation - lag``; the trainer publishes them with
+        ``step()`` after each optimizer step, in this process, between two batches. If it has not, and asks
+        for the next batch anyway, that batch would wait for ever (until the channel's timeout): the usual
+        cause is a training loop that never calls ``step()``.
+        """
+        schedule = self.dataset.schedule
+        if not (isinstance(schedule, VersionedSchedule) and isinstance(schedule.table, WeightsChannel)):
+            return
+        needed, stepped = schedule.version(batch), schedule.table.promised
+        if needed > stepped:
+            raise RuntimeError(
+                f"batch {batch} is drawn with the weights of step {needed}, but the mixer has stepped {stepped} "
+                f"time(s): call mixer.step() (or mixing.step()) once after each optimizer step, after observe()"
+            )
+
+    def _check_not_over(self, position: PlanState) -> None:
+        """An error saying the stream is over, instead of an empty pass."""
+        dataset = self.dataset
+        if position.batch >= dataset.num_batches:
+            raise StreamOver(
+                f"this loader has handed out all {dataset.num_batches} batches of its stream (num_batches): a mixture "
+                "is a stream, not epochs. Build the dataset with the num_batches you want in all"
+            )
+        try:
+            fast_forward(dataset.spec, position.copy(), position.batch + 1, dataset.schedule)
+        except StreamEnded as end:
+            raise StreamOver(
+                f"the stream ended at batch {end.batch}: every domain with a positive weight has reached its "
+                "max_epochs (raise them, or give weight to an uncapped domain)"
+            ) from None
 
     def _warn_if_prefetch_outruns_weights(self) -> None:
         """With live weights, a worker can only make the batches whose weights are published: about
@@ -121,18 +215,32 @@ class MixedLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r} (expected {STATE_VERSION})")
         ours = self.identity()
+        names = self.dataset.names
         for key, value in state["mixture"].items():
-            if ours.get(key) != value:
+            now = ours.get(key)
+            if now == value:
+                continue
+            if key in PER_DOMAIN and isinstance(value, list) and len(value) == len(now or []):
+                d = next(i for i, (a, b) in enumerate(zip(value, now)) if a != b)
                 raise ValueError(
-                    f"checkpoint does not match this mixture: {key} was {value!r} when saved, is now {ours.get(key)!r}"
+                    f"checkpoint does not match this mixture: domain {names[d]!r}'s {PER_DOMAIN[key]} was "
+                    f"{value[d]!r} when saved, is now {now[d]!r}"
                 )
+            raise ValueError(f"checkpoint does not match this mixture: {key} was {value!r} when saved, is now {now!r}")
         self._position = PlanState.from_state_dict(state["position"])
         self._handed_out = 0
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint's mixture must share with this one (world size and workers may differ)."""
-        spec = self.dataset.spec
+        """What a checkpoint's mixture must share with this one (world size and workers may differ).
+
+        With online weights, ``lag`` and ``accumulation`` too: they decide which weight version each batch
+        is drawn with.
+        """
+        spec, schedule = self.dataset.spec, self.dataset.schedule
+        online = isinstance(schedule, VersionedSchedule)
         return {
+            "lag": schedule.lag if online else None,
+            "accumulation": schedule.accumulation if online else None,
             "domains": list(self.dataset.names),
             "sizes": [int(n) for n in spec.sizes],
             "caps": [int(c) for c in spec.caps],
@@ -140,4 +248,5 @@ class MixedLoader:
             "global_batch_size": spec.global_batch_size,
             "sampling": spec.sampling,
             "order": ["samples" if shards is None else f"shards:{len(shards)}" for shards in spec.shards],
+            "sources": [source.fingerprint() for source in self.dataset.sources],  # e.g. the tokenizer
         }

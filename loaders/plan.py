@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from onlinemix.loaders import plan_kernels, rng
 from onlinemix.loaders.permutation import block_bits, permute
 
@@ -412,6 +413,21 @@ def plan_batch(spec: PlanSpec, state: PlanState, weights: np.ndarray, rank: int 
 def advance(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray:
     """Move ``state`` past one batch without building it; returns the batch's counts."""
     return count_batches(spec, state, np.asarray(weights)[None, :])[0]
+
+
+def cursors_before(spec: PlanSpec, state: PlanState, weights: np.ndarray) -> np.ndarray:
+    """The cursors before each of the next ``len(weights)`` batches from ``state``, and after the last counted:
+    ``(rows + 1, k)``, one compiled count pass (``state`` itself is not moved). Fewer rows where the stream
+    ends first. For iterators that checkpoint mid-chunk (``MixedIterator.state_dict``)."""
+    position = state.copy()
+    rows = [position.cursors.copy()]
+    try:
+        while position.batch - state.batch < len(weights):
+            counts = count_batches(spec, position, weights[position.batch - state.batch :])
+            rows.extend(rows[-1] + np.cumsum(counts, axis=0))
+    except StreamEnded:
+        pass
+    return np.stack(rows)
 
 
 def fast_forward(spec: PlanSpec, state: PlanState, to_batch: int, schedule: WeightSchedule) -> PlanState:

@@ -25,10 +25,20 @@ side of the same functions.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 from numba import njit
+
+_CACHED = any((Path(__file__).parent / "__pycache__").glob("plan_kernels.*.nbi"))
+if not _CACHED and not os.environ.get("NUMBA_CACHE_DIR"):
+    # The first process after an install (or an edit of this file) compiles these loops: some seconds, once.
+    logging.getLogger("onlinemix").info(
+        "compiling the plan's loops with numba (once: about 5-10 s; the machine code is cached beside %s)", __file__
+    )
 
 # ----------------------------------------------------------------------------- hashes
 

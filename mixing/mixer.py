@@ -32,8 +32,11 @@ host sync) and all raise ``MixingError`` naming the ranks that disagree.
 
 from __future__ import annotations
 
+import inspect
+import os
 import queue
 import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,9 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from onlinemix.loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.controllers import CONTROLLERS
 from onlinemix.mixing.controllers.base import Controller
 from onlinemix.mixing.schedule_log import ScheduleWriter
@@ -51,7 +56,23 @@ from onlinemix.mixing.schedule_log import ScheduleWriter
 NONFINITE = ("skip", "error")
 SYNC = ("auto", "all_reduce", "broadcast", "none")
 # The mixing: keys the mixer takes; every other key of the section is the controller's.
-MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every")
+MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every", "repeat_warning")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def controller_knobs(controller: type[Controller]) -> set[str]:
+    """The keyword arguments a controller class takes (its own and ``Controller``'s), for the config's errors."""
+    knobs: set[str] = set()
+    for cls in controller.__mro__:
+        if cls is object or "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        knobs |= {p.name for p in parameters if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    return knobs - {"self", "initial", "device"}
 
 
 class MixingError(RuntimeError):
@@ -73,8 +94,10 @@ class OnlineMixer:
             ``step()`` once per optimizer step; all micro-batches of a step
             are drawn with the same weights. Part of the sample order, like ``lag``.
         log: where to record every published version (``None``: no log).
-        nonfinite: ``"skip"`` counts NaN/inf losses, leaves them out and warns;
-            ``"error"`` raises ``MixingError`` at the next ``step()``.
+        nonfinite: ``"skip"`` counts NaN/inf losses, leaves them out and warns, and
+            keeps the last good weights where an update gives no distribution (a
+            NaN, negative or all-zero weight; warned at the 1st, 2nd, 4th... time);
+            ``"error"`` raises ``MixingError`` at the next ``step()`` for either.
         timeout: seconds a worker waits for weights before it fails.
         sync: how ranks agree on the weights: ``"all_reduce"`` the statistics,
             ``"broadcast"`` rank 0's weights, or ``"none"``; ``"auto"`` is
@@ -82,6 +105,9 @@ class OnlineMixer:
         group: the process group to agree within (default: all ranks).
         check_every: compare the weights across ranks every this many steps
             (``0``: never). Each check costs one host sync.
+        repeat_warning: warn once when a domain without ``max_epochs`` has been
+            drawn this many epochs over (``0``: never): a controller that keeps
+            a small domain's weight high makes the model memorise it.
     """
 
     def __init__(
@@ -98,14 +124,29 @@ class OnlineMixer:
         sync: str = "auto",
         group: dist.ProcessGroup | None = None,
         check_every: int = 100,
+        repeat_warning: float = 10.0,
     ):
         if controller.num_domains != dataset.spec.num_domains:
             raise ValueError(f"controller has {controller.num_domains} domains, the dataset {dataset.spec.num_domains}")
+        if controller.domains is not None and list(controller.domains) != list(dataset.names):
+            raise ValueError(f"the controller's domains {controller.domains} are not the dataset's {dataset.names}")
+        _integer("lag", lag, 1)
+        _integer("accumulation", accumulation, 1)
+        _integer("check_every", check_every, 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if sync not in SYNC:
             raise ValueError(f"sync must be one of {SYNC}, got {sync!r}")
         distributed = dist.is_available() and dist.is_initialized()
+        world_size = os.environ.get("WORLD_SIZE", "1")
+        if sync == "auto" and not distributed and world_size.isdigit() and int(world_size) > 1:
+            raise ValueError(
+                f"WORLD_SIZE={world_size} is set but torch.distributed is not initialised: without it the ranks' "
+                "weights drift apart. Call torch.distributed.init_process_group() before building the mixer "
+                "(or pass sync='none' if each rank may mix on its own)"
+            )
         if sync == "auto":
             sync = "all_reduce" if distributed else "none"
         if sync != "none" and not distributed:
@@ -124,12 +165,16 @@ class OnlineMixer:
             "global_batch_size": dataset.spec.global_batch_size,
             "controller": controller.name,
             "config_hash": config_hash,
+            "run": uuid.uuid4().hex,  # ties the log to this run: a resumed checkpoint must continue its own log
         }
         self.log_path = None if log is None else Path(log)
         self._log: ScheduleWriter | None = None  # opened on first publication, or by load_state_dict
         self._initial = initial
         self.step_count = 0
-        self.skipped = np.zeros(2)  # [non-finite losses, bad domain ids] seen so far
+        self.skipped = np.zeros(3)  # [non-finite losses, bad domain ids, rejected weight vectors] seen so far
+        self.repeat_warning = repeat_warning
+        self._epochs = np.zeros(dataset.spec.num_domains)  # epochs drawn of each domain, by the published weights
+        self._warned = np.zeros(dataset.spec.num_domains, dtype=bool)
         self._failure: BaseException | None = None
         self._pending: queue.Queue = queue.Queue()
         self._publisher: threading.Thread | None = None
@@ -159,6 +204,13 @@ class OnlineMixer:
         if name not in CONTROLLERS:
             raise ConfigError(f"mixing.controller must be one of {sorted(CONTROLLERS)}, got {name!r}")
         options = {key: section.pop(key) for key in MIXER_KEYS if key in section}
+        allowed = controller_knobs(CONTROLLERS[name])
+        unknown = sorted(set(section) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"mixing ({name} controller): unknown key {unknown[0]!r}; the {name} controller takes "
+                f"{', '.join(sorted(allowed))}, and the mixer {', '.join(MIXER_KEYS)}"
+            )
         try:
             if name == "scheduled":
                 controller = CONTROLLERS[name](device=device, **section)
@@ -167,7 +219,10 @@ class OnlineMixer:
                 controller = CONTROLLERS[name](initial, device=device, **section)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"mixing ({name} controller): {error}") from None
-        return cls(controller, dataset, config_hash=config.config_hash(), **options)
+        try:
+            return cls(controller, dataset, config_hash=config.config_hash(), **options)
+        except ValueError as error:  # the messages start with the key's name
+            raise ConfigError(f"mixing.{error}") from None
 
     # -- trainer side ---------------------------------------------------------
 
@@ -186,6 +241,7 @@ class OnlineMixer:
             dist.broadcast(weights, src=self._global_rank(0), group=self.group)
             self.controller.weights = weights
         self.step_count += 1
+        self.channel.promised = self.step_count  # published now (CPU) or by the publisher thread (CUDA)
         if self.sync != "none" and self.check_every and self.step_count % self.check_every == 0:
             self.check_consistent(weights)
         packet = torch.cat([weights.detach().double(), self.controller.stats.problems.double()])
@@ -270,12 +326,40 @@ class OnlineMixer:
                 self._failure = MixingError(message)
             else:
                 warnings.warn(message + " were left out of the statistics", stacklevel=2)
+        if new[2] > 0:
+            rejected = int(problems[2])
+            message = (
+                f"step {version}: the {self.controller.name} controller's new weights were not a distribution "
+                f"(a non-finite, negative or all-zero weight; {rejected} rejected in all)"
+            )
+            if self.nonfinite == "error":
+                self._failure = MixingError(message + "; look for NaN or overflowing feedback (losses, alignments)")
+            elif rejected & (rejected - 1) == 0:  # warn at 1, 2, 4, 8, ... rejections: a poisoned state repeats
+                warnings.warn(message + "; kept the last good weights (warned again at twice as many)", stacklevel=2)
         self.channel.publish(version, weights)
+        self._watch_repeats(version, weights)
         if self.log_path is not None:
             if self._log is None:
                 self._log = ScheduleWriter(self.log_path, self.header)
                 self._log.append(0, self._initial)
             self._log.append(version, weights)
+
+    def _watch_repeats(self, version: int, weights: np.ndarray) -> None:
+        """Warn once per domain when it has been drawn ``repeat_warning`` epochs over and has no repeat cap: a
+        controller that keeps the weight of a small domain high makes the model memorise it."""
+        if not self.repeat_warning:
+            return
+        spec = self.dataset.spec
+        self._epochs += weights * spec.global_batch_size * self.accumulation / spec.sizes
+        for d in np.flatnonzero((self._epochs >= self.repeat_warning) & ~self._warned & (spec.caps == UNLIMITED)):
+            self._warned[d] = True
+            warnings.warn(
+                f"step {version}: domain {self.dataset.names[d]!r} ({spec.sizes[d]:,} samples) has been drawn about "
+                f"{self._epochs[d]:.0f} epochs over (its weight is now {weights[d]:.3f}): repeated this often, a small "
+                "domain is memorised. Cap it with max_epochs in the mixture file (or hold out what the controller "
+                "aligns with)",
+                stacklevel=2,
+            )
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -288,6 +372,9 @@ class OnlineMixer:
         """Controller state and the weight versions that batches still to come may need."""
         self.flush()
         return {
+            "run": self.header["run"],
+            "lag": self.lag,
+            "accumulation": self.accumulation,
             "step": self.step_count,
             "controller": self.controller.state_dict(),
             "channel": self.channel.state_dict(self.lag + 1),
@@ -295,14 +382,29 @@ class OnlineMixer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the checkpointed run: its controller, its last weight versions and its schedule log.
+
+        ``lag`` and ``accumulation`` decide which weights each batch is drawn with, so a checkpoint taken
+        with others is an error (naming the field), as is a log written by another run.
+        """
+        for key in ("lag", "accumulation"):
+            saved = state.get(key, getattr(self, key))  # checkpoints from before these keys: trusted
+            if saved != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint does not match this mixer: {key} was {saved} when saved, is now {getattr(self, key)} "
+                    f"({key} is part of the sample order: resume with {key}={saved})"
+                )
+        self.header["run"] = state.get("run", self.header["run"])
         self.step_count = int(state["step"])
         self.controller.load_state_dict(state["controller"])
         self.channel.load_state_dict(state["channel"])
-        self.skipped = np.asarray(state["skipped"], dtype=np.float64)
+        self.skipped = np.zeros(3)
+        self.skipped[: len(state["skipped"])] = state["skipped"]
         if self.log_path is not None:
             if self._log is not None:
                 self._log.close()
             self._log = ScheduleWriter(self.log_path, self.header, resume_at=self.step_count)
+            self._log.check_versions(state["channel"])
 
     def close(self) -> None:
         self.flush()

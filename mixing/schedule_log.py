@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from onlinemix.loaders.channel import ReplayTable, VersionedSchedule
 
 MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
@@ -123,10 +124,17 @@ class ScheduleWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a torn tail is expected here and cut off below
             existing = read_schedule(self.path)
-        for key in ("domains", "seed", "lag", "accumulation"):
+        for key in ("run", "domains", "seed", "global_batch_size", "lag", "accumulation"):
             logged, ours = existing.header.get(key, HEADER_DEFAULTS.get(key)), header.get(key, HEADER_DEFAULTS.get(key))
+            if key == "run" and logged != ours:
+                raise ScheduleLogError(
+                    f"{self.path} was written by another run (run {logged}, the checkpoint's is {ours}): a run "
+                    "restarted from scratch over the same log replaced it. Resume with that run's own log, or log "
+                    "to a new file"
+                )
             if logged != ours:
                 raise ScheduleLogError(f"{self.path}: {key} is {logged!r} in the log, {ours!r} in this run")
+        self._existing = existing
         if len(existing.steps) <= resume_at:
             raise ScheduleLogError(
                 f"{self.path}: holds steps up to {len(existing.steps) - 1}, cannot resume at {resume_at}"
@@ -136,6 +144,16 @@ class ScheduleWriter:
         self._file.truncate(self._file.tell() + (resume_at + 1) * self._size)
         self._file.seek(0, os.SEEK_END)
         self.next_step = resume_at + 1
+
+    def check_versions(self, channel_state: dict[str, Any]) -> None:
+        """The versions a checkpoint carries (``WeightsChannel.state_dict``) must be the log's, bit for bit."""
+        first, weights = int(channel_state["first"]), np.asarray(channel_state["weights"], dtype=np.float64)
+        logged = self._existing.weights[first : first + len(weights)]
+        if logged.shape != weights.shape or not np.array_equal(logged, weights):
+            raise ScheduleLogError(
+                f"{self.path}: its weights at steps {first}..{first + len(weights) - 1} are not the checkpoint's: "
+                "the log belongs to another run"
+            )
 
     def append(self, step: int, weights: np.ndarray) -> None:
         if step != self.next_step:
@@ -152,13 +170,26 @@ class ScheduleWriter:
         self._file.close()
 
 
-def replay_schedule(path: str | Path, domains: list[str]) -> VersionedSchedule:
-    """A loader schedule that replays a recorded log: batch ``b`` gets the version it got when recorded.
+def replay_schedule(path: str | Path, dataset: Any, past_end: str = "error") -> VersionedSchedule:
+    """A schedule that replays a recorded log: batch ``b`` gets the weights it got when recorded.
 
-    The log's domains must be the config's, in the same order.
+    Set it as ``dataset.schedule`` (no controller, any number of workers). The log must have been
+    recorded on this mixture: its domains (same order), seed and global batch size are checked, and a
+    difference is an error naming the field. ``past_end`` says what batches after the recorded run get:
+    ``"error"`` (default) or ``"hold"`` (the last recorded weights).
     """
     log = read_schedule(path)
-    if log.domains != list(domains):
-        raise ScheduleLogError(f"{path}: the log's domains {log.domains} differ from the config's {list(domains)}")
+    ours = {
+        "domains": list(dataset.names),
+        "seed": dataset.spec.seed,
+        "global_batch_size": dataset.spec.global_batch_size,
+    }
+    for key, value in ours.items():
+        logged = log.header.get(key, value)  # logs from before a key was recorded: not checked
+        if logged != value:
+            raise ScheduleLogError(f"{path} was recorded with {key} {logged!r}; this mixture has {value!r}")
+    if not len(log.weights):
+        raise ScheduleLogError(f"{path} holds no weight versions (the run stopped before its first step)")
     accumulation = int(log.header.get("accumulation", HEADER_DEFAULTS["accumulation"]))
-    return VersionedSchedule(ReplayTable(log.weights), lag=int(log.header["lag"]), accumulation=accumulation)
+    table = ReplayTable(log.weights, past_end, source=str(path))
+    return VersionedSchedule(table, lag=int(log.header["lag"]), accumulation=accumulation)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.loader import MixedLoader
@@ -85,6 +86,15 @@ class OnlineMixing:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.loader)
+
+    def __len__(self) -> int:
+        """Batches left, where known (``MixedLoader.__len__``)."""
+        return len(self.loader)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch on this rank."""
+        return self.loader.batch_size
 
     @property
     def weights(self) -> torch.Tensor:

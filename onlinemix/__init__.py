@@ -22,7 +22,9 @@ schedule log, trainer integrations).
 """
 
 from onlinemix.loaders import ByteTokenizer, ConfigError, MixedDataset, MixedLoader, MixtureConfig, Source, SourceError
+from onlinemix.loaders.files import save_checkpoint
 from onlinemix.mixing.controllers import (
+    ADOController,
     Controller,
     DGAController,
     DoReMiController,
@@ -38,6 +40,7 @@ from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADOController",
     "ByteTokenizer",
     "ConfigError",
     "Controller",
@@ -59,4 +62,5 @@ __all__ = [
     "per_sample_loss",
     "read_schedule",
     "replay_schedule",
+    "save_checkpoint",
 ]

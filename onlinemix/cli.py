@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from onlinemix.loaders import convert
-from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.channel import WeightsTimeout
+from onlinemix.loaders.config import ConfigError, MixtureConfig, load_yaml
 from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.extras import pyplot
+from onlinemix.loaders.files import cache_root
 from onlinemix.loaders.importance.cli import add_importance
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.plan import PlanState, StreamEnded, fast_forward
-from onlinemix.loaders.sources import SourceError
-from onlinemix.mixing.schedule_log import read_schedule, replay_schedule
+from onlinemix.loaders.sources import SourceError, TokenizedSource
+from onlinemix.mixing.schedule_log import ScheduleLog, ScheduleLogError, read_schedule, replay_schedule
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -45,6 +50,11 @@ def _inspect(args: argparse.Namespace) -> None:
         f"{args.config}: seed {config.seed}, global batch {config.global_batch_size}, seq_len {config.seq_len}, "
         f"{config.sampling} sampling, weights {weighting}"
     )
+    tokenizer = dataset.tokenizer
+    known = "not given (token-bin domains only)"
+    if tokenizer is not None:
+        known = f"{tokenizer.name}, {tokenizer.vocab_size:,} ids, end of text {tokenizer.eot_id}"
+    print(f"tokenizer: {known}; token caches in {cache_root(config.cache_dir)}")
     columns = f"{'domain':<16} {'source':<9} {'samples':>12} {'weight':>8} {'max_epochs':>10}"
     header = f"{columns} {f'epochs@{state.batch}':>14}"
     print(header)
@@ -58,6 +68,16 @@ def _inspect(args: argparse.Namespace) -> None:
     if ended is not None:
         print(f"the stream ends at batch {ended}: every domain with positive weight is exhausted")
     for name, source in zip(config.names, dataset.sources):
+        if isinstance(source, TokenizedSource):
+            meta = source.cache.meta
+            if source.samples == "packed":
+                what = f"{meta['documents']:,} documents, {meta['tokens']:,} tokens packed into {len(source):,} windows"
+            else:
+                what = (
+                    f"one sample per document: {meta['documents']:,} documents, {source.dropped_tokens:,} of "
+                    f"{meta['tokens']:,} tokens cut off (documents over seq_len + 1), {source.padded_samples:,} padded"
+                )
+            print(f"domain {name!r}: {what} ({source.tokenizer.name})")
         for shard, why in getattr(source, "skipped", {}).items():  # on_bad: skip
             print(f"domain {name!r} leaves out {shard}: {why}")
 
@@ -67,20 +87,38 @@ def _sample(args: argparse.Namespace) -> None:
         args.config, rank=args.rank, world_size=args.world_size, num_batches=args.start + args.batches
     )
     if args.schedule is not None:
-        dataset.schedule = replay_schedule(args.schedule, dataset.names)
+        dataset.schedule = replay_schedule(args.schedule, dataset, past_end=args.past_end)
     loader = MixedLoader(dataset, num_workers=args.workers)
     if args.start:
         start = fast_forward(dataset.spec, PlanState.start(dataset.spec.num_domains), args.start, dataset.schedule)
         loader.load_state_dict({**loader.state_dict(), "position": start.state_dict()})
+    names = np.array(dataset.names)
     for offset, batch in enumerate(loader):
-        pairs = np.stack([batch["domain"].numpy(), batch["index"].numpy()], axis=1).tolist()
+        domains = names[batch["domain"].numpy()].tolist() if args.names else batch["domain"].tolist()
+        pairs = [list(pair) for pair in zip(domains, batch["index"].tolist())]
         print(json.dumps({"batch": args.start + offset, "samples": pairs}, separators=(",", ":")))
 
 
+def _read_log(path: Path) -> ScheduleLog:
+    log = read_schedule(path)
+    if not len(log.weights):
+        raise ScheduleLogError(f"{path} holds no weight versions (the run stopped before its first step)")
+    return log
+
+
 def _schedule_show(args: argparse.Namespace) -> None:
-    log = read_schedule(args.log)
-    header = {key: value for key, value in log.header.items() if key != "domains"}
-    print(f"{args.log}: {len(log.steps)} versions (steps 0..{len(log.steps) - 1}), {header}")
+    log = _read_log(args.log)
+    header = log.header
+    steps = len(log.steps) - 1
+    print(f"{args.log}: {steps} optimizer steps (weight versions 0..{steps}), {len(log.domains)} domains")
+    print(f"  controller  {header.get('controller', '?')}")
+    print(f"  seed        {header.get('seed', '?')}, global batch {header.get('global_batch_size', '?')}")
+    print(f"  lag         {header.get('lag', '?')} (batch b drawn with version b // accumulation - lag), "
+          f"accumulation {header.get('accumulation', 1)}")  # fmt: skip
+    if header.get("config_hash"):
+        print(f"  mixture     {header['config_hash'][:16]} (SHA-256 of the mixture file)")
+    if header.get("run"):
+        print(f"  run         {header['run']}")
     print(f"{'domain':<16} {'first':>8} {'min':>8} {'mean':>8} {'max':>8} {'last':>8}")
     for d, name in enumerate(log.domains):
         column = log.weights[:, d]
@@ -90,27 +128,59 @@ def _schedule_show(args: argparse.Namespace) -> None:
         )
 
 
+def static_weights(log: ScheduleLog, which: str) -> np.ndarray:
+    """A log's ``"final"`` weights, or the ``"mean"`` over its versions (DoReMi's recipe), summing to 1."""
+    weights = log.weights[-1] if which == "final" else log.weights.mean(axis=0)
+    return weights / weights.sum()
+
+
 def _schedule_export(args: argparse.Namespace) -> None:
-    log = read_schedule(args.log)
-    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
+    log = _read_log(args.log)
+    if args.format == "yaml":
+        text = _as_mixture(log, args)
+    elif args.format == "csv":
+        lines = [",".join(["step", *log.domains])]
+        lines += [",".join([str(step), *(repr(float(w)) for w in row)]) for step, row in zip(log.steps, log.weights)]
+        text = "\n".join(lines) + "\n"
+    else:
+        text = "".join(
+            json.dumps({"step": int(step), "weights": dict(zip(log.domains, row.tolist()))}) + "\n"
+            for step, row in zip(log.steps, log.weights)
+        )
+    if args.output is None:
+        sys.stdout.write(text)
+        return
     try:
-        if args.format == "csv":
-            out.write(",".join(["step", *log.domains]) + "\n")
-            for step, row in zip(log.steps, log.weights):
-                out.write(",".join([str(step), *(repr(float(w)) for w in row)]) + "\n")
-        else:
-            for step, row in zip(log.steps, log.weights):
-                out.write(json.dumps({"step": int(step), "weights": dict(zip(log.domains, row.tolist()))}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+        args.output.write_text(text)
+    except OSError as error:
+        raise ValueError(f"cannot write {args.output}: {error.strerror}") from None
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+def _as_mixture(log: ScheduleLog, args: argparse.Namespace) -> str:
+    """Static weights of a log as YAML: a ``domains:`` list of weights, or (``--config``) a whole mixture file."""
+    weights = dict(zip(log.domains, static_weights(log, args.weights).round(6).tolist()))
+    what = "the mean weights" if args.weights == "mean" else "the final weights"
+    about = f"# {what} of {args.log} ({log.header.get('controller', '?')} controller, {len(log.steps) - 1} steps)\n"
+    if args.config is None:
+        lines = [f"  - {{name: {name}, weight: {weight}}}" for name, weight in weights.items()]
+        return (
+            about
+            + "# paste each weight into its domain of a mixture file (or pass --config MIXTURE)\ndomains:\n"
+            + ("\n".join(lines) + "\n")
+        )
+    raw = load_yaml(args.config)
+    names = [domain.get("name") for domain in raw.get("domains", [])]
+    if sorted(names) != sorted(weights):
+        raise ValueError(f"{args.config} has the domains {names}, {args.log} has {list(weights)}")
+    for domain in raw["domains"]:
+        domain["weight"] = weights[domain["name"]]
+    raw.pop("mixing", None)  # the weights are static now
+    return about + yaml.safe_dump(raw, sort_keys=False)
 
 
 def _schedule_plot(args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     log = read_schedule(args.log)
     figure, axes = plt.subplots(figsize=(8, 4.5))
@@ -161,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--schedule", type=Path, help="replay the weights recorded in this schedule log (as the recorded run saw them)"
     )
+    sample.add_argument(
+        "--past-end",
+        choices=["error", "hold"],
+        default="error",
+        help="with --schedule: batches after the recorded run are an error (default) or keep its last weights",
+    )
+    sample.add_argument("--names", action="store_true", help="print domain names instead of domain indices")
     sample.set_defaults(run=_sample)
 
     schedule = commands.add_parser(
@@ -172,9 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = schedule_commands.add_parser("show", help="summary table: first, min, mean, max, last weight per domain")
     show.add_argument("log", type=Path)
     show.set_defaults(run=_schedule_show)
-    export = schedule_commands.add_parser("export", help="every version as CSV (step, one column per domain) or JSONL")
-    export.add_argument("log", type=Path)
-    export.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="default csv")
+    export = schedule_commands.add_parser(
+        "export",
+        help="every version as CSV or JSONL, or static weights as YAML for a mixture file",
+        description="Write a recorded schedule in another form. csv: a row per step, a column per domain. jsonl: a "
+        "line per step. yaml: static weights for another run (the proxy-to-target workflow): the mean over the "
+        "run's steps (DoReMi's recipe) or its final weights, as a domains: list, or with --config as a whole "
+        "mixture file with those weights (and no mixing: section).",
+    )
+    export.add_argument("log", type=Path, help="the schedule log")
+    export.add_argument("--format", choices=["csv", "jsonl", "yaml"], default="csv", help="default csv")
+    export.add_argument(
+        "--weights", choices=["mean", "final"], default="mean", help="yaml: which weights (default mean)"
+    )
+    export.add_argument("--config", type=Path, help="yaml: a mixture file to write again with the exported weights")
     export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     export.set_defaults(run=_schedule_export)
     plot = schedule_commands.add_parser("plot", help="weights over steps, one line per domain, as a PNG")
@@ -206,7 +294,11 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         help="'byte' (UTF-8 bytes + end-of-text 256, what the loader's ByteTokenizer reads) or the path of a "
         "Hugging Face tokenizer.json",
     )
-    parser.add_argument("--eot", help="token appended to every document (tokenizer files only), e.g. '<|endoftext|>'")
+    parser.add_argument(
+        "--eot",
+        help="a tokenizer file's end-of-text token, appended to every document (default: the first of "
+        "<|endoftext|>, <|end_of_text|>, </s>, <eos>, ... its vocabulary has)",
+    )
     parser.add_argument(
         "--pack",
         type=int,
@@ -224,18 +316,33 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="onlinemix: %(message)s")  # progress: token caches, compiling
     for name in ("steps", "batches", "start", "workers"):
         if getattr(args, name, 0) is not None and getattr(args, name, 0) < 0:
             print(f"onlinemix: error: --{name} must be >= 0", file=sys.stderr)
             return 2
     try:
         args.run(args)
-    except (ConfigError, SourceError, ValueError) as error:
-        print(f"onlinemix: error: {error}", file=sys.stderr)
+    except (ConfigError, SourceError, ValueError, WeightsTimeout) as error:
+        print(f"onlinemix: error: {_message(error)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     return 0
+
+
+def _message(error: BaseException) -> str:
+    """The error's own message; for one raised in a DataLoader worker, without the worker's traceback.
+
+    The DataLoader re-raises a worker's exception in the main process with the worker's whole traceback
+    in its message ("Caught SourceError in DataLoader worker process 0. Original Traceback ..."): the
+    last line of that traceback is the error itself.
+    """
+    text = str(error)
+    if "Original Traceback (most recent call last):" not in text:
+        return text
+    last = text.rstrip().rpartition("\n")[2]
+    return last.partition(": ")[2] or last
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +38,10 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
 
 
 def make_example(root: Path, code_tokens: int = 20_000, web_tokens: int = 9_000, documents: int = 150) -> Path:
-    """The example config's three domains; token values encode (domain, position) for checking reads."""
-    write_tokens(root / "data/code.bin", np.arange(code_tokens) % 50_000)
-    write_tokens(root / "data/web.bin", 60_000 + np.arange(web_tokens) % 5_000)
+    """The example config's three domains: two token-bin files of byte-tokenizer ids (the vocabulary of the JSONL
+    domain's default tokenizer) and a JSONL file of short documents, packed into windows."""
+    write_tokens(root / "data/code.bin", np.arange(code_tokens) % 256)
+    write_tokens(root / "data/web.bin", (7 * np.arange(web_tokens) + 3) % 256)
     write_jsonl(root / "data/prose.jsonl", [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(documents)])
     config = root / "mixture.yaml"
     config.write_text(EXAMPLE_CONFIG)
@@ -58,13 +62,55 @@ def example(tmp_path: Path) -> Path:
     return make_example(tmp_path)
 
 
+def byte_window(text: str, seq_len: int = 128) -> dict:
+    """A document's first ``seq_len + 1`` byte tokens as an input/label pair, padded (label -100 past its end)."""
+    from onlinemix.loaders.tokenizers import ByteTokenizer
+
+    ids = ByteTokenizer().encode(text)[: seq_len + 1]
+    window = np.full(seq_len + 1, ByteTokenizer.PAD, dtype=np.int64)
+    window[: len(ids)] = ids
+    labels = window[1:].copy()
+    labels[max(len(ids) - 1, 0) :] = -100
+    return {"input_ids": window[:-1], "labels": labels}
+
+
 def shout(record: dict) -> dict:
     """A config-named transform (``conftest:shout``): upper-case the text, then byte-tokenize."""
-    from onlinemix.loaders.transforms import ByteTokenizer
-
-    return ByteTokenizer(128)(record["text"].upper())
+    return byte_window(record["text"].upper())
 
 
 def ids_only(record: dict) -> dict:
     """A transform whose fields differ from the token-bin domains' (``conftest:ids_only``)."""
     return {"input_ids": np.zeros(128, dtype=np.int64)}
+
+
+def _rank_entry(rank: int, world: int, folder: Path, target: Callable, kwargs: dict) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=world)
+        result = target(rank=rank, world=world, **kwargs)
+        (folder / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+    except BaseException:
+        (folder / f"rank{rank}.failed").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(world: int, folder: Path, target: Callable, **kwargs) -> list:
+    """``target(rank=r, world=world, **kwargs)`` on ``world`` spawned processes joined by ``torch.distributed`` (gloo,
+    a file rendezvous: loopback only); each rank's JSON-able return value, in rank order. A rank that raises
+    fails the test with its traceback. ``target`` must be a module-level function (spawn pickles it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_rank_entry, args=(rank, world, folder, target, kwargs)) for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    failures = [path.read_text() for path in sorted(folder.glob("*.failed"))]
+    assert not failures, failures[0]
+    assert all(process.exitcode == 0 for process in processes), [p.exitcode for p in processes]
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]

@@ -3,17 +3,24 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from onlinemix.loaders.channel import ReplayTable, VersionedSchedule, WeightsChannel, WeightsTimeout
 from onlinemix.mixing.schedule_log import MAGIC, ScheduleLogError, ScheduleWriter, read_schedule
 
 HEADER = {"domains": ["a", "b"], "seed": 1, "lag": 2}
 
 
-def test_batch_b_uses_version_b_minus_lag():
-    table = ReplayTable(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
-    rows = VersionedSchedule(table, lag=2).weights_for(0, 6)
-    # versions max(0, b - 2): 0 0 0 1 2 2(last repeats)
+def test_batch_b_uses_version_b_minus_lag_and_past_a_records_end_it_says_so_or_holds():
+    recorded = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    rows = VersionedSchedule(ReplayTable(recorded, past_end="hold"), lag=2).weights_for(0, 6)
+    # versions max(0, b - 2): 0 0 0 1 2 2 (held: the last recorded)
     assert rows[:, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.5, 0.5]
+    strict = VersionedSchedule(ReplayTable(recorded, source="run.oms"), lag=2)
+    assert strict.weights_for(0, 6)[:, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.5]  # what the record covers
+    with pytest.raises(
+        ValueError, match=r"version 3 is past the end of run\.oms \(versions 0\.\.2: a run of 2 steps\)"
+    ):
+        strict.weights_for(5, 6)
 
 
 def test_channel_serves_only_published_versions_and_times_out_naming_the_step():
@@ -45,12 +52,26 @@ def test_channel_publishes_arrays_tensors_and_lists_and_rejects_a_wrong_shape():
 def test_channel_ring_overwrite_is_an_error_and_state_round_trips():
     channel = WeightsChannel(np.array([1.0, 0.0]), capacity=4)
     for v in range(1, 7):
-        channel.publish(v, np.array([v, 0.0]))
+        channel.publish(v, np.array([v / 8, 1 - v / 8]))
     with pytest.raises(ValueError, match="overwritten"):
         channel.rows(1, 6)
     fresh = WeightsChannel(np.array([1.0, 0.0]), capacity=4)
     fresh.load_state_dict(channel.state_dict(3))
-    assert fresh.latest() == 6 and fresh.rows(4, 6)[:, 0].tolist() == [4.0, 5.0, 6.0]
+    assert fresh.latest() == 6 and fresh.rows(4, 6)[:, 0].tolist() == [4 / 8, 5 / 8, 6 / 8]
+
+
+@pytest.mark.parametrize("bad", [[float("nan"), 1.0], [-0.5, 1.5], [0.0, 0.0], [0.3, 0.3], [float("inf"), 0.0]])
+def test_only_distributions_are_published(bad):
+    """A weight vector that is not a distribution would make the plan read "every domain exhausted" and end the
+    stream: the channel refuses it, naming the version (the mixer keeps the last good weights before that)."""
+    channel = WeightsChannel(np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"weights of version 1 are not a distribution"):
+        channel.publish(1, np.array(bad))
+    assert channel.latest() == 0
+    with pytest.raises(ValueError, match=r"initial weights are not a distribution"):
+        WeightsChannel(np.array(bad))
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds, got -1"):
+        WeightsChannel(np.array([0.5, 0.5]), timeout=-1)
 
 
 def write_log(path, versions):

@@ -9,14 +9,12 @@ equal the single process's, and so must every weight and every batch.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import make_example
+from conftest import make_example, run_ranks
+
 from onlinemix.loaders import MixedDataset, MixedLoader
 from onlinemix.mixing.controllers import ODMController
 from onlinemix.mixing.mixer import MixingError, OnlineMixer
@@ -28,11 +26,11 @@ def exact_losses(batch: dict) -> torch.Tensor:
     return 1.0 + batch["domain"].float() + (batch["index"] % 4).float() / 4
 
 
-def train(config: Path, out: Path, resume: Path | None, save: Path | None, stop: int, tamper_at: int | None) -> None:
-    """One rank's run (or the single-process reference): batches and weights of each step to ``out``."""
+def train(config: Path, resume: Path | None, save: Path | None, stop: int, tamper_at: int | None, **_) -> dict:
+    """One rank's run (or the single-process reference): batches and weights of each step."""
     dataset = MixedDataset.from_config(config, num_batches=stop)
     initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
-    mixer = OnlineMixer(ODMController(initial, alpha=0.5), dataset, lag=LAG, check_every=1)
+    mixer = OnlineMixer(ODMController(initial, reward_scale=0.5), dataset, lag=LAG, check_every=1)
     loader = MixedLoader(dataset, num_workers=1)
     if resume is not None:
         state = torch.load(resume)
@@ -43,7 +41,7 @@ def train(config: Path, out: Path, resume: Path | None, save: Path | None, stop:
         record["batches"].append(list(zip(batch["domain"].tolist(), batch["index"].tolist())))
         mixer.observe(exact_losses(batch), batch["domain"])
         if tamper_at is not None and mixer.step_count == tamper_at and dataset.rank == 1:
-            mixer.controller.weights = mixer.controller.weights.roll(1)  # ODM updates from its weights: diverges
+            mixer.controller.rewards = mixer.controller.rewards + torch.tensor([1.0, 0.0, 0.0])  # diverges
         try:
             record["weights"].append(mixer.step().tolist())
         except MixingError as error:
@@ -51,41 +49,15 @@ def train(config: Path, out: Path, resume: Path | None, save: Path | None, stop:
             break
     if save is not None and dataset.rank == 0:
         torch.save({"loader": loader.state_dict(), "mixer": mixer.state_dict()}, save)
-    out.write_text(json.dumps(record))
+    return record
 
 
-def _rank(rank: int, world: int, rendezvous: str, config: Path, folder: Path, kwargs: dict) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-        train(config, folder / f"rank{rank}.json", **kwargs)
-        dist.destroy_process_group()
-    except BaseException:
-        (folder / f"rank{rank}.failed").write_text(traceback.format_exc())
-        raise
-
-
-def run_ranks(world: int, config: Path, folder: Path, **kwargs) -> list[dict]:
-    """Run ``train`` on ``world`` gloo ranks (spawned processes); each rank's record."""
-    folder.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
-    rendezvous = str(folder / "rendezvous")
-    processes = [
-        context.Process(target=_rank, args=(rank, world, rendezvous, config, folder, kwargs)) for rank in range(world)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-    failures = [path.read_text() for path in sorted(folder.glob("*.failed"))]
-    assert not failures, failures[0]
-    assert all(process.exitcode == 0 for process in processes), [p.exitcode for p in processes]
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
+def ranks(world: int, config: Path, folder: Path, **kwargs) -> list[dict]:
+    return run_ranks(world, folder, train, config=config, **kwargs)
 
 
 def run_alone(config: Path, folder: Path, **kwargs) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    train(config, folder / "alone.json", **kwargs)
-    return json.loads((folder / "alone.json").read_text())
+    return json.loads(json.dumps(train(config, **kwargs)))  # as the ranks' records come back: through JSON
 
 
 KWARGS = {"resume": None, "save": None, "stop": STEPS, "tamper_at": None}
@@ -109,7 +81,7 @@ def union(records: list[dict]) -> list[list]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_together_draw_the_single_process_sequence_with_online_weights(config, alone, tmp_path, world):
-    records = run_ranks(world, config, tmp_path, **KWARGS)
+    records = ranks(world, config, tmp_path, **KWARGS)
     assert union(records) == alone["batches"]
     for record in records:  # identical weights on every rank, and equal to the single process's
         assert record["weights"] == alone["weights"]
@@ -117,18 +89,18 @@ def test_ranks_together_draw_the_single_process_sequence_with_online_weights(con
 
 
 def test_elastic_resume_four_to_two_ranks_and_back(config, alone, tmp_path):
-    first = run_ranks(4, config, tmp_path / "a", **{**KWARGS, "stop": 4, "save": tmp_path / "at4.pt"})
-    second = run_ranks(
+    first = ranks(4, config, tmp_path / "a", **{**KWARGS, "stop": 4, "save": tmp_path / "at4.pt"})
+    second = ranks(
         2, config, tmp_path / "b", **{**KWARGS, "resume": tmp_path / "at4.pt", "stop": 9, "save": tmp_path / "at9.pt"}
     )
-    third = run_ranks(4, config, tmp_path / "c", **{**KWARGS, "resume": tmp_path / "at9.pt"})
+    third = ranks(4, config, tmp_path / "c", **{**KWARGS, "resume": tmp_path / "at9.pt"})
     assert union(first) + union(second) + union(third) == alone["batches"]
     weights = first[0]["weights"] + second[1]["weights"] + third[3]["weights"]
     assert weights == alone["weights"]
 
 
 def test_divergent_weights_fail_loudly_on_every_rank(config, tmp_path):
-    records = run_ranks(2, config, tmp_path, **{**KWARGS, "tamper_at": 3})
+    records = ranks(2, config, tmp_path, **{**KWARGS, "tamper_at": 3})
     for record in records:
         assert record["error"].startswith("step 4: the mixture weights differ across ranks (rank(s) [1] disagree")
         assert len(record["weights"]) == 3  # steps 1-3 published; step 4 raised

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_example
-from onlinemix.loaders import MixedDataset, MixedLoader
+
+from onlinemix.loaders import MixedDataset, MixedLoader, MixtureConfig
 from onlinemix.loaders.channel import DEFAULT_LAG
 from onlinemix.mixing.controllers import ODMController
 from onlinemix.mixing.mixer import MixingError, OnlineMixer
@@ -29,7 +30,7 @@ def synthetic_losses(batch):
 def build(config, log, workers, **mixer_kwargs):
     dataset = MixedDataset.from_config(config, num_batches=STEPS)
     initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
-    mixer = OnlineMixer(ODMController(initial, alpha=0.5), dataset, lag=LAG, log=log, **mixer_kwargs)
+    mixer = OnlineMixer(ODMController(initial, reward_scale=0.5), dataset, lag=LAG, log=log, **mixer_kwargs)
     # prefetch_factor=1: the DataLoader's prefetch depth (workers x 1) stays within the lag
     return dataset, mixer, MixedLoader(dataset, num_workers=workers, prefetch_factor=1 if workers else None)
 
@@ -68,7 +69,7 @@ def test_weights_change_every_step_and_are_logged(recorded):
 def test_online_run_with_workers_equals_replay_of_its_log_without_workers(config, recorded):
     batches, log_path = recorded
     dataset = MixedDataset.from_config(config, num_batches=STEPS)
-    dataset.schedule = replay_schedule(log_path, dataset.names)
+    dataset.schedule = replay_schedule(log_path, dataset)
     replayed = [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in MixedLoader(dataset)]
     assert replayed == batches
     # the mixture really moved: the batches differ from the static-weights run
@@ -81,7 +82,7 @@ def test_online_run_with_workers_equals_replay_of_its_log_without_workers(config
 def test_controller_on_cuda_publishes_without_host_syncs_and_its_log_replays(config, tmp_path, graph):
     dataset = MixedDataset.from_config(config, num_batches=STEPS)
     initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
-    controller = ODMController(initial, alpha=0.5, device="cuda", graph=graph)
+    controller = ODMController(initial, reward_scale=0.5, device="cuda", graph=graph)
     mixer = OnlineMixer(controller, dataset, lag=LAG, log=tmp_path / "cuda.oms")
     seen = []
     for step, batch in enumerate(MixedLoader(dataset, num_workers=2)):
@@ -100,7 +101,7 @@ def test_controller_on_cuda_publishes_without_host_syncs_and_its_log_replays(con
     assert log.steps.tolist() == list(range(STEPS + 1))
     assert not np.allclose(log.weights[-1], log.weights[0])
     replay = MixedDataset.from_config(config, num_batches=STEPS)
-    replay.schedule = replay_schedule(tmp_path / "cuda.oms", replay.names)
+    replay.schedule = replay_schedule(tmp_path / "cuda.oms", replay)
     assert [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in MixedLoader(replay)] == seen
 
 
@@ -145,9 +146,34 @@ def test_stop_and_resume_in_fresh_objects_continues_exactly(config, recorded, tm
     assert np.array_equal(read_schedule(log).weights, read_schedule(log_path).weights)
 
 
-def test_replay_rejects_a_log_of_other_domains(config, recorded):
-    with pytest.raises(ScheduleLogError, match="differ from the config's"):
-        replay_schedule(recorded[1], ["code", "web", "prose"])
+def test_replay_refuses_a_log_of_another_mixture_naming_the_field(config, recorded, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    for key, value, message in (
+        ("seed", 99, "recorded with seed 1234; this mixture has 99"),
+        ("global_batch_size", 16, "recorded with global_batch_size 32; this mixture has 16"),
+    ):
+        other = tmp_path / f"{key}.yaml"
+        other.write_text(yaml.safe_dump({**raw, key: value}).replace("data/", str(config.parent / "data") + "/"))
+        with pytest.raises(ScheduleLogError, match=message):
+            replay_schedule(recorded[1], MixedDataset.from_config(other))
+    renamed = tmp_path / "renamed.yaml"
+    raw["domains"][2]["name"] = "html"
+    renamed.write_text(yaml.safe_dump(raw).replace("data/", str(config.parent / "data") + "/"))
+    with pytest.raises(ScheduleLogError, match=r"recorded with domains \['code', 'prose', 'web'\]"):
+        replay_schedule(recorded[1], MixedDataset.from_config(renamed))
+
+
+def test_replay_past_the_end_of_a_log_is_an_error_or_holds_its_last_weights(config, recorded):
+    dataset = MixedDataset.from_config(config, num_batches=STEPS + LAG + 3)
+    dataset.schedule = replay_schedule(recorded[1], dataset)  # a log of 16 steps covers batches 0..16 + lag
+    with pytest.raises(Exception, match=r"version 17 is past the end of .*run\.oms .*past_end='hold'"):
+        list(MixedLoader(dataset))
+    dataset.schedule = replay_schedule(recorded[1], dataset, past_end="hold")
+    replayed = list(MixedLoader(dataset))
+    assert len(replayed) == STEPS + LAG + 3
+    assert [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in replayed[:STEPS]] == recorded[0]
 
 
 def test_non_finite_losses_are_counted_or_raised(config):
@@ -174,16 +200,26 @@ def test_out_of_range_domain_ids_raise(config):
 
 
 def test_cli_replays_a_log_and_shows_exports_and_plots_it(config, recorded, tmp_path, capsys):
+    import yaml
+
     from onlinemix.cli import main
 
     batches, log_path = recorded
     assert main(["sample", str(config), "--batches", str(STEPS), "--schedule", str(log_path), "--workers", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [[tuple(p) for p in json.loads(line)["samples"]] for line in lines] == batches
+    assert main(["sample", str(config), "--batches", "1", "--names"]) == 0
+    assert {domain for domain, _ in json.loads(capsys.readouterr().out)["samples"]} <= {"code", "prose", "web"}
+    assert main(["sample", str(config), "--batches", str(STEPS + 8), "--schedule", str(log_path)]) == 1
+    assert "past the end of" in capsys.readouterr().err
 
     assert main(["schedule", "show", str(log_path)]) == 0
     out = capsys.readouterr().out
-    assert f"{STEPS + 1} versions" in out and out.splitlines()[2].split()[:2] == ["code", "0.5000"]
+    assert f"{STEPS} optimizer steps (weight versions 0..{STEPS}), 3 domains" in out
+    assert "  controller  odm\n" in out and "  seed        1234, global batch 32\n" in out
+    assert f"  lag         {LAG} (batch b drawn with version b // accumulation - lag), accumulation 1" in out
+    assert "{" not in out and "config_hash" not in out  # text, not a Python dict
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("code ")] == [["code", "0.5000"]]
 
     assert main(["schedule", "export", str(log_path), "--format", "csv", "-o", str(tmp_path / "w.csv")]) == 0
     rows = (tmp_path / "w.csv").read_text().splitlines()
@@ -191,14 +227,31 @@ def test_cli_replays_a_log_and_shows_exports_and_plots_it(config, recorded, tmp_
     assert [float(x) for x in rows[5].split(",")[1:]] == read_schedule(log_path).weights[4].tolist()
     assert main(["schedule", "export", str(log_path), "--format", "jsonl"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[1])["step"] == 1
+    assert main(["schedule", "export", str(log_path), "-o", str(tmp_path / "no" / "such" / "w.csv")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+    # The proxy-to-target workflow: a run's mean (or final) weights as static weights of a mixture file.
+    weights = read_schedule(log_path).weights
+    assert main(["schedule", "export", str(log_path), "--format", "yaml"]) == 0
+    exported = yaml.safe_load(capsys.readouterr().out)["domains"]
+    assert [d["name"] for d in exported] == ["code", "prose", "web"]
+    assert np.allclose([d["weight"] for d in exported], weights.mean(0) / weights.mean(0).sum(), atol=1e-6)
+    out = tmp_path / "static.yaml"
+    assert main(["schedule", "export", str(log_path), "--format", "yaml", "--weights", "final", "--config",
+                 str(config), "-o", str(out)]) == 0  # fmt: skip
+    static = MixtureConfig.load(out)  # a mixture file as it was, with the run's final weights
+    assert np.allclose([d.weight for d in static.domains], weights[-1] / weights[-1].sum(), atol=1e-6)
+    assert static.mixing == {} and static.seed == 1234
 
     assert main(["schedule", "plot", str(log_path), "-o", str(tmp_path / "w.png")]) == 0
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {tmp_path / 'w.png'}" in capsys.readouterr().out
     assert main(["schedule", "show", str(tmp_path / "missing.oms")]) == 1
 
 
 def test_mixer_from_the_config_mixing_section(tmp_path):
     import yaml
+
     from onlinemix.loaders.config import ConfigError
 
     path = make_example(tmp_path)
@@ -208,9 +261,9 @@ def test_mixer_from_the_config_mixing_section(tmp_path):
         path.write_text(yaml.safe_dump({**raw, "mixing": mixing}))
         return OnlineMixer.from_config(path, MixedDataset.from_config(path), **overrides)
 
-    mixer = mixer_for({"controller": "odm", "alpha": 0.25, "warmup": 3, "lag": 2, "check_every": 0})
+    mixer = mixer_for({"controller": "odm", "reward_scale": 0.25, "warmup": 3, "lag": 2, "check_every": 0})
     assert isinstance(mixer.controller, ODMController)
-    assert (mixer.controller.alpha, mixer.controller.warmup, mixer.lag) == (0.25, 3, 2)
+    assert (mixer.controller.reward_scale, mixer.controller.warmup, mixer.lag) == (0.25, 3, 2)
     assert torch.allclose(mixer.controller.weights, torch.tensor([0.5, 0.3, 0.2]))  # the config's weights
     assert len(mixer.header["config_hash"]) == 64
     scheduled = mixer_for({"controller": "scheduled", "waypoints": [[0, [1, 0, 0]], [10, [0, 0, 1]]]})
@@ -219,7 +272,10 @@ def test_mixer_from_the_config_mixing_section(tmp_path):
         weights = scheduled.step()
     assert torch.allclose(weights, torch.tensor([0.5, 0.0, 0.5]))
     assert mixer_for({}, lag=7).controller.name == "static" and mixer_for({}, lag=7).lag == 7
-    with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['dga', 'doremi', 'odm'"):
+    with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['ado', 'dga', 'doremi', 'odm'"):
         mixer_for({"controller": "bandit"})
-    with pytest.raises(ConfigError, match=r"mixing \(odm controller\): .*unexpected keyword argument 'beta'"):
-        mixer_for({"controller": "odm", "beta": 1})
+    knobs = "compile, graph, importance_gain, min_prob, reward_scale, warmup, and the mixer lag, accumulation"
+    with pytest.raises(
+        ConfigError, match=rf"mixing \(odm controller\): unknown key 'eta'; the odm controller takes {knobs}"
+    ):
+        mixer_for({"controller": "odm", "eta": 1})
