@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 from conftest import write_tokens
+from torch import nn
+
 from onlinemix.mixing.schedule_log import read_schedule
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
-from torch import nn
 
 SEQ_LEN, BATCH, VOCAB = 16, 8, 258
 
@@ -76,16 +77,18 @@ def test_accumulation_draws_every_micro_batch_of_a_step_with_the_same_weights(tm
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_gpt2():
-    """A randomly initialised GPT-2 from a config: no download, no dropout (so a resumed run is bit for bit)."""
+def tiny_gpt2(dropout: float = 0.1):
+    """A randomly initialised GPT-2 from a config (no download), with dropout: a resumed run must restore the
+    random generators the Trainer restores, and the loader must not draw from them."""
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=16, n_layer=1, n_head=2)
-    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
     return transformers.GPT2LMHeadModel(config)
 
 
 def hf_run(config: Path, out: Path, steps: int, resume: str | None = None, accumulation: int = 2):
-    from onlinemix.mixing.integrations.hf import MixingTrainer
     from transformers import TrainingArguments
+
+    from onlinemix.mixing.integrations.hf import MixingTrainer
 
     class Recording(MixingTrainer):
         trained: list
@@ -133,11 +136,48 @@ def test_hf_trainer_mixes_online_and_resumes_from_its_checkpoint_exactly(tmp_pat
     assert resumed.trained == full.trained[6:]  # the exact next micro-batches
     assert torch.equal(again.weights, mixing.weights)
     assert read_schedule(tmp_path / "full/schedule.oms").weights.tolist() == log.weights.tolist()
+    for name, value in full.model.state_dict().items():  # dropout > 0: bit for bit all the same
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_hf_trainer_optimises_the_models_own_loss_and_evaluates_ordinary_datasets(tmp_path):
+    """A mixture-of-experts model's router loss stays in the objective; the mixer gets per-sample losses; an
+    eval_dataset of plain input_ids/labels evaluates; the logged batch size is the loader's."""
+    from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
+
+    from onlinemix.mixing.integrations.hf import MixingTrainer
+
+    torch.manual_seed(0)
+    moe = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        output_router_logits=True, router_aux_loss_coef=0.5)  # fmt: skip
+    model = MixtralForCausalLM(moe)
+    mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm", lag=2)
+    ids = torch.randint(0, 256, (6, SEQ_LEN))
+    heldout = [{"input_ids": row, "labels": row} for row in ids]  # the HF convention: labels = input_ids
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, per_device_eval_batch_size=3)  # fmt: skip
+    trainer = MixingTrainer(model=model, args=args, mixing=mixing, eval_dataset=heldout)
+    assert trainer.args.per_device_train_batch_size == BATCH  # the loader's batches: true throughput figures
+    batch = next(iter(mixing))
+    loss = trainer.compute_loss(model, dict(batch))
+    plain = per_sample_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"]).mean()
+    outputs = model(input_ids=batch["input_ids"], labels=batch["labels"], shift_labels=batch["labels"])
+    torch.testing.assert_close(loss, outputs.loss)  # the model's own loss, router loss included:
+    assert loss > plain + 0.4  # 0.5 x an aux loss of about 2 on top of the cross-entropy
+    assert mixing.mixer.controller.stats.window[1].sum() == BATCH  # each sample's loss went to the mixer
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"])
+    with pytest.raises(ValueError, match="per_device_train_batch_size is 4, but the mixture hands out batches of 8"):
+        bad = TrainingArguments(output_dir=str(tmp_path / "bad"), max_steps=2, report_to=[], use_cpu=True,
+                                per_device_train_batch_size=4)  # fmt: skip
+        MixingTrainer(model=model, args=bad, mixing=mixing)
 
 
 def test_hf_trainer_refuses_mismatched_accumulation(tmp_path):
-    from onlinemix.mixing.integrations.hf import MixingTrainer
     from transformers import TrainingArguments
+
+    from onlinemix.mixing.integrations.hf import MixingTrainer
 
     mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm")
     model = tiny_gpt2()

@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
 from onlinemix.mixing.training import OnlineMixing
 
 

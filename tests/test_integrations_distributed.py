@@ -1,0 +1,142 @@
+"""accelerate and torchtitan's checkpoint protocol under two gloo ranks (one process each, on loopback)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_ranks
+from test_integrations import SEQ_LEN, VOCAB, tiny_mixture
+
+from onlinemix import MixedDataset, MixedLoader, OnlineMixing, per_sample_loss
+
+STEPS = 10
+
+
+def global_batches(config: Path, n: int) -> list[list[list[int]]]:
+    loader = MixedLoader(MixedDataset.from_config(config, num_batches=n, rank=0, world_size=1))
+    return [[list(pair) for pair in zip(b["domain"].tolist(), b["index"].tolist())] for b in loader]
+
+
+def union(records: list[dict], key: str = "batches") -> list[list]:
+    return [[pair for record in records for pair in record[key][step]] for step in range(len(records[0][key]))]
+
+
+# ----------------------------------------------------------------------------- accelerate
+
+
+def _accelerate(rank: int, world: int, config: str, prepare_dataloader: bool) -> dict:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    # accelerate reads the launch from the environment; the group itself is the one the test started
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
+    )
+    accelerator = Accelerator(cpu=True)  # joins the gloo group the test started
+    dataset = MixedDataset.from_config(config, num_batches=4)  # rank and world size from torch.distributed
+    if prepare_dataloader:
+        loader = accelerator.prepare(DataLoader(dataset, batch_size=None))
+        try:
+            next(iter(loader))
+        except RuntimeError as error:
+            return {"error": str(error)}
+        return {"error": None}
+    loader = MixedLoader(dataset)
+    prepared = accelerator.prepare(loader)
+    batches = [[list(pair) for pair in zip(b["domain"].tolist(), b["index"].tolist())] for b in prepared]
+    return {"same_object": prepared is loader, "batches": batches}
+
+
+def test_accelerate_leaves_a_mixed_loader_as_it_is_and_each_rank_gets_its_slice(tmp_path):
+    config = tiny_mixture(tmp_path)
+    records = run_ranks(2, tmp_path / "ranks", _accelerate, config=str(config), prepare_dataloader=False)
+    assert all(record["same_object"] for record in records)
+    assert union(records) == global_batches(config, 4)  # the whole stream, each sample once
+
+
+def test_accelerate_preparing_a_dataloader_of_a_mixed_dataset_is_refused_not_half_skipped(tmp_path):
+    config = tiny_mixture(tmp_path)
+    records = run_ranks(2, tmp_path / "ranks", _accelerate, config=str(config), prepare_dataloader=True)
+    for record in records:
+        assert record["error"] is not None and "accelerate is splitting a MixedDataset's batches" in record["error"]
+
+
+# ----------------------------------------------------------------------------- torchtitan
+
+
+def _torchtitan(rank: int, world: int, config: str, checkpoint: str, save_at: int | None, resume: bool) -> dict:
+    """A torchtitan-shaped loop: (input_dict, labels) from MixingDataLoader, the loss through MixingLoss, the mixer
+    stepped by the optimizer's step, and the state saved and loaded with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingLoss, step_after
+
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(VOCAB, VOCAB)  # a bigram model, the same on every rank
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    mixing = OnlineMixing.from_config(config, controller="odm", warmup=0, lag=2, dataset_options={"num_batches": STEPS})
+    loader = MixingDataLoader(mixing)
+
+    def cross_entropy(pred, labels, global_valid_tokens):  # torchtitan's loss signature: (loss, extra)
+        loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1), labels.flatten(), reduction="sum")
+        return loss / global_valid_tokens, None
+
+    loss_fn = MixingLoss(cross_entropy, loader)
+    step_after(optimizer, mixing)
+    if resume:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dataloader": loader}
+        dcp.load(state, checkpoint_id=checkpoint)
+        model.load_state_dict(state["model"])
+    record = {"batches": [], "weights": []}
+    for step, (inputs, labels) in enumerate(loader):
+        record["batches"].append(loader.pending[0]["domain"].tolist())  # the domains of this rank's slice
+        loss, _ = loss_fn(model(inputs["input"]), labels, (labels != -100).sum())
+        optimizer.zero_grad()
+        loss.backward()
+        for parameter in model.parameters():  # data parallel: average the gradients
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world
+        optimizer.step()  # ... and the mixer steps right after
+        record["weights"].append(mixing.weights.tolist())
+        if save_at is not None and step + 1 == save_at:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dataloader": loader}
+            dcp.save(state, checkpoint_id=checkpoint)
+            break
+    return record
+
+
+def test_torchtitan_state_saved_with_dcp_on_two_ranks_resumes_the_exact_stream_and_weights(tmp_path):
+    config = str(tiny_mixture(tmp_path))
+    checkpoint = str(tmp_path / "dcp")
+    common = {"config": config, "checkpoint": checkpoint}
+    whole = run_ranks(2, tmp_path / "whole", _torchtitan, save_at=None, resume=False, **common)
+    head = run_ranks(2, tmp_path / "head", _torchtitan, save_at=4, resume=False, **common)
+    tail = run_ranks(2, tmp_path / "tail", _torchtitan, save_at=None, resume=True, **common)
+    for rank in range(2):
+        assert head[rank]["batches"] + tail[rank]["batches"] == whole[rank]["batches"]
+        assert head[rank]["weights"] + tail[rank]["weights"] == whole[rank]["weights"]  # bit for bit
+    assert whole[0]["weights"] == whole[1]["weights"]  # every rank publishes the same weights
+    assert whole[0]["weights"][0] != whole[0]["weights"][-1]  # and they moved
+
+
+def test_torchtitan_mixing_loss_feeds_per_sample_losses_with_the_right_domains(tmp_path):
+    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingLoss
+
+    mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm", lag=2)
+    loader = MixingDataLoader(mixing)
+    _, labels = next(iter(loader))
+    domains = loader.pending[0]["domain"]
+    pred = torch.randn(len(labels), SEQ_LEN, VOCAB)
+    MixingLoss(lambda logits, targets, tokens: (logits.sum() * 0, None), loader)(pred, labels, 1)
+    assert not loader.pending  # consumed by the loss it belongs to
+    sums, counts = mixing.mixer.controller.stats.window
+    expected = per_sample_loss(pred, labels)
+    for d in range(3):
+        mine = domains == d
+        torch.testing.assert_close(sums[d], expected[mine].sum())
+        assert counts[d] == mine.sum()
+    with pytest.raises(RuntimeError, match="did not hand out"):
+        MixingLoss(lambda logits, targets, tokens: (logits.sum(), None), loader)(pred, labels, 1)
