@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
 from onlinemix.loaders.channel import DEFAULT_LAG, VersionedSchedule, WeightsChannel
 from onlinemix.loaders.plan import UNLIMITED

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+
 from onlinemix.loaders.plan import UNLIMITED, PlanSpec, PlanState, plan_batches
 from onlinemix.mixing.controllers import ODMController
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 from importance_throughput import corpus
+
+from onlinemix.cli import main as cli
 from onlinemix.loaders import MixedDataset, MixedLoader
 from onlinemix.loaders.importance.estimator import ImportanceEstimator
 from onlinemix.loaders.importance.sidecars import domain_texts
-
-from onlinemix.cli import main as cli
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:

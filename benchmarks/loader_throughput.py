@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
 from onlinemix.loaders.plan import UNLIMITED
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 SEQ_LEN, BATCH = 1024, 32
 WEIGHTS = np.array([0.4, 0.3, 0.2, 0.1])

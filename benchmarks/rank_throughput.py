@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from loader_throughput import BATCH, SEQ_LEN, WEIGHTS, build_domains
+
 from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.controllers import ODMController

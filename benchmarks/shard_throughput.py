@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from loader_throughput import BATCH, SEQ_LEN, WEIGHTS, best_rates
+from torch.utils.data import DataLoader, IterableDataset
+
 from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule
 from onlinemix.loaders.convert import convert
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.loaders.sources import MdsSource, WebDatasetSource
-from torch.utils.data import DataLoader, IterableDataset
 
 
 def build_shards(folder: Path, bytes_per_domain: int = 2_000_000) -> tuple[list[Path], list[Path]]:

@@ -13,7 +13,9 @@ calls it::
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import numpy as np
 
@@ -65,9 +67,17 @@ def source_class(domain: DomainConfig) -> type[Source]:
     return cls
 
 
+def given_if_taken(cls: type, **values: Any) -> dict[str, Any]:
+    """The ``values`` that ``cls``'s constructor has a parameter for (a source class of yours need not take
+    ``seq_len`` or ``cache_dir``; one that does gets the mixture's)."""
+    parameters = inspect.signature(cls).parameters
+    return {key: value for key, value in values.items() if key in parameters}
+
+
 def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
     """One domain's source: a token-bin file, a tokenized document source, records through a transform, or
-    a class of your own (constructed with ``path`` when given and the domain's other keys)."""
+    a class of your own (constructed with ``path`` when given, the domain's other keys, and ``seq_len`` when
+    it takes one; a ``DocumentSource`` of yours is tokenized and packed like the built-in ones)."""
     cls = source_class(domain)
     spec = domain.transform or config.transform
     transform = ImportedTransform(spec) if spec else None
@@ -80,7 +90,8 @@ def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
                 domain.path, config.seq_len, stride=domain.stride, transform=transform, **domain.options
             )
         if issubclass(cls, DocumentSource):
-            documents = cls(domain.path, transform=transform, cache_dir=config.cache_dir, **domain.options)
+            options = {**given_if_taken(cls, cache_dir=config.cache_dir), **domain.options}
+            documents = cls(domain.path, transform=transform, **options)
             if transform is not None:
                 if domain.tokenizer is not None or domain.stride is not None or domain.samples != "packed":
                     raise ConfigError(
@@ -96,7 +107,7 @@ def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
                 documents, tokenizer_of(config, domain), config.seq_len, domain.samples, domain.stride, config.cache_dir
             )
         path = {} if domain.path is None else {"path": domain.path}
-        return cls(**path, **domain.options)
+        return cls(**path, **{**given_if_taken(cls, seq_len=config.seq_len), **domain.options})
     except ConfigError:
         raise
     except FileNotFoundError as error:

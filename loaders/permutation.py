@@ -19,6 +19,7 @@ no numpy call overhead.
 from __future__ import annotations
 
 import numpy as np
+
 from onlinemix.loaders.plan_kernels import permute_each
 
 

@@ -12,6 +12,7 @@ which Python's salted ``hash()`` is not.
 from __future__ import annotations
 
 import numpy as np
+
 from onlinemix.loaders.plan_kernels import INV_2_53, mix64
 
 _MASK64 = (1 << 64) - 1

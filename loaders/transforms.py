@@ -55,7 +55,7 @@ class ImportedTransform:
                 for part in attribute.split("."):
                     target = getattr(target, part)
             except (ImportError, AttributeError) as error:
-                raise ValueError(f"cannot import transform {self.spec!r}: {error}") from error
+                raise ValueError(f"cannot import {self.spec!r}: {error}") from error
             if not callable(target):
                 raise ValueError(f"transform {self.spec!r} is not callable")
             self._function = target

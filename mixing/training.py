@@ -103,6 +103,7 @@ class OnlineMixing:
 
     @property
     def names(self) -> list[str]:
+        """The domains' names, in weight order."""
         return self.dataset.names
 
     def check_accumulation(self, accumulation: int, setting: str) -> None:

@@ -1,4 +1,5 @@
-"""The end-to-end example on a tiny mixture: every method trains, logs, and DGA's log replays exactly."""
+"""The end-to-end example on a tiny mixture: every method trains and logs; a preempted DGA run resumes bit for bit
+and its log replays the batches it trained on."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import write_jsonl, write_tokens
-from onlinemix.mixing.schedule_log import read_schedule
+
+from onlinemix import MixedDataset, MixedLoader, read_schedule, replay_schedule
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 train_gpt = pytest.importorskip("train_gpt")
-compare_mixing = pytest.importorskip("compare_mixing")
 
 
 @pytest.fixture
@@ -36,44 +38,60 @@ def mixture(tmp_path: Path) -> Path:
     return tmp_path / "mixture.yaml"
 
 
-def run(mixture: Path, method: str, *extra: str) -> dict:
-    out = mixture.parent / "runs"
-    argv = [f"--config={mixture}", f"--method={method}", "--steps=6", "--eval-every=3", "--workers=0"]
-    argv += [f"--log={out / method}.oms", f"--checkpoint={out / method}.pt", "--eval-samples=4", *extra]
+def run(mixture: Path, method: str, *extra: str, name: str | None = None) -> dict:
+    out = mixture.parent / "runs" / (name or method)
+    argv = [f"--config={mixture}", f"--method={method}", "--steps=6", "--eval-every=3", "--workers=0", "--width=32"]
+    argv += [f"--log={out}.oms", f"--checkpoint={out}.pt", "--eval-windows=4", "--dga-every=2", *extra]
     return train_gpt.train(train_gpt.parser().parse_args(argv))
 
 
-def test_every_method_trains_and_dga_replays_exactly(mixture):
+def test_every_method_trains_logs_and_reports(mixture):
     out = mixture.parent / "runs"
     uniform = run(mixture, "uniform", f"--save-model={out / 'reference.pt'}")
     assert [e["step"] for e in uniform["evals"]] == [3, 6]
     assert set(uniform["evals"][-1]["loss"]) == {"a", "b", "c", "target"}
     assert np.allclose(read_schedule(out / "uniform.oms").weights, 1 / 3)
+    run(mixture, "proportional")  # equal sizes: equal weights
+    assert np.allclose(read_schedule(out / "proportional.oms").weights, 1 / 3)
 
-    doremi = run(mixture, "doremi", f"--reference={out / 'reference.pt'}")
-    assert len(doremi["trained"]) == 6
-    assert not np.allclose(read_schedule(out / "doremi.oms").weights[-1], 1 / 3)
+    for method in ("odm", "ado", "doremi", "dga"):
+        extra = [f"--reference={out / 'reference.pt'}"] if method == "doremi" else ["--warmup=2"]
+        history = run(mixture, method, *extra)
+        log = read_schedule(out / f"{method}.oms")
+        assert len(history["trained"]) == 6 and log.steps.tolist() == list(range(7)), method
+        assert log.header["controller"] == method
+        assert not np.allclose(log.weights[-1], 1 / 3), f"{method} never moved its weights"
 
-    dga = run(mixture, "dga", "--dga-every=2")
-    log = read_schedule(out / "dga.oms")
-    assert log.steps.tolist() == list(range(7))
-    assert np.allclose(log.weights[:2], 1 / 3) and not np.allclose(log.weights[2], 1 / 3)  # first update: step 2
-    assert compare_mixing.replay_matches(mixture, out / "dga.oms", dga["trained"]) == 6
 
-    args = compare_mixing.argparse.Namespace(config=mixture, steps=6, eval_every=3, workers=0, out=out)
-    importance = compare_mixing.run("importance", args)  # fits, scores, writes importance.yaml, trains
-    drawn = read_schedule(out / "importance.oms")
-    assert drawn.header["controller"] == "odm" and len(importance["trained"]) == 6
-    written = yaml.safe_load((mixture.parent / "importance.yaml").read_text())
-    assert written["importance"] == {"sidecars": "importance", "estimator": "est.npz", "beta": 1.0, "keep": 0.5}
-    assert all((mixture.parent / "importance" / f"{name}.importance.npy").exists() for name in "abc")
+def test_a_preempted_dga_run_resumes_bit_for_bit_and_its_log_replays_it(mixture):
+    whole = run(mixture, "dga")
+    first = run(mixture, "dga", "--stop-after=3", name="parts")
+    rest = run(mixture, "dga", "--resume", name="parts")
+    assert first["trained"] + rest["trained"] == whole["trained"]
+    assert rest["evals"] == [e for e in whole["evals"] if e["step"] > 3]  # same model at step 6
+    out = mixture.parent / "runs"
+    for key, value in torch.load(out / "dga.pt", weights_only=False)["model"].items():
+        assert torch.equal(value, torch.load(out / "parts.pt", weights_only=False)["model"][key]), key
+    assert np.array_equal(read_schedule(out / "parts.oms").weights, read_schedule(out / "dga.oms").weights)
 
-    histories = {"uniform": uniform, "doremi": doremi, "dga": dga, "importance": importance}
-    report = compare_mixing.table(histories, "target", 6)
-    assert "bar: the best static mixture (uniform)" in report
-    assert report.count("\n| ") == 5  # header and one row per method
+    dataset = MixedDataset.from_config(mixture, num_batches=6)
+    dataset.schedule = replay_schedule(out / "dga.oms", dataset)
+    replayed = [torch.stack([b["domain"], b["index"]], 1).tolist() for b in MixedLoader(dataset, num_workers=0)]
+    assert replayed == whole["trained"]
 
 
 def test_doremi_without_a_reference_says_what_it_needs(mixture):
     with pytest.raises(SystemExit, match="--method doremi needs --reference"):
         run(mixture, "doremi")
+
+
+@pytest.mark.parametrize("script", ["hf_trainer", "lightning_trainer"])
+def test_the_trainer_examples_mix_online_and_resume(mixture, script):
+    example = pytest.importorskip(script)
+    out = mixture.parent / script
+    common = [f"--config={mixture}", f"--out={out}", "--controller=ado", "--accumulation=2"]
+    example.main([*common, "--steps=4"])
+    example.main([*common, "--steps=6", "--resume"])  # from the step-4 checkpoint
+    log = read_schedule(out / "schedule.oms")
+    assert log.steps.tolist() == list(range(7))
+    assert log.header["accumulation"] == 2 and log.header["controller"] == "ado"

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_ranks
-from test_integrations import SEQ_LEN, VOCAB, tiny_mixture
+from test_integrations import BATCH, SEQ_LEN, VOCAB, tiny_mixture
 
 from onlinemix import MixedDataset, MixedLoader, OnlineMixing, per_sample_loss
 
@@ -67,18 +68,36 @@ def test_accelerate_preparing_a_dataloader_of_a_mixed_dataset_is_refused_not_hal
 # ----------------------------------------------------------------------------- torchtitan
 
 
+def titan_mixture(root: Path) -> str:
+    """The tiny mixture with a ``mixing:`` section: what ``MixingDataLoader.Config`` builds its mixer from."""
+    path = tiny_mixture(root)
+    config = yaml.safe_load(path.read_text())
+    config["mixing"] = {"controller": "odm", "warmup": 0, "lag": 2}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def build_titan_loader(config: str, world: int, rank: int, **overrides):
+    """As torchtitan's Trainer builds its data loader from ``config.dataloader``."""
+    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader
+
+    runtime = {"dp_world_size": world, "dp_rank": rank, "seq_len": SEQ_LEN, "local_batch_size": BATCH // world}
+    loader_config = MixingDataLoader.Config(mixture=config, num_workers=1, device="cpu")
+    return loader_config.build(**{**runtime, "tokenizer": None, "snapshot_every_n_steps": 5, **overrides})
+
+
 def _torchtitan(rank: int, world: int, config: str, checkpoint: str, save_at: int | None, resume: bool) -> dict:
-    """A torchtitan-shaped loop: (input_dict, labels) from MixingDataLoader, the loss through MixingLoss, the mixer
+    """A torchtitan-shaped loop: the data loader built from its Config, the loss through MixingLoss, the mixer
     stepped by the optimizer's step, and the state saved and loaded with torch.distributed.checkpoint."""
     import torch.distributed.checkpoint as dcp
 
-    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingLoss, step_after
+    from onlinemix.mixing.integrations.torchtitan import MixingLoss, step_after
 
     torch.manual_seed(0)
     model = torch.nn.Embedding(VOCAB, VOCAB)  # a bigram model, the same on every rank
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    mixing = OnlineMixing.from_config(config, controller="odm", warmup=0, lag=2, dataset_options={"num_batches": STEPS})
-    loader = MixingDataLoader(mixing)
+    loader = build_titan_loader(config, world, rank)
+    mixing = loader.mixing
 
     def cross_entropy(pred, labels, global_valid_tokens):  # torchtitan's loss signature: (loss, extra)
         loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1), labels.flatten(), reduction="sum")
@@ -91,7 +110,7 @@ def _torchtitan(rank: int, world: int, config: str, checkpoint: str, save_at: in
         dcp.load(state, checkpoint_id=checkpoint)
         model.load_state_dict(state["model"])
     record = {"batches": [], "weights": []}
-    for step, (inputs, labels) in enumerate(loader):
+    for inputs, labels in loader:
         record["batches"].append(loader.pending[0]["domain"].tolist())  # the domains of this rank's slice
         loss, _ = loss_fn(model(inputs["input"]), labels, (labels != -100).sum())
         optimizer.zero_grad()
@@ -101,15 +120,18 @@ def _torchtitan(rank: int, world: int, config: str, checkpoint: str, save_at: in
             parameter.grad /= world
         optimizer.step()  # ... and the mixer steps right after
         record["weights"].append(mixing.weights.tolist())
-        if save_at is not None and step + 1 == save_at:
+        step = mixing.loader.position.batch
+        if step == save_at:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dataloader": loader}
             dcp.save(state, checkpoint_id=checkpoint)
+        if step in (save_at, STEPS):
             break
+    loader.mixing.close()
     return record
 
 
 def test_torchtitan_state_saved_with_dcp_on_two_ranks_resumes_the_exact_stream_and_weights(tmp_path):
-    config = str(tiny_mixture(tmp_path))
+    config = titan_mixture(tmp_path)
     checkpoint = str(tmp_path / "dcp")
     common = {"config": config, "checkpoint": checkpoint}
     whole = run_ranks(2, tmp_path / "whole", _torchtitan, save_at=None, resume=False, **common)
@@ -126,7 +148,7 @@ def test_torchtitan_mixing_loss_feeds_per_sample_losses_with_the_right_domains(t
     from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingLoss
 
     mixing = OnlineMixing.from_config(tiny_mixture(tmp_path), controller="odm", lag=2)
-    loader = MixingDataLoader(mixing)
+    loader = MixingDataLoader.of(mixing)
     _, labels = next(iter(loader))
     domains = loader.pending[0]["domain"]
     pred = torch.randn(len(labels), SEQ_LEN, VOCAB)
@@ -140,3 +162,44 @@ def test_torchtitan_mixing_loss_feeds_per_sample_losses_with_the_right_domains(t
         assert counts[d] == mine.sum()
     with pytest.raises(RuntimeError, match="did not hand out"):
         MixingLoss(lambda logits, targets, tokens: (logits.sum(), None), loader)(pred, labels, 1)
+
+
+def test_torchtitan_data_loader_refuses_a_trainer_that_does_not_match_the_mixture(tmp_path):
+    config = titan_mixture(tmp_path)
+    with pytest.raises(ValueError, match=f"training.seq_len is 32 but {config} has seq_len {SEQ_LEN}"):
+        build_titan_loader(config, 1, 0, seq_len=32)
+    with pytest.raises(ValueError, match=f"local_batch_size is {BATCH} but .* over 2 data-parallel ranks gives"):
+        build_titan_loader(config, 2, 0, local_batch_size=BATCH)
+
+    class Tokenizer:  # torchtitan's BaseTokenizer interface, as far as the check reads it
+        def get_vocab_size(self) -> int:
+            return 50_000
+
+    named = yaml.safe_load(Path(config).read_text())
+    Path(config).write_text(yaml.safe_dump({**named, "tokenizer": "byte"}))
+    with pytest.raises(ValueError, match=r"the trainer's tokenizer has 50000 tokens; .*'s \(byte\) has 258"):
+        build_titan_loader(config, 1, 0, tokenizer=Tokenizer())
+
+
+def test_torchtitan_trainer_config_builds_the_mixing_trainer_and_attach_wires_loss_and_step(tmp_path):
+    from types import SimpleNamespace
+
+    from torchtitan.trainer import Trainer
+
+    from onlinemix.mixing.integrations.torchtitan import MixingLoss, MixingTrainer, attach
+
+    assert issubclass(MixingTrainer.Config, Trainer.Config) and MixingTrainer.Config._owner is MixingTrainer
+    loader = build_titan_loader(titan_mixture(tmp_path), 1, 0)
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+    trainer = SimpleNamespace(dataloader=loader, loss_fn=lambda *a: None, optimizers=optimizer)
+    trainer.gradient_accumulation_steps = 2
+    with pytest.raises(
+        ValueError, match="gradient accumulation steps is 2 but the mixer was built with accumulation=1"
+    ):
+        attach(trainer)
+    trainer.gradient_accumulation_steps = 1
+    assert attach(trainer) is loader and isinstance(trainer.loss_fn, MixingLoss)
+    trainer.optimizers.step()
+    assert loader.mixing.mixer.step_count == 1  # the mixer stepped with the optimizer
+    with pytest.raises(TypeError, match=r"set config\.dataloader = MixingDataLoader\.Config"):
+        attach(SimpleNamespace(dataloader=[], gradient_accumulation_steps=1))

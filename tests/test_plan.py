@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from onlinemix.loaders import plan as plan_module
 from onlinemix.loaders import plan_kernels
 from onlinemix.loaders.permutation import permute

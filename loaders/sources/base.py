@@ -15,7 +15,7 @@ Two kinds of sources:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -117,8 +117,12 @@ class DocumentSource(Source):
     suffixes: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
-    def documents(self) -> Iterator[str | np.ndarray]:
-        """Every document in order: a ``str`` to tokenize, or a 1-d integer array of token ids already."""
+    def documents(self, progress: Callable[[int], Any] | None = None) -> Iterator[str | np.ndarray]:
+        """Every document in order: a ``str`` to tokenize, or a 1-d integer array of token ids already.
+
+        ``progress``, when given, is called with the number of input bytes each read consumed (it drives
+        the progress bar of the first open, against ``input_bytes()``).
+        """
 
     @abc.abstractmethod
     def input_bytes(self) -> int:

@@ -1,30 +1,33 @@
-"""Online mixing in torchtitan: a data loader and checkpoint state by its protocols, per-sample loss feedback.
+"""Online mixing in torchtitan (0.3): a data loader built from its config, per-sample loss feedback.
 
 torchtitan's data documentation leaves "automatic adjustment" of mixture weights to a custom mix; this is
-one. Its trainer reads ``(input_dict, labels)`` pairs from ``trainer.dataloader``, saves
-``dataloader.state_dict()`` with ``torch.distributed.checkpoint`` (each rank its own key), computes the
-loss with ``trainer.loss_fn(pred, labels, global_valid_tokens)`` once per micro-batch and steps
-``trainer.optimizers`` once per step. ``attach(trainer, mixing)`` plugs into those four places::
+one, by torchtitan's own conventions. Its components are ``Configurable``: a trainer config names the
+data loader's ``Config``, and the trainer builds it with the data-parallel rank and world size, the
+sequence length and the local batch size. Its trainer reads ``(input_dict, labels)`` pairs, saves
+``dataloader.state_dict()`` with ``torch.distributed.checkpoint`` (each rank its own key), computes the loss
+with ``trainer.loss_fn(pred, labels, global_valid_tokens)`` once per micro-batch and steps
+``trainer.optimizers`` once per step. A ``config_registry`` function of yours::
 
-    from onlinemix import OnlineMixing
-    from onlinemix.mixing.integrations.torchtitan import attach
+    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingTrainer
 
-    class MixedTrainer(torchtitan.trainer.Trainer):
-        def __init__(self, config):
-            super().__init__(config)
-            mixing = OnlineMixing.from_config("mixture.yaml", device=self.device,
-                                              accumulation=self.gradient_accumulation_steps)
-            attach(self, mixing)
+    def llama3_mixed() -> MixingTrainer.Config:
+        config = MixingTrainer.Config(**vars_of(llama3_debugmodel()))   # any Trainer.Config's fields
+        config.dataloader = MixingDataLoader.Config(mixture="mixture.yaml", controller="odm")
+        return config
 
-- ``MixingDataLoader`` (torchtitan's ``BaseDataLoader``: ``Stateful``) yields ``({"input": input_ids},
-  labels)``; its ``state_dict()`` is the loader position, the controller and the channel, under this
-  data-parallel rank's key (as torchtitan's own ``ParallelAwareDataloader`` does);
-- ``MixingLoss`` wraps the trainer's loss function: it returns that loss unchanged and feeds the mixer
-  each sample's mean token loss, with the domains of the micro-batch it belongs to;
-- the mixer steps after every optimizer step (a hook on ``trainer.optimizers.step``).
+    # torchrun ... -m torchtitan.train --module my_configs --config llama3_mixed
 
-Every rank runs a mixer over its own slice of each global batch (rank and world size from
-``torch.distributed``); the mixer all-reduces the statistics, so every rank publishes the same weights.
+- ``MixingDataLoader`` (torchtitan's ``BaseDataLoader``: ``Stateful``, ``Configurable``) yields
+  ``({"input": input_ids}, labels)``; it checks that the trainer's sequence length, local batch size and
+  tokenizer match the mixture file; its ``state_dict()`` is the loader position, the controller and the
+  channel, under this data-parallel rank's key (as torchtitan's own ``ParallelAwareDataloader`` does);
+- ``MixingTrainer`` is torchtitan's ``Trainer`` plus ``attach``: ``MixingLoss`` wraps the trainer's loss
+  function (its loss unchanged; each sample's mean token loss fed to the mixer with the domains of its
+  micro-batch) and the mixer steps after every optimizer step.
+
+Every rank runs a mixer over its own slice of each global batch; the mixer all-reduces the statistics,
+so every rank publishes the same weights. (torchtitan's ``Trainer`` needs an accelerator; the pieces here
+are tested on CPU with two gloo ranks and ``torch.distributed.checkpoint``.)
 """
 
 from __future__ import annotations
@@ -32,24 +35,74 @@ from __future__ import annotations
 import collections
 import pickle
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
+from torchtitan.components.dataloader import BaseDataLoader
+from torchtitan.tools import utils
+from torchtitan.trainer import Trainer
 
+from onlinemix.loaders.config import MixtureConfig
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 
 IGNORE_INDEX = -100
 
 
-class MixingDataLoader(Stateful):
+class MixingDataLoader(BaseDataLoader):
     """An ``OnlineMixing`` as a torchtitan data loader: ``({"input": ids}, labels)`` pairs, ``Stateful``.
 
-    The domains of each micro-batch handed out wait in ``pending`` until ``MixingLoss`` meets its
-    loss (torchtitan fetches a step's micro-batches, then runs them in the same order).
+    Built by the trainer from ``MixingDataLoader.Config`` (or, outside a trainer, ``MixingDataLoader.of``
+    an ``OnlineMixing``). The domains of each micro-batch handed out wait in ``pending`` until
+    ``MixingLoss`` meets its loss (torchtitan fetches a step's micro-batches, then runs them in order).
     """
 
-    def __init__(self, mixing: OnlineMixing):
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseDataLoader.Config):
+        mixture: str = ""
+        """The mixture file (domains, seed, global batch size, seq_len, and its ``mixing:`` section)."""
+
+        controller: str = ""
+        """A controller overriding the mixture file's (``odm``, ``ado``, ...); empty: the file's."""
+
+        num_workers: int = 2
+        """DataLoader worker processes: speed only, never the order of the samples."""
+
+        device: str = ""
+        """Where the controller runs; empty: this process's accelerator (torchtitan's local device)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dp_world_size: int,
+        dp_rank: int,
+        seq_len: int,
+        local_batch_size: int,
+        tokenizer: Any = None,
+        **unused: Any,  # e.g. snapshot_every_n_steps: the position is exact at every step, no snapshots needed
+    ):
+        if not config.mixture:
+            raise ValueError("MixingDataLoader.Config needs mixture= (the mixture file)")
+        mixture = MixtureConfig.load(config.mixture)
+        mixing = OnlineMixing.from_config(
+            mixture,
+            device=config.device or utils.get_local_device(),
+            num_workers=config.num_workers,
+            dataset_options={"rank": dp_rank, "world_size": dp_world_size},
+            **({"controller": config.controller} if config.controller else {}),
+        )
+        check_matches(mixing, mixture, config.mixture, seq_len, local_batch_size, tokenizer)
+        self._wrap(mixing)
+
+    @classmethod
+    def of(cls, mixing: OnlineMixing) -> MixingDataLoader:
+        """A data loader over an ``OnlineMixing`` you built yourself."""
+        loader = cls.__new__(cls)
+        loader._wrap(mixing)
+        return loader
+
+    def _wrap(self, mixing: OnlineMixing) -> None:
         self.mixing = mixing
         self.pending: collections.deque[dict[str, torch.Tensor]] = collections.deque()
         self._key = f"dp_rank_{mixing.dataset.rank}"
@@ -115,13 +168,48 @@ def step_after(optimizers: Any, mixing: OnlineMixing) -> None:
     optimizers.step = step_then_mix
 
 
-def attach(trainer: Any, mixing: OnlineMixing) -> MixingDataLoader:
-    """Wire ``mixing`` into a torchtitan ``Trainer`` (after its ``__init__``): its data loader, its checkpoint's
-    data-loader state, its loss function and its optimizer step. Returns the data loader."""
-    mixing.check_accumulation(trainer.gradient_accumulation_steps, "the trainer's gradient accumulation steps")
-    loader = MixingDataLoader(mixing)
-    trainer.dataloader = loader
-    trainer.checkpointer.states["dataloader"] = loader
+def check_matches(
+    mixing: OnlineMixing, mixture: MixtureConfig, where: str, seq_len: int, local_batch_size: int, tokenizer: Any
+) -> None:
+    """The trainer's sequence length, local batch size and tokenizer must be the mixture's (the file ``where``):
+    an error names both."""
+    if mixture.seq_len != seq_len:
+        raise ValueError(f"training.seq_len is {seq_len} but {where} has seq_len {mixture.seq_len}")
+    if local_batch_size != mixing.batch_size:
+        raise ValueError(
+            f"training.local_batch_size is {local_batch_size} but {where}'s global_batch_size over "
+            f"{mixing.dataset.world_size} data-parallel ranks gives {mixing.batch_size} samples per rank"
+        )
+    ours = mixing.dataset.tokenizer
+    if tokenizer is not None and ours is not None and tokenizer.get_vocab_size() != ours.vocab_size:
+        raise ValueError(
+            f"the trainer's tokenizer has {tokenizer.get_vocab_size()} tokens; {where}'s ({ours.name}) has "
+            f"{ours.vocab_size}: the mixture's token ids must be the model's"
+        )
+
+
+def attach(trainer: Any) -> MixingDataLoader:
+    """Wire the trainer's ``MixingDataLoader`` into its loss function and its optimizer step (after the
+    trainer's ``__init__``; ``MixingTrainer`` does it). Returns the data loader."""
+    loader = trainer.dataloader
+    if not isinstance(loader, MixingDataLoader):
+        raise TypeError(
+            f"the trainer's data loader is a {type(loader).__name__}: set config.dataloader = "
+            "MixingDataLoader.Config(mixture=...)"
+        )
+    loader.mixing.check_accumulation(trainer.gradient_accumulation_steps, "the trainer's gradient accumulation steps")
     trainer.loss_fn = MixingLoss(trainer.loss_fn, loader)
-    step_after(trainer.optimizers, mixing)
+    step_after(trainer.optimizers, loader.mixing)
     return loader
+
+
+class MixingTrainer(Trainer):
+    """torchtitan's ``Trainer`` with its ``MixingDataLoader`` wired into the loss and the optimizer step."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        attach(self)
