@@ -1,0 +1,371 @@
+"""Does online mixing give a better model for the same compute? The quality suite, in one command.
+
+    .venv/bin/python benchmarks/quality/run.py                       # every scenario, 3 seeds, CPU
+    .venv/bin/python benchmarks/quality/run.py --scenarios targeted --seeds 1 --steps 400   # a quick look
+
+For each scenario (see ``scenarios.py``) it trains a tiny byte-level GPT once per method and seed:
+the static baselines (uniform, size-proportional, a small grid searched on seed 0 whose best point
+is then run on every seed), and every online method once per seed with fixed settings. Every run is
+evaluated ``EVAL_POINTS`` times on ``EVAL_WINDOWS`` held-out windows per set, spread over each set.
+It writes, per scenario, ``<out>/<scenario>.md`` (the table: the objective's mean and spread over
+seeds, and the steps each method needs to reach the best grid point's final loss) and
+``<out>/<scenario>.png`` (the objective over steps, and each online method's weights), and
+``<out>/summary.md``. Finished runs are kept (``<out>/runs/``): running the command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data as suite_data
+import scenarios as suite
+import train as trainer
+
+from onlinemix.cli import main as onlinemix
+from onlinemix.loaders.importance import ImportanceEstimator
+
+ONLINE = ("odm", "ado", "doremi", "doremi-target", "doremi-target+prior", "dga")  # online (the rest are static)
+REFERENCE_STEPS = 400  # the target reference model: steps on the specific set (kept at its best on the other)
+
+
+# ----------------------------------------------------------------------------- one task (in a worker process)
+
+
+def run_task(task: dict) -> str:
+    """Train one run (or a reference model) described by ``task``; write its history. Returns a log line."""
+    out = Path(task["out"])
+    if out.exists():
+        return f"kept {out}"
+    root = Path(task["root"])
+    started = time.perf_counter()
+    if task["kind"] == "reference":
+        history = trainer.train_reference(
+            root / "target/specific.bin", root / "target/align.bin", suite_data.SEQ_LEN, task["seed"], task["steps"],
+            Path(task["model"]), task["size"], task["device"],
+        )  # fmt: skip
+    else:
+        scenario = suite.scenarios(root)[task["scenario"]]
+        chosen = suite.method(task["method"], scenario, task.get("weights"), task.get("initial"))
+        if task.get("config"):
+            chosen.config = Path(task["config"])
+        heldout = {name: _heldout_path(root, name) for name in scenario.heldout}
+        references = {name: Path(path) for name, path in task.get("references", {}).items()}
+        align = {"specific": root / "target/specific.bin", "align": root / "target/align.bin"}
+        save_model = Path(task["model"]) if task.get("model") else None
+        history = trainer.train(
+            root / scenario.config, chosen, task["seed"], task["steps"], heldout, references, align, save_model,
+            task["size"], task["device"],
+        )  # fmt: skip
+    trainer.save(history, out)
+    return f"{out.relative_to(out.parents[3])}: {time.perf_counter() - started:.0f} s"
+
+
+def _heldout_path(root: Path, name: str) -> Path:
+    return root / "target/heldout.bin" if name == "target" else root / "heldout" / f"{name}.bin"
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def importance_setup(root: Path, scenario: suite.Scenario, out: Path) -> tuple[Path, dict[str, float]]:
+    """Fit DSIR on the specific set against the scenario's domains, score them, write the importance mixture.
+
+    Returns the mixture file (uniform weights, each domain's epochs its best half by importance) and each
+    domain's divergence from the target (for ``closest``).
+    """
+    import yaml
+
+    folder = out / "importance" / scenario.name
+    config = root / scenario.config
+    estimator, sidecars, mixture = folder / "est.npz", folder / "sidecars", folder / "importance.yaml"
+    if not mixture.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        quiet = ["--raw-docs", "2000"]
+        onlinemix(["importance", "fit", "--target", str(root / "target/specific.jsonl"), "--config", str(config),
+                   "-o", str(estimator), *quiet])  # fmt: skip
+        onlinemix(["importance", "score", str(estimator), "--config", str(config), "--out", str(sidecars)])
+        raw = yaml.safe_load(config.read_text())
+        for domain in raw["domains"]:
+            domain["path"] = str((root / domain["path"]).resolve())
+            domain["weight"] = 1 / len(raw["domains"])
+        raw["importance"] = {"sidecars": str(sidecars.resolve()), "estimator": str(estimator.resolve()), "beta": 1.0,
+                             "keep": 0.5}  # fmt: skip
+        mixture.write_text(yaml.safe_dump(raw, sort_keys=False))
+    fitted = ImportanceEstimator.load(estimator)
+    return mixture, {name: fitted.divergence(name) for name in fitted.raw}
+
+
+def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], dict]:
+    """Two waves of tasks (the second needs the first: the grid's best point, DoReMi's reference models)."""
+    runs = args.out / "runs"
+    hardware = {"size": args.size, "device": args.device}
+    first, second, extras = [], [], {}
+    setups = {}
+    for name, scenario in suite.scenarios(root).items():  # fit the importance estimators first: grids use them
+        if name in args.scenarios and ("importance" in scenario.methods or "closest" in scenario.methods):
+            setups[name] = importance_setup(root, scenario, args.out)
+    chosen = suite.scenarios(root, args.out)
+    for seed in range(args.seeds):
+        if any("doremi-target" in chosen[s].methods for s in args.scenarios):
+            model = args.out / "references" / f"target-seed{seed}.pt"
+            out = runs / "references" / f"target-seed{seed}.json"
+            first.append({"kind": "reference", "seed": seed, "steps": REFERENCE_STEPS, "root": str(root),
+                          "model": str(model), "out": str(out), **hardware})  # fmt: skip
+    for name in args.scenarios:
+        scenario = chosen[name]
+        importance, divergences = setups.get(name, (None, None))
+        extras[name] = {"divergences": divergences}
+        for seed in range(args.seeds):
+            base = {"kind": "run", "scenario": name, "seed": seed, "steps": args.steps, "root": str(root), **hardware}
+            references = {"target": str(args.out / "references" / f"target-seed{seed}.pt"),
+                          "uniform": str(args.out / "models" / name / f"uniform-seed{seed}.pt")}  # fmt: skip
+            for method in scenario.methods:
+                task = {**base, "method": method, "out": str(runs / name / method / f"seed{seed}.json")}
+                if method == "uniform":
+                    task["model"] = references["uniform"]
+                if method == "closest":
+                    task["method"], task["weights"] = "closest", _closest(root, scenario, divergences)
+                if method == "importance":
+                    task["method"], task["config"] = "uniform", str(importance)
+                    task["label"] = "importance"
+                task["references"] = references
+                if method == "doremi-target+prior":
+                    task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]
+                (second if method.startswith("doremi") else first).append(task)
+            if seed == 0:
+                for point, weights in scenario.grid.items():
+                    first.append({**base, "method": f"grid: {point}", "weights": weights,
+                                  "out": str(runs / name / "grid" / f"{_slug(point)}-seed0.json")})  # fmt: skip
+    return first, second, extras
+
+
+def best_grid_tasks(args: argparse.Namespace, root: Path) -> list[dict]:
+    """The best grid point of each scenario (by its seed-0 objective), on the other seeds."""
+    tasks = []
+    chosen = suite.scenarios(root, args.out)
+    for name in args.scenarios:
+        scenario = chosen[name]
+        point = best_grid_point(args.out, scenario)
+        if point not in scenario.grid:  # uniform or proportional: already run on every seed
+            continue
+        for seed in range(1, args.seeds):
+            out = args.out / "runs" / name / "grid" / f"{_slug(point)}-seed{seed}.json"
+            tasks.append({"kind": "run", "scenario": name, "seed": seed, "steps": args.steps, "root": str(root),
+                          "method": f"grid: {point}", "weights": scenario.grid[point], "out": str(out),
+                          "size": args.size, "device": args.device})  # fmt: skip
+    return tasks
+
+
+def _slug(point: str) -> str:
+    return point.replace(" ", "_").replace("/", "-").replace("=", "")
+
+
+def _closest(root: Path, scenario: suite.Scenario, divergences: dict[str, float]) -> list[float]:
+    import yaml
+
+    names = [d["name"] for d in yaml.safe_load((root / scenario.config).read_text())["domains"]]
+    best = min(names, key=lambda n: divergences[n])
+    return [1.0 if n == best else 0.0 for n in names]
+
+
+def execute(tasks: list[dict], workers: int) -> None:
+    pending = [task for task in tasks if not Path(task["out"]).exists()]
+    if not pending:
+        return
+    print(f"{len(pending)} runs to train ({len(tasks) - len(pending)} kept), {workers} at a time", flush=True)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for done, line in enumerate(pool.map(run_task, pending), 1):
+            elapsed = time.perf_counter() - started
+            print(f"  [{done}/{len(pending)} {elapsed / 60:.1f} min] {line}", flush=True)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def objective(history: dict, scenario: suite.Scenario) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, objective)`` at every evaluation of a run."""
+    steps = np.array([e["step"] for e in history["evals"]])
+    values = np.array([np.mean([e["loss"][name] for name in scenario.objective]) for e in history["evals"]])
+    return steps, values
+
+
+def steps_to_reach(steps: np.ndarray, values: np.ndarray, bar: float) -> float | None:
+    """The first step at which the curve reaches ``bar``, interpolated linearly between evaluations."""
+    for i in range(1, len(steps)):
+        if values[i] <= bar:
+            if values[i - 1] <= bar:
+                return float(steps[i - 1])
+            fraction = (values[i - 1] - bar) / (values[i - 1] - values[i])
+            return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
+    return None
+
+
+def load_runs(out: Path, scenario: suite.Scenario, label: str, seeds: int) -> list[dict]:
+    folder = out / "runs" / scenario.name
+    if label.startswith("grid: "):
+        paths = [folder / "grid" / f"{_slug(label[6:])}-seed{s}.json" for s in range(seeds)]
+    else:
+        paths = [folder / label / f"seed{s}.json" for s in range(seeds)]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def best_grid_point(out: Path, scenario: suite.Scenario) -> str:
+    finals = {}
+    for point in scenario.grid:
+        runs = load_runs(out, scenario, f"grid: {point}", 1)
+        if runs:
+            finals[point] = objective(runs[0], scenario)[1][-1]
+    for baseline in ("uniform", "proportional"):  # they are grid points too
+        runs = load_runs(out, scenario, baseline, 1)
+        if runs:
+            finals[baseline] = objective(runs[0], scenario)[1][-1]
+    return min(finals, key=finals.get)
+
+
+def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: dict) -> str:
+    """The scenario's table (and plot): every method's final objective, its gap to the bar paired by seed,
+    and the steps its mean curve needs to reach the bar."""
+    best = best_grid_point(out, scenario)
+    best_label = best if best in ("uniform", "proportional") else f"grid: {best}"
+    labels = [*scenario.methods, *([best_label] if best_label not in scenario.methods else [])]
+    results = {label: load_runs(out, scenario, label, seeds) for label in labels}
+    bar_finals = np.array([objective(h, scenario)[1][-1] for h in results[best_label]])
+    bar = float(bar_finals.mean())
+    what = "mean held-out loss over its domains" if len(scenario.objective) > 1 else "held-out target loss"
+    lines = [
+        f"### {scenario.name}",
+        "",
+        f"Objective: {what} (nats per byte, {trainer.EVAL_WINDOWS} windows per set), after {steps} steps; "
+        f"mean ± standard deviation over {seeds} seeds. **The bar**: the final objective of the best static "
+        f"mixture (**{best}**, the best of {len(scenario.grid) + 2} searched on seed 0, then run on every seed), "
+        f"{bar:.4f}. *vs bar*: the difference with the bar's run of the same seed (model initialisation and "
+        "sample order), mean ± standard deviation. *Steps to the bar*: where the mean curve over seeds first "
+        "reaches it (interpolated between evaluations), and on how many seeds each run's own curve does.",
+        "",
+        "| method | kind | final objective | vs bar (paired) | steps to the bar | time per run |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    rows, ratios = [], {}
+    for label, histories in results.items():
+        if not histories:
+            continue
+        curves = np.array([objective(h, scenario)[1] for h in histories])
+        eval_steps = objective(histories[0], scenario)[0]
+        finals = curves[:, -1]
+        paired = finals - bar_finals[: len(finals)]
+        reached = steps_to_reach(eval_steps, curves.mean(axis=0), bar)
+        seeds_reaching = sum(steps_to_reach(eval_steps, curve, bar) is not None for curve in curves)
+        if reached is None:
+            when = f"not reached ({seeds_reaching}/{len(curves)} seeds)"
+        else:
+            ratios[label] = reached / steps
+            when = f"{reached:.0f} ({reached / steps:.2f}x; {seeds_reaching}/{len(curves)} seeds)"
+        kind = "online" if label in ONLINE else "static"
+        spread = f" ± {finals.std(ddof=1):.4f}" if len(finals) > 1 else ""
+        paired_spread = f" ± {paired.std(ddof=1):.4f}" if len(paired) > 1 else ""
+        seconds = np.mean([h["seconds"] for h in histories])
+        rows.append((finals.mean(), f"| {label} | {kind} | {finals.mean():.4f}{spread} | {paired.mean():+.4f}"
+                     f"{paired_spread} | {when} | {seconds:.0f} s |"))  # fmt: skip
+    lines += [row for _, row in sorted(rows)]
+    online = {label: ratio for label, ratio in ratios.items() if label in ONLINE}
+    if online:
+        label = min(online, key=online.get)
+        verdict = "meets" if online[label] <= 0.75 else "does not meet"
+        lines += ["", f"Best online method: **{label}**, at the bar after {online[label]:.2f}x the steps: {verdict} "
+                  "the 0.75x bar."]  # fmt: skip
+    else:
+        lines += ["", "No online method's mean curve reaches the bar within the run: the 0.75x bar is not met."]
+    if extras.get("divergences"):
+        nearest = sorted(extras["divergences"].items(), key=lambda kv: kv[1])[:3]
+        lines += ["", "Closest domains to the target (KL of hashed n-grams): "
+                  + ", ".join(f"{n} {v:.2f}" for n, v in nearest)]  # fmt: skip
+    plot(out, scenario, results, bar)
+    return "\n".join(lines)
+
+
+def plot(out: Path, scenario: suite.Scenario, results: dict[str, list[dict]], bar: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    online = [label for label in results if label in ONLINE and results[label]]
+    figure, axes = plt.subplots(1, 1 + len(online), figsize=(5 * (1 + len(online)), 4), squeeze=False)
+    axes = axes[0]
+    for label, histories in results.items():
+        if not histories:
+            continue
+        curves = np.array([objective(h, scenario)[1] for h in histories])
+        steps = objective(histories[0], scenario)[0]
+        mean = curves.mean(axis=0)
+        line = axes[0].plot(steps[1:], mean[1:], label=label)[0]
+        if len(curves) > 1:
+            axes[0].fill_between(steps[1:], curves.min(0)[1:], curves.max(0)[1:], color=line.get_color(), alpha=0.15)
+    axes[0].axhline(bar, color="black", linewidth=0.8, linestyle=":")
+    axes[0].set(title=f"{scenario.name}: objective (mean over seeds)", xlabel="step", ylabel="nats per byte")
+    finals = [np.mean([objective(h, scenario)[1][-1] for h in hs]) for hs in results.values() if hs]
+    axes[0].set_ylim(min(finals) - 0.05, max(finals) + 0.4)
+    axes[0].legend(fontsize=7)
+    for axis, label in zip(axes[1:], online):
+        history = results[label][0]
+        steps = [s for s, _ in history["weights"]]
+        weights = np.array([w for _, w in history["weights"]])
+        if weights.shape[1] <= 10:
+            for d, name in enumerate(history["names"]):
+                axis.plot(steps, weights[:, d], label=name)
+            axis.legend(fontsize=7)
+        else:  # many domains: the share of the clusters that are mostly the target's kind
+            axis.plot(steps, np.sort(weights, axis=1)[:, ::-1][:, :32].sum(1), label="top 32 clusters")
+            axis.legend(fontsize=7)
+        axis.set(title=f"{label} weights (seed 0)", xlabel="step", ylim=(0, 1))
+    figure.tight_layout()
+    figure.savefig(out / f"{scenario.name}.png", dpi=80)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    chosen = ["general", "targeted", "targeted+specific", "many"]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="results folder (default runs/quality)")
+    parser.add_argument("--scenarios", nargs="+", default=chosen, choices=chosen, help="default: all four")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
+    parser.add_argument("--workers", type=int, help="runs at a time (default: one per core; 1 on a GPU)")
+    parser.add_argument("--device", default="cpu", help="where models train: cpu (default) or cuda")
+    parser.add_argument(
+        "--size", choices=sorted(trainer.SIZES), help="the model: small (default on CPU) or large (default on cuda)"
+    )
+    args = parser.parse_args(argv)
+    args.size = args.size or ("small" if args.device == "cpu" else "large")
+    args.workers = args.workers or (os.cpu_count() or 1 if args.device == "cpu" else 1)
+    if args.seeds < 1 or args.steps < trainer.EVAL_POINTS:
+        parser.error(f"need --seeds >= 1 and --steps >= {trainer.EVAL_POINTS}")
+    started = time.perf_counter()
+    print("building the data (once)...", flush=True)
+    root = suite_data.build(args.out / "data")
+    first, second, extras = plan(args, root)
+    execute(first, args.workers)
+    execute(second + best_grid_tasks(args, root), args.workers)
+    chosen_scenarios = suite.scenarios(root, args.out)
+    sections = [
+        report(args.out, chosen_scenarios[name], args.seeds, args.steps, extras[name]) for name in args.scenarios
+    ]
+    summary = "\n\n".join(sections)
+    (args.out / "summary.md").write_text(summary + "\n")
+    print("\n" + summary + f"\n\nwrote {args.out / 'summary.md'} and a plot per scenario "
+          f"({(time.perf_counter() - started) / 60:.1f} min)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

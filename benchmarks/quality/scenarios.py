@@ -1,0 +1,181 @@
+"""The quality suite's scenarios: what is trained on, what is measured, and every method and baseline.
+
+- ``general``: six domains; the objective is the mean held-out loss over all six (DoReMi / ODM / ADO).
+- ``targeted``: the same six domains; the objective is the held-out loss of a target none of them is
+  (German manual pages), given only a small specific set of it to align with (DGA, importance).
+- ``targeted+specific``: the same, with the specific set also a training domain (it can be memorised).
+- ``many``: 256 clusters of documents of every corpus; the objective is the same target: a method must
+  find the few clusters of German manual pages (a bandit over clusters).
+
+Every scenario has the static baselines (uniform, size-proportional, and a small grid the suite
+searches itself, seed 0, whose best point is then run on every seed) and each online method once per
+seed with fixed settings, chosen before any result was seen and the same in every scenario.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from data import GENERAL
+from train import Method
+
+from onlinemix import (
+    ADOController,
+    Controller,
+    DGAController,
+    DoReMiController,
+    MixedDataset,
+    ODMController,
+    StaticController,
+)
+
+
+@dataclass
+class Scenario:
+    name: str
+    config: str  # the mixture file, in the data folder
+    objective: list[str]  # held-out sets whose mean loss is the objective
+    heldout: list[str]  # every held-out set evaluated
+    methods: list[str]  # the online methods (and named baselines), one run per seed
+    grid: dict[str, list[float]] = field(default_factory=dict)  # static grid points, by name
+
+
+def sizes(dataset: MixedDataset) -> torch.Tensor:
+    return torch.tensor([float(len(source)) for source in dataset.sources])
+
+
+def uniform(dataset: MixedDataset) -> torch.Tensor:
+    return torch.full((len(dataset.sources),), 1 / len(dataset.sources))
+
+
+def proportional(dataset: MixedDataset) -> torch.Tensor:
+    return sizes(dataset) / sizes(dataset).sum()
+
+
+def temperature(values: list[float] | np.ndarray, t: float) -> list[float]:
+    weights = np.asarray(values, dtype=np.float64) ** (1 / t)
+    return (weights / weights.sum()).tolist()
+
+
+def emphasis(k: int, index: int, share: float) -> list[float]:
+    """``share`` of the weight on domain ``index``, the rest spread evenly over the others."""
+    weights = [(1 - share) / (k - 1)] * k
+    weights[index] = share
+    return weights
+
+
+def target_prior(divergences: list[float], clusters: float) -> list[float]:
+    """DSIR's domain prior ``w ∝ exp(-KL(target || domain) / T)``, with ``T`` set so that the weights spread
+    over about ``clusters`` domains (the exponential of their entropy)."""
+    kl = np.asarray(divergences, dtype=np.float64)
+    low, high = 1e-4, 1e4  # bisect log T: the spread grows with T
+    for _ in range(100):
+        t = math.sqrt(low * high)
+        weights = np.exp(-(kl - kl.min()) / t)
+        weights /= weights.sum()
+        spread = math.exp(-(weights * np.log(np.maximum(weights, 1e-300))).sum())
+        low, high = (t, high) if spread < clusters else (low, t)
+    return weights.tolist()
+
+
+def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
+    """Every scenario; ``results`` (the suite's output folder) adds the target-aware static mixtures of the
+    many-domains scenario once its importance estimator is fitted there."""
+    names = list(GENERAL)
+    k = len(names)
+    general_sizes = [_tokens(root / "train" / f"{name}.bin") for name in names]
+    general = Scenario(
+        "general",
+        "general.yaml",
+        objective=names,
+        heldout=names,
+        methods=["uniform", "proportional", "odm", "doremi", "ado"],
+        grid={
+            "T=2": temperature(general_sizes, 2),
+            "T=4": temperature(general_sizes, 4),
+            **{f"2x {name}": emphasis(k, i, 2 / (k + 1)) for i, name in enumerate(names)},
+        },
+    )
+    targeted = Scenario(
+        "targeted",
+        "targeted.yaml",
+        objective=["target"],
+        heldout=["target"],
+        methods=["uniform", "proportional", "closest", "dga", "importance", "doremi-target"],
+        grid={f"1/2 {name}": emphasis(k, i, 0.5) for i, name in enumerate(names)}
+        | {"all po-de": emphasis(k, names.index("po-de"), 1.0)},
+    )
+    with_specific = Scenario(
+        "targeted+specific",
+        "targeted+specific.yaml",
+        objective=["target"],
+        heldout=["target"],
+        methods=["uniform", "proportional", "closest", "dga", "importance", "doremi-target"],
+        grid={f"specific {share}": emphasis(k + 1, k, share) for share in (0.05, 0.1, 0.2, 0.4, 0.7, 0.85)},
+    )
+    clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
+    cluster_sizes = [_tokens(root / domain["path"]) for domain in clusters]
+    many = Scenario(
+        "many",
+        "many.yaml",
+        objective=["target"],
+        heldout=["target"],
+        methods=["uniform", "proportional", "odm", "doremi-target", "doremi-target+prior", "importance"],
+        grid={"T=2": temperature(cluster_sizes, 2), "T=4": temperature(cluster_sizes, 4)},
+    )
+    estimator = None if results is None else results / "importance" / "many" / "est.npz"
+    if estimator is not None and estimator.exists():  # target-aware: DSIR's prior over the clusters
+        from onlinemix.loaders.importance import ImportanceEstimator
+
+        fitted = ImportanceEstimator.load(estimator)
+        kl = [fitted.divergence(domain["name"]) for domain in clusters]
+        many.grid.update({f"DSIR prior, ~{n} clusters": target_prior(kl, n) for n in (8, 32, 128)})
+    return {s.name: s for s in (general, targeted, with_specific, many)}
+
+
+def _tokens(path: Path) -> int:
+    return path.stat().st_size // 2
+
+
+# ----------------------------------------------------------------------------- methods
+
+DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
+DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
+
+
+def method(
+    name: str, scenario: Scenario, grid_weights: list[float] | None = None, initial: list[float] | None = None
+) -> Method:
+    """The ``Method`` a name stands for in ``scenario`` (grid points: ``grid_weights``; ``initial``: the weights
+    an online method starts from, where it does not start uniform)."""
+
+    def build(cls: type, start=uniform, **options) -> Callable[[MixedDataset, str], Controller]:
+        return lambda dataset, device: cls(start(dataset), device=device, **options)
+
+    if grid_weights is not None:  # a static mixture
+        return Method(name, build(StaticController, lambda dataset: torch.tensor(grid_weights)))
+    if name == "uniform":
+        return Method(name, build(StaticController))
+    if name == "proportional":
+        return Method(name, build(StaticController, proportional))
+    if name == "odm":
+        return Method(name, build(ODMController, warmup=50))
+    if name == "ado":  # its prior μ: the objective's own weighting of the domains (here: all equal)
+        return Method(name, build(ADOController, warmup=100))
+    if name == "doremi":  # the reference model: the uniform mixture's, as in the DoReMi paper
+        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="uniform")
+    if name == "doremi-target":  # excess loss over a model of the specific set (RHO-loss's reducible loss)
+        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="target")
+    if name == "doremi-target+prior":  # the same, starting from DSIR's prior (~32 clusters) instead of uniform
+        start = torch.tensor(initial)
+        return Method(name, build(DoReMiController, lambda dataset: start, **DOREMI_OPTIONS), reference="target")
+    if name == "dga":  # aligned with the specific set, or, where that set is trained on, with the other one
+        align = "align" if "specific" in scenario.name else "specific"
+        return Method(name, build(DGAController, **DGA_OPTIONS), align=align)
+    raise ValueError(f"unknown method {name!r}")

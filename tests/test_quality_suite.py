@@ -1,0 +1,81 @@
+"""The quality suite (benchmarks/quality/): its arithmetic by hand, and one scenario end to end on synthetic corpora
+(the real ones are Debian's manual pages and message catalogues, which a test must not depend on)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "quality"))
+corpora = pytest.importorskip("corpora")
+data = pytest.importorskip("data")
+run = pytest.importorskip("run")
+scenarios = pytest.importorskip("scenarios")
+train = pytest.importorskip("train")
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    steps = np.array([0, 100, 200, 300])
+    values = np.array([5.0, 3.0, 2.0, 1.5])
+    assert run.steps_to_reach(steps, values, 2.5) == pytest.approx(150.0)  # halfway from 3.0 to 2.0
+    assert run.steps_to_reach(steps, values, 2.0) == pytest.approx(200.0)
+    assert run.steps_to_reach(steps, values, 1.0) is None  # never reached
+    assert run.steps_to_reach(steps, np.array([5.0, 1.0, 1.0, 1.0]), 4.0) == pytest.approx(25.0)
+
+
+def test_target_prior_spreads_over_the_asked_number_of_domains_and_favours_the_closest():
+    divergences = np.linspace(0.5, 5.0, 64)
+    for clusters in (4, 16):
+        weights = np.array(scenarios.target_prior(divergences.tolist(), clusters))
+        assert weights.sum() == pytest.approx(1.0)
+        assert math.exp(-(weights * np.log(weights + 1e-300)).sum()) == pytest.approx(clusters, rel=1e-3)
+        assert np.all(np.diff(weights) <= 0)  # closer (smaller divergence): more weight
+
+
+def test_documents_are_split_by_name_and_clusters_partition_the_pool():
+    documents = [(f"doc{i}", "text " * 10) for i in range(400)]
+    training, heldout = data.split(documents)
+    assert len(training) + len(heldout) == 400 and not {d[0] for d in training} & {d[0] for d in heldout}
+    assert abs(len(heldout) / 400 - data.HELDOUT_SHARE) < 0.06
+    words = {"a": "alpha beta gamma ", "b": "uno dos tres ", "c": "eins zwei drei "}
+    pool = [(kind, (words[kind] * 20) + f" {i}") for i in range(30) for kind in words]
+    members = data.cluster(pool, 3)
+    assert sorted(i for cluster in members for i in cluster) == list(range(len(pool)))
+    assert sorted({pool[i][0] for i in cluster} == {pool[cluster[0]][0]} for cluster in members) == [True] * 3
+
+
+def synthetic_corpus(name: str) -> list[tuple[str, str]]:
+    """About 120 KB of documents in a made-up language of ``name``'s own words."""
+    rng = np.random.default_rng(sum(name.encode()))
+    vocabulary = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(60)]
+    return [(f"{name}/{i}", " ".join(rng.choice(vocabulary, 300))) for i in range(80)]
+
+
+def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(corpora, "CORPORA", {name: (lambda n=name: synthetic_corpus(n)) for name in corpora.CORPORA})
+    monkeypatch.setattr(data, "GENERAL", {name: (corpus, 20_000) for name, (corpus, _) in data.GENERAL.items()})
+    monkeypatch.setattr(data, "HELDOUT_BYTES", 6_000)
+    monkeypatch.setattr(data, "SPECIFIC_BYTES", 4_000)
+    monkeypatch.setattr(data, "CLUSTERS", 8)
+    monkeypatch.setattr(data, "CLUSTER_POOL", dict.fromkeys(data.CLUSTER_POOL, 8_000))
+    monkeypatch.setattr(train, "SIZES", {"small": {"width": 16, "layers": 1, "heads": 2}})
+    monkeypatch.setattr(train, "EVAL_WINDOWS", 16)
+    monkeypatch.setattr(train, "WARMUP_STEPS", 2)
+    monkeypatch.setattr(run, "REFERENCE_STEPS", 50)
+    argv = ["--out", str(tmp_path), "--scenarios", "targeted+specific", "--seeds", "2", "--steps", "12"]
+    assert run.main([*argv, "--workers", "1"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    for method in ("uniform", "proportional", "closest", "dga", "importance", "doremi-target"):
+        assert f"| {method} | " in summary, method
+    assert "the bar" in summary and ("meets the 0.75x bar" in summary or "0.75x bar is not met" in summary
+                                     or "does not meet the 0.75x bar" in summary)  # fmt: skip
+    assert (tmp_path / "targeted+specific.png").stat().st_size > 10_000
+    runs = sorted((tmp_path / "runs" / "targeted+specific").rglob("*.json"))
+    assert len(runs) == 6 * 2 + 6 + 1  # every method on both seeds, the grid on seed 0, its best on seed 1
+    capsys.readouterr()
+    assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
+    assert "runs to train" not in capsys.readouterr().out
