@@ -35,6 +35,7 @@ from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedul
 from onlinemix.loaders.convert import convert
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.loaders.sources import MdsSource, WebDatasetSource
+from onlinemix.loaders.transforms import TokenWindow
 
 
 def build_shards(folder: Path, bytes_per_domain: int = 2_000_000) -> tuple[list[Path], list[Path]]:
@@ -53,6 +54,11 @@ def build_shards(folder: Path, bytes_per_domain: int = 2_000_000) -> tuple[list[
             convert(inputs, path, fmt, pack=SEQ_LEN, shard_bytes=8 << 20, progress=False)
             out.append(path)
     return mds, wds
+
+
+def window(record: dict) -> dict:
+    """A shard record (a packed window of ``seq_len + 1`` token ids) as ``input_ids`` and ``labels``."""
+    return TokenWindow()(record["document"])
 
 
 def onlinemix(sources: list, workers: int) -> Iterable[dict]:
@@ -112,8 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         mds, wds = build_shards(Path(folder))
-        mds_sources = [MdsSource(p, SEQ_LEN) for p in mds]
-        wds_sources = [WebDatasetSource(p, SEQ_LEN) for p in wds]
+        # Records read straight from the shards (a transform), as for data too large to cache locally.
+        mds_sources = [MdsSource(p, transform=window) for p in mds]
+        wds_sources = [WebDatasetSource(p, transform=window) for p in wds]
         loaders: dict[str, Callable[[], Iterable[dict]]] = {}
         for w in args.workers:
             loaders[f"onlinemix over MDS | {w}"] = lambda w=w: onlinemix(mds_sources, w)

@@ -30,6 +30,7 @@ from onlinemix.loaders.sources.base import DocumentSource
 from onlinemix.loaders.transforms import Transform
 
 
+# --8<-- [start:SQLiteDocuments]
 class SQLiteDocuments(DocumentSource):
     """The ``column`` of every row of ``table`` in an SQLite file, in ``rowid`` order, one document each."""
 
@@ -76,6 +77,10 @@ class SQLiteDocuments(DocumentSource):
         return self._db().execute(query, (index,)).fetchone()[0]
 
 
+# --8<-- [end:SQLiteDocuments]
+
+
+# --8<-- [start:Arithmetic]
 class Arithmetic(Source):
     """``size`` windows of ``a+b=c`` lines as UTF-8 bytes; window ``i`` depends on ``(seed, i)`` alone."""
 
@@ -97,6 +102,9 @@ class Arithmetic(Source):
 
     def fingerprint(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len}
+
+
+# --8<-- [end:Arithmetic]
 
 
 def write_data(out: Path) -> Path:

@@ -41,6 +41,7 @@ class WeightTable:
     num_domains: int
 
     def latest(self) -> int:
+        """The newest step whose weights are here (-1 before the first)."""
         raise NotImplementedError
 
     def rows(self, first: int, last: int) -> np.ndarray:
@@ -156,6 +157,7 @@ class WeightsChannel(WeightTable):
         return {"first": first, "weights": self.rows(first, latest).tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the recent weight versions of a checkpoint."""
         weights = np.asarray(state["weights"], dtype=np.float64)
         first = int(state["first"])
         for offset, row in enumerate(weights):
@@ -183,6 +185,7 @@ class ReplayTable(WeightTable):
         self.past_end, self.source = past_end, source
 
     def latest(self) -> int:
+        """The newest version it can give: the last recorded step, or every step with ``past_end="hold"``."""
         return (1 << 62) if self.past_end == "hold" else len(self.weights) - 1
 
     def wait_for(self, version: int) -> None:
@@ -220,6 +223,7 @@ class VersionedSchedule:
         return np.maximum(0, np.asarray(batches) // self.accumulation - self.lag)
 
     def weights_for(self, start: int, stop: int) -> np.ndarray:
+        """The weights of each batch in ``batches``: version ``max(0, b // accumulation - lag)``."""
         first = self.version(start)
         self.table.wait_for(first)
         # Serve every batch whose version is already known: a worker plans them in one go.

@@ -193,15 +193,18 @@ class MixtureConfig:
 
     @property
     def names(self) -> list[str]:
+        """The domains' names, in the file's order."""
         return [domain.name for domain in self.domains]
 
     @classmethod
     def load(cls, path: str | Path) -> MixtureConfig:
+        """Read and validate a mixture file (nothing is opened)."""
         path = Path(path)
         return cls.from_dict(load_yaml(path), base_dir=path.parent)
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: str | Path = ".") -> MixtureConfig:
+        """Validate a mixture given as a mapping; relative paths resolve against ``base_dir``."""
         if not isinstance(raw, dict):
             raise ConfigError(f"a mixture config is a mapping of keys, got {type(raw).__name__}")
         _unknown_keys(raw, TOP_KEYS, "config")

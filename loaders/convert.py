@@ -59,6 +59,7 @@ class Summary:
     files: list[Path] = field(default_factory=list)
 
     def describe(self, output: Path, fmt: str, seconds: float) -> str:
+        """What was written, and a mixture-file line that reads it."""
         dtype = self.dtype
         size = sum(path.stat().st_size for path in self.files)
         lines = [
@@ -76,6 +77,7 @@ class Summary:
 
 
 def input_files(inputs: Sequence[Path], glob: str) -> list[Path]:
+    """The files ``inputs`` stand for (folders: their files matching ``pattern``), in order."""
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():

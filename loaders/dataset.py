@@ -177,11 +177,13 @@ class MixedDataset(IterableDataset):
 
     @property
     def local_batch_size(self) -> int:
+        """Samples per batch on this rank."""
         return self.spec.global_batch_size // self.world_size
 
     # -- position ------------------------------------------------------------------
 
     def start_state(self) -> PlanState:
+        """The plan position the next iteration starts from."""
         start = self._start.numpy()
         return PlanState(int(start[0]), start[1:].copy())
 
@@ -253,6 +255,7 @@ class MixedDataset(IterableDataset):
         return {"start": self.start_state().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start the next iteration at a checkpointed position (see ``state_dict``)."""
         self.set_start(PlanState.from_state_dict(state["start"]))
 
 
@@ -366,6 +369,7 @@ class MixedIterator(Iterator[dict[str, Any]]):
         return {"plan": plan.state_dict(), "next": self.next, "sample": self.sample}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state ``state_dict`` returned (``Stateful``)."""
         self._restart(PlanState.from_state_dict(state["plan"]), int(state["next"]), int(state["sample"]))
 
 

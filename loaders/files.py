@@ -279,6 +279,7 @@ class FileHandles:
         self._files: dict[Path, BinaryIO] = {}
 
     def get(self, path: Path) -> BinaryIO:
+        """The open handle of ``path``, opening it on first use."""
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
         file = self._files.get(path)
@@ -287,6 +288,7 @@ class FileHandles:
         return file
 
     def close(self) -> None:
+        """Close every handle."""
         if self._pid == os.getpid():
             for file in self._files.values():
                 file.close()

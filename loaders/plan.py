@@ -77,6 +77,7 @@ class StaticSchedule:
         self.weights = np.asarray(weights, dtype=np.float64)
 
     def weights_for(self, start: int, stop: int) -> np.ndarray:
+        """The same weights for every batch in ``batches``."""
         return np.broadcast_to(self.weights, (stop - start, len(self.weights)))
 
 
@@ -157,6 +158,7 @@ class PlanSpec:
 
     @property
     def num_domains(self) -> int:
+        """How many domains the plan draws from."""
         return len(self.sizes)
 
 
@@ -169,16 +171,20 @@ class PlanState:
 
     @classmethod
     def start(cls, num_domains: int) -> PlanState:
+        """The position before batch 0."""
         return cls(0, np.zeros(num_domains, dtype=np.int64))
 
     def copy(self) -> PlanState:
+        """An independent copy."""
         return PlanState(self.batch, self.cursors.copy())
 
     def state_dict(self) -> dict:
+        """Plain ints: the batch and the per-domain cursors."""
         return {"batch": int(self.batch), "cursors": [int(c) for c in self.cursors]}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> PlanState:
+        """The position ``state_dict`` returned."""
         return cls(int(state["batch"]), np.asarray(state["cursors"], dtype=np.int64))
 
     def __eq__(self, other: object) -> bool:

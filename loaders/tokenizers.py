@@ -59,13 +59,16 @@ class ByteTokenizer:
         return np.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64), self.EOT)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's ids (int64), each followed by ``eot_id``."""
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (the end-of-text and padding ids dropped)."""
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
 
     def fingerprint(self) -> str:
+        """What identifies this tokenizer in caches and checkpoints."""
         return "byte-1"
 
     def __eq__(self, other: object) -> bool:
@@ -107,6 +110,7 @@ class HFTokenizer:
 
     @property
     def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer``, loaded in this process on first use."""
         if self._tokenizer is None:
             hf = require("tokenizers", f"the tokenizer file {self.path}")
             try:
@@ -116,13 +120,16 @@ class HFTokenizer:
         return self._tokenizer
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's ids (int64), each followed by ``eot_id``."""
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.append(np.asarray(e.ids, dtype=np.int64), self.eot_id) for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``."""
         return self.tokenizer.decode([int(i) for i in ids])
 
     def fingerprint(self) -> str:
+        """What identifies this tokenizer (a hash of its file, and its end-of-text id)."""
         return f"hf-{self._digest}-{self.eot_id}"
 
     def __getstate__(self) -> dict:

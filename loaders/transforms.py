@@ -48,6 +48,7 @@ class ImportedTransform:
         self._function: Transform | None = None
 
     def resolve(self) -> Transform:
+        """The named function, imported on first use."""
         if self._function is None:
             module, _, attribute = self.spec.partition(":")
             try:

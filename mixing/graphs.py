@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 
 class ControllerGraphs:
+    """A controller's ``observe`` and ``step`` captured as CUDA graphs and replayed (``graph=True``)."""
+
     def __init__(self, controller: Controller):
         self.controller = controller
         self.pool = torch.cuda.graph_pool_handle()
@@ -43,6 +45,7 @@ class ControllerGraphs:
             setattr(controller, name, value.clone())
 
     def observe(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None, signals: dict) -> None:
+        """Copy one batch's feedback into the graph's inputs and replay the observation."""
         inputs = {"losses": losses, "domains": domains, "mask": mask, **signals}
         inputs = {name: value for name, value in inputs.items() if value is not None}
         for name, value in inputs.items():

@@ -407,6 +407,7 @@ class OnlineMixer:
             self._log.check_versions(state["channel"])
 
     def close(self) -> None:
+        """Publish what is pending, stop the publishing thread and close the schedule log."""
         self.flush()
         if self._log:
             self._log.close()

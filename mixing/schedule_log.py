@@ -45,6 +45,7 @@ class ScheduleLog:
 
     @property
     def domains(self) -> list[str]:
+        """The domains' names, in weight order."""
         return list(self.header["domains"])
 
 
@@ -156,6 +157,7 @@ class ScheduleWriter:
             )
 
     def append(self, step: int, weights: np.ndarray) -> None:
+        """Append one weight version (flushed: a crash loses at most the record being written)."""
         if step != self.next_step:
             raise ScheduleLogError(f"{self.path}: expected step {self.next_step}, got {step}")
         weights = np.asarray(weights, dtype="<f8")
@@ -167,6 +169,7 @@ class ScheduleWriter:
         self.next_step += 1
 
     def close(self) -> None:
+        """Close the file."""
         self._file.close()
 
 

@@ -140,6 +140,7 @@ class OnlineMixing:
         return {"loader": self.loader.state_dict(batch), "mixer": self.mixer.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict``: the loader's position, the controller and the channel."""
         self.loader.load_state_dict(state["loader"])
         self.mixer.load_state_dict(state["mixer"])
 

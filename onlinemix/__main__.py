@@ -4,4 +4,5 @@ import sys
 
 from onlinemix.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a tool imports the module to read it
+    sys.exit(main())

@@ -27,6 +27,7 @@ from onlinemix.loaders.config import ConfigError, MixtureConfig, load_yaml
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.extras import pyplot
 from onlinemix.loaders.files import cache_root
+from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.cli import add_importance
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.plan import PlanState, StreamEnded, fast_forward
@@ -196,6 +197,7 @@ def _schedule_plot(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``onlinemix`` argument parser, every subcommand included."""
     parser = argparse.ArgumentParser(
         prog="onlinemix",
         description="Inspect and sample onlinemix mixtures. The sample order is a pure function of "
@@ -246,8 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a schedule log written by OnlineMixer(log=...): every weight version of a run.",
     )
     schedule_commands = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
-    show = schedule_commands.add_parser("show", help="summary table: first, min, mean, max, last weight per domain")
-    show.add_argument("log", type=Path)
+    show = schedule_commands.add_parser(
+        "show",
+        help="summary table: first, min, mean, max, last weight per domain",
+        description="Print a log's header (the run, its mixture, controller, lag) as text, then each domain's "
+        "first, smallest, mean, largest and last weight.",
+    )
+    show.add_argument("log", type=Path, help="the schedule log")
     show.set_defaults(run=_schedule_show)
     export = schedule_commands.add_parser(
         "export",
@@ -265,8 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", type=Path, help="yaml: a mixture file to write again with the exported weights")
     export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     export.set_defaults(run=_schedule_export)
-    plot = schedule_commands.add_parser("plot", help="weights over steps, one line per domain, as a PNG")
-    plot.add_argument("log", type=Path)
+    plot = schedule_commands.add_parser(
+        "plot",
+        help="weights over steps, one line per domain, as a PNG",
+        description="Draw each domain's weight over the run's steps (needs matplotlib: onlinemix[plot]) and say "
+        "where the picture went.",
+    )
+    plot.add_argument("log", type=Path, help="the schedule log")
     plot.add_argument("-o", "--output", type=Path, default=Path("weights.png"), help="default weights.png")
     plot.set_defaults(run=_schedule_plot)
     _add_convert(commands)
@@ -281,7 +293,7 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         description="Tokenize documents into a format a mixture domain can read. A .jsonl input gives one "
         "document per line (its --field), any other file is one document, a folder gives its files matching "
         "--glob. The output appears only when complete (written beside it, then renamed).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="files or folders to read")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .bin file or the shard folder to write")
@@ -315,6 +327,7 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv``); returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="onlinemix: %(message)s")  # progress: token caches, compiling
     for name in ("steps", "batches", "start", "workers"):
@@ -323,11 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         args.run(args)
-    except (ConfigError, SourceError, ValueError, WeightsTimeout) as error:
-        print(f"onlinemix: error: {_message(error)}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except OSError as error:  # a missing file, a folder where a file was expected, no permission
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"onlinemix: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    except (ConfigError, SourceError, ScheduleLogError, ValueError, WeightsTimeout, ImportError) as error:
+        print(f"onlinemix: error: {_message(error)}", file=sys.stderr)
+        return 1
     return 0
 
 

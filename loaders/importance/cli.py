@@ -30,6 +30,7 @@ from onlinemix.loaders.build import build_sources
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.convert import input_files, read_documents
 from onlinemix.loaders.extras import pyplot
+from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
 from onlinemix.loaders.importance.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
 from onlinemix.loaders.sources import Source
@@ -45,6 +46,7 @@ def _domains(config: MixtureConfig) -> dict[str, Source]:
 
 
 def fit(args: argparse.Namespace) -> None:
+    """``onlinemix importance fit``."""
     config = MixtureConfig.load(args.config)
     sources = _domains(config)
     rng = np.random.default_rng(args.seed)
@@ -96,6 +98,7 @@ def score_domain(estimator: ImportanceEstimator, name: str, source: Source, fold
 
 
 def score(args: argparse.Namespace) -> None:
+    """``onlinemix importance score``."""
     estimator = ImportanceEstimator.load(args.estimator)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, source in _domains(MixtureConfig.load(args.config)).items():
@@ -116,6 +119,7 @@ def effective_sample_size(log_weights: np.ndarray) -> float:
 
 
 def report(args: argparse.Namespace) -> None:
+    """``onlinemix importance report``."""
     estimator = ImportanceEstimator.load(args.estimator)
     rows, histograms = [], {}
     domains = _domains(MixtureConfig.load(args.config))
@@ -156,11 +160,25 @@ def report(args: argparse.Namespace) -> None:
     if args.plot:
         plt = pyplot()
 
-        figure, axis = plt.subplots(figsize=(7, 4))
+        # Log weights are sums over a document's n-grams: a few long documents sit far out. The axis spans the
+        # 1st to 99th percentile of all domains (what is outside is counted in the title), and each domain is
+        # drawn as a density, so a small domain is as visible as a large one.
+        everything = np.concatenate([w for w in histograms.values() if len(w)] or [np.zeros(1)])
+        low, high = np.percentile(everything, [1, 99])
+        if high <= low:
+            low, high = low - 1, high + 1
+        bins = np.linspace(low, high, 61)
+        outside = int(((everything < low) | (everything > high)).sum())
+        figure, axis = plt.subplots(figsize=(8, 4.5))
         for name, weights in histograms.items():
-            axis.hist(weights, bins=60, alpha=0.5, label=name)
-        axis.set(xlabel="log importance weight", ylabel="documents", title="DSIR log importance weights")
-        axis.legend()
+            axis.hist(np.clip(weights, low, high), bins=bins, density=True, histtype="step", linewidth=1.5, label=name)
+        axis.set(
+            xlabel="log importance weight (log p_target − log p_domain, summed over the document's n-grams)",
+            ylabel="density",
+            title=f"DSIR log importance weights\n({outside:,} of {len(everything):,} documents outside the axis, "
+            "drawn at its ends)",
+        )
+        axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(args.plot, dpi=90)
         print(f"wrote {args.plot}")
@@ -170,6 +188,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def add_importance(commands: argparse._SubParsersAction) -> None:
+    """Add the ``importance`` subcommands to the ``onlinemix`` parser."""
     parser = commands.add_parser(
         "importance",
         help="DSIR importance weights: fit an estimator, score domains, report",
@@ -177,7 +196,14 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     )
     actions = parser.add_subparsers(dest="importance_command", required=True, metavar="ACTION")
 
-    fit_parser = actions.add_parser("fit", help="fit target and raw n-gram distributions into an estimator file")
+    fit_parser = actions.add_parser(
+        "fit",
+        help="fit target and raw n-gram distributions into an estimator file",
+        description="Count the hashed unigrams and bigrams of a target (files, or a domain of the mixture) and of "
+        "a uniform sample of every domain, and save both as an estimator file (.npz) for score, report and the "
+        "mixture file's importance: section.",
+        formatter_class=DefaultsFormatter,
+    )
     where = fit_parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", type=Path, nargs="+", help="target files (.jsonl: one document per line)")
     where.add_argument("--target-domain", help="use this domain of the config as the target")
@@ -192,16 +218,30 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     fit_parser.add_argument("--min-words", type=int, default=1, help="shorter documents get weight 0 (counted)")
     fit_parser.set_defaults(run=fit)
 
-    score_parser = actions.add_parser("score", help="write a per-document log-weight sidecar for every domain")
-    score_parser.add_argument("estimator", type=Path)
-    score_parser.add_argument("--config", type=Path, required=True)
+    score_parser = actions.add_parser(
+        "score",
+        help="write a per-document log-weight sidecar for every domain",
+        description="Score every document of every domain with the estimator: <domain>.importance.npy (log "
+        "weights) and .json (what they were computed from) in --out. Progress is saved as it goes: a rerun "
+        "continues where an interrupted one stopped.",
+        formatter_class=DefaultsFormatter,
+    )
+    score_parser.add_argument("estimator", type=Path, help="the file importance fit wrote")
+    score_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains to score")
     score_parser.add_argument("--out", type=Path, default=Path("importance"), help="sidecar folder")
     score_parser.set_defaults(run=score)
 
-    report_parser = actions.add_parser("report", help="per-domain weight statistics, KL reduction, histogram")
-    report_parser.add_argument("estimator", type=Path)
-    report_parser.add_argument("--config", type=Path, required=True)
-    report_parser.add_argument("--sidecars", type=Path, default=Path("importance"))
+    report_parser = actions.add_parser(
+        "report",
+        help="per-domain weight statistics, KL reduction, histogram",
+        description="For every domain: documents scored and too short to score, the mean log weight, the "
+        "effective sample size of the raw and tempered weights, the KL reduction of a top selection, the "
+        "divergence from the target and the domain prior; --plot draws the log-weight distributions.",
+        formatter_class=DefaultsFormatter,
+    )
+    report_parser.add_argument("estimator", type=Path, help="the file importance fit wrote")
+    report_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains to report")
+    report_parser.add_argument("--sidecars", type=Path, default=Path("importance"), help="the folder score wrote")
     report_parser.add_argument("--top", type=float, default=0.1, help="fraction selected for the KL reduction")
     report_parser.add_argument("--beta", type=float, default=0.5, help="temperature for the tempered ESS")
     report_parser.add_argument("--plot", type=Path, help="write a histogram PNG here")

@@ -94,10 +94,12 @@ class NgramHasher:
             self._buckets = _Cache(lambda ngram: int(hashlib.sha256(ngram.encode()).hexdigest(), 16) % self.num_buckets)
 
     def settings(self) -> dict[str, Any]:
+        """What identifies the hashing (saved with an estimator)."""
         return {"num_buckets": self.num_buckets, "ngrams": self.ngrams, "seed": self.seed, "hash": self.hash}
 
     @staticmethod
     def words(text: str) -> list[str]:
+        """The lower-cased words and punctuation runs of ``text``."""
         return WORDS.findall(text.lower())
 
     def buckets(self, texts: Sequence[str]) -> Features:
@@ -288,6 +290,7 @@ class ImportanceEstimator:
     # -- file ----------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, Any]:
+        """The estimator's settings and provenance, as saved."""
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -307,12 +310,14 @@ class ImportanceEstimator:
         return digest.hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
+        """Write the estimator to one ``.npz`` file."""
         raw = np.stack(list(self.raw.values())) if self.raw else np.zeros((0, len(self.target)))
         with open(path, "wb") as file:  # np.savez would append ".npz" to a path without it
             np.savez_compressed(file, meta=np.array(json.dumps(self.meta())), target=self.target, raw=raw)
 
     @classmethod
     def load(cls, path: str | Path) -> ImportanceEstimator:
+        """Read an estimator written by ``save`` (its format version checked)."""
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))

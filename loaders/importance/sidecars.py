@@ -50,6 +50,7 @@ def source_fingerprint(source: Source, field: str) -> dict[str, Any]:
 
 
 def sidecar_paths(folder: Path, domain: str) -> tuple[Path, Path]:
+    """The ``.npy`` and ``.json`` files of ``domain``'s sidecar in ``folder``."""
     return folder / f"{domain}.importance.npy", folder / f"{domain}.importance.json"
 
 

@@ -45,6 +45,7 @@ class HFDatasetSource(DocumentSource):
 
     @property
     def dataset(self) -> Any:
+        """The dataset (or split), opened memory-mapped in this process on first use."""
         dataset = getattr(self, "_open_dataset", None)
         if dataset is None:
             datasets = require("datasets", "an hf domain")

@@ -57,6 +57,7 @@ class TokenCache:
 
     @property
     def tokens_path(self) -> Path:
+        """The cached token stream (``tokens.bin``)."""
         return self.folder / "tokens.bin"
 
     @classmethod

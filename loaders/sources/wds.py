@@ -121,6 +121,7 @@ class ShardIndex:
         return len(self.keys)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The index as arrays, for the cache file."""
         return {name: getattr(self, name) for name in ("keys", "first", "extensions", "offsets", "sizes")}
 
     @classmethod

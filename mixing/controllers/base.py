@@ -87,6 +87,7 @@ class Controller:
             raise ValueError(f"graph=True needs the controller on a CUDA device, not {self.device}")
 
     def floor(self, weights: torch.Tensor) -> torch.Tensor:
+        """Mix ``weights`` with the uniform distribution so that every weight is at least ``min_prob``."""
         if self.min_prob == 0:
             return weights
         return (1 - self.num_domains * self.min_prob) * weights + self.min_prob
@@ -170,6 +171,7 @@ class Controller:
     # -- checkpoint ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and numbers: the weights, the statistics and the controller's own state."""
         return {
             "name": self.name,
             "steps": self.steps,
@@ -179,6 +181,7 @@ class Controller:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` (onto this controller's device)."""
         if state["name"] != self.name:
             raise ValueError(f"state is for controller {state['name']!r}, this one is {self.name!r}")
         self.steps = int(state["steps"])

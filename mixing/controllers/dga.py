@@ -62,6 +62,18 @@ def gradient_alignment(
 
 
 class DGAController(Controller):
+    """Weights from the alignment of each domain's gradient with a target's (see the module docstring).
+
+    Args:
+        initial: the starting weights.
+        eta: step size on the alignments (with ``cosine=True`` alignments, in [-1, 1]).
+        ema: ``w ← ema·w + (1 − ema)·softmax(log w + η·a)``: how much of the old weights each update keeps.
+        every: optimizer steps between updates (an alignment is measured for each).
+        basis: optional ``(m, k)`` rows of distributions over the domains: the update moves weights over
+            the rows (one backward per row, for thousands of domains).
+        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+    """
+
     name = "dga"
 
     def __init__(

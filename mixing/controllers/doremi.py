@@ -21,6 +21,19 @@ from onlinemix.mixing.controllers.base import Controller
 
 
 class DoReMiController(Controller):
+    """Exponentiated-gradient ascent on each domain's excess loss over a reference model (see the module docstring).
+
+    Each sample's feedback is its loss minus the ``reference`` signal (the same sample's loss under a
+    reference model), clipped at 0; ``w ← (1 − c)·softmax(log w + η·λ) + c/k``. ``average`` is the running mean
+    of the weights: DoReMi's final mixture.
+
+    Args:
+        initial: the starting weights.
+        eta: step size on the excess losses.
+        smoothing: ``c``, the share of the uniform distribution mixed in.
+        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+    """
+
     name = "doremi"
 
     def __init__(self, initial: torch.Tensor, eta: float = 1.0, smoothing: float = 1e-3, **kwargs):

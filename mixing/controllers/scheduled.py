@@ -81,6 +81,7 @@ class ScheduledController(Controller):
         return i, (step - start) / (stop - start)
 
     def weights_at(self, step: int) -> torch.Tensor:
+        """The scheduled weights at ``step`` (host-side numbers)."""
         i, blend = self.segment(step)
         return self._blend(i, blend)
 

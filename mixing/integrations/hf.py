@@ -101,6 +101,7 @@ class OnlineMixingMixin:
         self.add_callback(OnlineMixingCallback(mixing))
 
     def get_train_dataloader(self):
+        """The mixture's ``MixedLoader`` (it shards by rank itself), in place of the Trainer's."""
         return self.mixing.loader
 
     def mixing_signals(self, model, inputs: dict[str, torch.Tensor], losses: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,6 +109,7 @@ class OnlineMixingMixin:
         return {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's own loss; each sample's loss goes to the mixer alongside (see the module docstring)."""
         if "domain" not in inputs:  # an ordinary batch (an eval_dataset, say): the Trainer's own loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
@@ -139,6 +141,7 @@ class OnlineMixingMixin:
         return model(**{**inputs, "labels": aligned})
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """``Trainer.train``, restoring the mixture's state from ``resume_from_checkpoint`` first."""
         if resume_from_checkpoint:
             folder = resume_from_checkpoint
             if folder is True:

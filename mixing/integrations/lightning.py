@@ -67,6 +67,7 @@ class OnlineMixingCallback(pl.Callback):
         self._steps = None  # trainer.global_step at the last mixer step
 
     def train_dataloader(self) -> _Batches:
+        """The loader to pass to ``trainer.fit(train_dataloaders=...)`` (without a ``state_dict`` of its own)."""
         return _Batches(self.mixing)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
