@@ -95,3 +95,22 @@ def test_the_trainer_examples_mix_online_and_resume(mixture, script):
     log = read_schedule(out / "schedule.oms")
     assert log.steps.tolist() == list(range(7))
     assert log.header["accumulation"] == 2 and log.header["controller"] == "ado"
+
+
+def test_the_torchtitan_example_config_builds_the_mixing_trainer_and_its_data_loader(mixture, monkeypatch):
+    pytest.importorskip("torchtitan")
+    example = pytest.importorskip("torchtitan_mixed")
+    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingTrainer
+
+    monkeypatch.setenv("ONLINEMIX_MIXTURE", str(mixture))
+    config = example.llama3_mixed()
+    assert type(config) is MixingTrainer.Config and type(config)._owner is MixingTrainer
+    assert config.model_spec is not None and config.optimizer is not None  # llama3's own settings kept
+    runtime = {"dp_world_size": 2, "dp_rank": 1, "tokenizer": None, "local_batch_size": 4}
+    config.dataloader.device, config.dataloader.num_workers = "cpu", 0  # a GPU machine: its local device
+    with pytest.raises(ValueError, match=r"training\.seq_len is 2048 but .* has seq_len 16"):
+        config.dataloader.build(seq_len=config.training.seq_len, **runtime)  # the debug model's, not the mixture's
+    loader = config.dataloader.build(seq_len=16, **runtime)  # as the trainer builds it, for rank 1 of 2
+    assert isinstance(loader, MixingDataLoader)
+    inputs, labels = next(iter(loader))
+    assert inputs["input"].shape == labels.shape == (4, 16)
