@@ -69,15 +69,16 @@ class MixedDataset(IterableDataset):
         spec: sizes, caps, seed, global batch size, sampling method.
         schedule: the weights in force for each batch.
         output: ``"batches"`` or ``"samples"`` (see the module docstring).
-        rank, world_size: this data-parallel rank's slice; default from
-            ``torch.distributed`` or the ``RANK`` / ``WORLD_SIZE`` environment
-            variables (see ``loaders/ranks.py``).
+        rank: this data-parallel rank; default from ``torch.distributed`` or the
+            ``RANK`` environment variable (see ``loaders/ranks.py``).
+        world_size: the number of data-parallel ranks; default as for ``rank``
+            (``WORLD_SIZE``).
         replicas: consecutive global ranks that see identical samples
             (tensor / sequence parallelism); used only when ``rank`` is not given.
         num_batches: stop after global batch ``num_batches - 1``; ``None``
             streams until the repeat caps end it (or forever).
         acceptance: per domain index, an ``OnlineAcceptance`` that replaces
-            rejected samples in the worker (``MixtureConfig.acceptance``).
+            rejected samples in the worker (``build.online_acceptance``).
     """
 
     def __init__(
