@@ -44,6 +44,7 @@ from onlinemix import (
     ODMController,
     OnlineMixer,
     OnlineMixing,
+    Source,
     StaticController,
     gradient_alignment,
     per_sample_loss,
@@ -77,8 +78,7 @@ class HeldOut:
     def batch(self, name: str, size: int, step: int) -> dict[str, torch.Tensor]:
         """``size`` random windows of ``name``, drawn from ``step`` alone (a resumed run draws the same)."""
         source = self.sources[name]
-        chosen = np.random.default_rng((zlib.crc32(name.encode()), step)).choice(len(source), min(size, len(source)))
-        return tensors(source.read_batch(np.sort(chosen)))
+        return random_windows(source, min(size, len(source)), zlib.crc32(name.encode()), step)
 
     @torch.no_grad()
     def evaluate(self, model: TinyGPT) -> dict[str, float]:
@@ -182,8 +182,13 @@ def train(args: argparse.Namespace) -> dict:
 
 def domain_batch(mixing: OnlineMixing, domain: int, samples: int, step: int) -> dict[str, torch.Tensor]:
     """Random training samples of one domain for DGA's per-domain gradient, drawn from ``(domain, step)``."""
-    source = mixing.dataset.sources[domain]
-    indices = np.random.default_rng((domain, step)).choice(len(source), samples)
+    return random_windows(mixing.dataset.sources[domain], samples, domain, step)
+
+
+def random_windows(source: Source, count: int, *key: int) -> dict[str, torch.Tensor]:
+    """``count`` windows of ``source`` drawn by a generator seeded with ``key`` alone (so a resumed run draws the
+    same), read in index order."""
+    indices = np.random.default_rng(key).choice(len(source), count)
     return tensors(source.read_batch(np.sort(indices)))
 
 

@@ -107,7 +107,6 @@ def importance_setup(root: Path, scenario: suite.Scenario, out: Path) -> tuple[P
 def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], dict]:
     """Two waves of tasks (the second needs the first: the grid's best point, DoReMi's reference models)."""
     runs = args.out / "runs"
-    hardware = {"size": args.size, "device": args.device}
     first, second, extras = [], [], {}
     setups = {}
     for name, scenario in suite.scenarios(root).items():  # fit the importance estimators first: grids use them
@@ -119,13 +118,13 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
             model = args.out / "references" / f"target-seed{seed}.pt"
             out = runs / "references" / f"target-seed{seed}.json"
             first.append({"kind": "reference", "seed": seed, "steps": REFERENCE_STEPS, "root": str(root),
-                          "model": str(model), "out": str(out), **hardware})  # fmt: skip
+                          "model": str(model), "out": str(out), **hardware(args)})  # fmt: skip
     for name in args.scenarios:
         scenario = chosen[name]
         importance, divergences = setups.get(name, (None, None))
         extras[name] = {"divergences": divergences}
         for seed in range(args.seeds):
-            base = {"kind": "run", "scenario": name, "seed": seed, "steps": args.steps, "root": str(root), **hardware}
+            base = run_base(args, root, name, seed)
             references = {"target": str(args.out / "references" / f"target-seed{seed}.pt"),
                           "uniform": str(args.out / "models" / name / f"uniform-seed{seed}.pt")}  # fmt: skip
             for method in scenario.methods:
@@ -148,6 +147,16 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
     return first, second, extras
 
 
+def hardware(args: argparse.Namespace) -> dict:
+    """What every task trains with: the model's size and the device."""
+    return {"size": args.size, "device": args.device}
+
+
+def run_base(args: argparse.Namespace, root: Path, scenario: str, seed: int) -> dict:
+    """The keys every training run of ``scenario`` and ``seed`` shares (its method and output are added)."""
+    return {"kind": "run", "scenario": scenario, "seed": seed, "steps": args.steps, "root": str(root), **hardware(args)}
+
+
 def best_grid_tasks(args: argparse.Namespace, root: Path) -> list[dict]:
     """The best grid point of each scenario (by its seed-0 objective), on the other seeds."""
     tasks = []
@@ -159,9 +168,8 @@ def best_grid_tasks(args: argparse.Namespace, root: Path) -> list[dict]:
             continue
         for seed in range(1, args.seeds):
             out = args.out / "runs" / name / "grid" / f"{_slug(point)}-seed{seed}.json"
-            tasks.append({"kind": "run", "scenario": name, "seed": seed, "steps": args.steps, "root": str(root),
-                          "method": f"grid: {point}", "weights": scenario.grid[point], "out": str(out),
-                          "size": args.size, "device": args.device})  # fmt: skip
+            tasks.append({**run_base(args, root, name, seed), "method": f"grid: {point}",
+                          "weights": scenario.grid[point], "out": str(out)})  # fmt: skip
     return tasks
 
 

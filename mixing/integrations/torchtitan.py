@@ -6,16 +6,13 @@ data loader's ``Config``, and the trainer builds it with the data-parallel rank 
 sequence length and the local batch size. Its trainer reads ``(input_dict, labels)`` pairs, saves
 ``dataloader.state_dict()`` with ``torch.distributed.checkpoint`` (each rank its own key), computes the loss
 with ``trainer.loss_fn(pred, labels, global_valid_tokens)`` once per micro-batch and steps
-``trainer.optimizers`` once per step. A ``config_registry`` function of yours::
+``trainer.optimizers`` once per step. A ``config_registry`` function names onlinemix's pieces in a trainer
+config (``examples/torchtitan_mixed.py`` is one)::
 
-    from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingTrainer
+    config = MixingTrainer.Config(...)   # any Trainer.Config's fields
+    config.dataloader = MixingDataLoader.Config(mixture="mixture.yaml", controller="odm")
 
-    def llama3_mixed() -> MixingTrainer.Config:
-        config = MixingTrainer.Config(**vars_of(llama3_debugmodel()))   # any Trainer.Config's fields
-        config.dataloader = MixingDataLoader.Config(mixture="mixture.yaml", controller="odm")
-        return config
-
-    # torchrun ... -m torchtitan.train --module my_configs --config llama3_mixed
+    # torchrun ... -m torchtitan.train --module examples.torchtitan_mixed --config llama3_mixed
 
 - ``MixingDataLoader`` (torchtitan's ``BaseDataLoader``: ``Stateful``, ``Configurable``) yields
   ``({"input": input_ids}, labels)``; it checks that the trainer's sequence length, local batch size and
@@ -85,6 +82,8 @@ class MixingDataLoader(BaseDataLoader):
         if not config.mixture:
             raise ValueError("MixingDataLoader.Config needs mixture= (the mixture file)")
         mixture = MixtureConfig.load(config.mixture)
+        if mixture.seq_len != seq_len:  # before any data is opened or a device chosen
+            raise ValueError(f"training.seq_len is {seq_len} but {config.mixture} has seq_len {mixture.seq_len}")
         mixing = OnlineMixing.from_config(
             mixture,
             device=config.device or utils.get_local_device(),
@@ -92,7 +91,7 @@ class MixingDataLoader(BaseDataLoader):
             dataset_options={"rank": dp_rank, "world_size": dp_world_size},
             **({"controller": config.controller} if config.controller else {}),
         )
-        check_matches(mixing, mixture, config.mixture, seq_len, local_batch_size, tokenizer)
+        check_matches(mixing, config.mixture, local_batch_size, tokenizer)
         self._wrap(mixing)
 
     @classmethod
@@ -168,13 +167,9 @@ def step_after(optimizers: Any, mixing: OnlineMixing) -> None:
     optimizers.step = step_then_mix
 
 
-def check_matches(
-    mixing: OnlineMixing, mixture: MixtureConfig, where: str, seq_len: int, local_batch_size: int, tokenizer: Any
-) -> None:
-    """The trainer's sequence length, local batch size and tokenizer must be the mixture's (the file ``where``):
-    an error names both."""
-    if mixture.seq_len != seq_len:
-        raise ValueError(f"training.seq_len is {seq_len} but {where} has seq_len {mixture.seq_len}")
+def check_matches(mixing: OnlineMixing, where: str, local_batch_size: int, tokenizer: Any) -> None:
+    """The trainer's local batch size and tokenizer must be the mixture's (the file ``where``): an error names
+    both."""
     if local_batch_size != mixing.batch_size:
         raise ValueError(
             f"training.local_batch_size is {local_batch_size} but {where}'s global_batch_size over "
