@@ -15,6 +15,9 @@ weights channel. Methods (``--method``):
 - ``dga``: every ``--dga-every`` steps, align each domain's gradient with the gradient of ``--target``
   (a held-out set of ``heldout.yaml``, never trained on).
 
+The online methods start from the mixture file's weights (its domains' ``weight:``, or its weighting rule):
+they are the controller's prior.
+
 Every weight version is logged (``--log``; ``onlinemix schedule show``); ``--resume`` continues from
 ``--checkpoint`` with the exact next batch and weights (the DGA batches are keyed by the step, so a
 resumed run draws the same ones). With ``heldout.yaml`` beside the config, the held-out loss of each
@@ -103,14 +106,15 @@ def build_mixing(args: argparse.Namespace, config: MixtureConfig) -> OnlineMixin
         return OnlineMixing(mixer, num_workers=args.workers)
     sizes = torch.tensor([float(len(source)) for source in dataset.sources])
     uniform = torch.full_like(sizes, 1 / len(sizes))
+    start = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy()).float()  # the file's weights: the prior
     eta = args.eta or ETA.get(args.method, 1.0)
     controller = {
         "uniform": lambda: StaticController(uniform, **on_device),
         "proportional": lambda: StaticController(sizes / sizes.sum(), **on_device),
-        "odm": lambda: ODMController(uniform, warmup=args.warmup or 10, **on_device),
-        "ado": lambda: ADOController(uniform, warmup=args.warmup or 50, **on_device),
-        "doremi": lambda: DoReMiController(uniform, eta=eta, **on_device),
-        "dga": lambda: DGAController(uniform, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.01, **on_device),
+        "odm": lambda: ODMController(start, warmup=args.warmup or 10, **on_device),
+        "ado": lambda: ADOController(start, warmup=args.warmup or 50, **on_device),
+        "doremi": lambda: DoReMiController(start, eta=eta, **on_device),
+        "dga": lambda: DGAController(start, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.01, **on_device),
     }[args.method]()
     return OnlineMixing(OnlineMixer(controller, dataset, lag=args.lag, log=args.log), num_workers=args.workers)
 

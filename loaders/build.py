@@ -14,6 +14,7 @@ calls it::
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any
 
@@ -29,6 +30,8 @@ from onlinemix.loaders.sources import SOURCES, DocumentSource, Source, SourceErr
 from onlinemix.loaders.tokenizers import Tokenizer, load_tokenizer
 from onlinemix.loaders.transforms import ImportedTransform, TokenWindow
 from onlinemix.mixing.simplex import check_weights, temperature_weights
+
+log = logging.getLogger("onlinemix")
 
 
 def build_sources(config: MixtureConfig) -> list[Source]:
@@ -83,6 +86,8 @@ def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
     transform = ImportedTransform(spec) if spec else None
     where = f"domain {domain.name!r}"
     try:
+        if transform is not None:
+            transform.resolve()  # an unimportable transform is an error now, not at the first read
         if cls is TokenBinSource:
             if domain.samples != "packed":
                 raise ConfigError(f"{where}: samples: documents needs a document source; a tokenbin has no documents")
@@ -104,7 +109,13 @@ def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
                     "its local token cache (order: samples), so it applies only with a transform"
                 )
             return TokenizedSource(
-                documents, tokenizer_of(config, domain), config.seq_len, domain.samples, domain.stride, config.cache_dir
+                documents,
+                tokenizer_of(config, domain),
+                config.seq_len,
+                domain.samples,
+                domain.stride,
+                config.cache_dir,
+                config.verify,
             )
         path = {} if domain.path is None else {"path": domain.path}
         return cls(**path, **{**given_if_taken(cls, seq_len=config.seq_len), **domain.options})
@@ -117,13 +128,15 @@ def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
 
 
 def check_vocabulary(config: MixtureConfig, sources: list[Source]) -> None:
-    """Token-bin files must hold ids of the mixture's vocabulary, where it is known: a tokenizer given in the
-    config, or the byte tokenizer that tokenizes its text domains. (A pure token-bin mixture without a
-    tokenizer has no known vocabulary; nothing to check.)"""
+    """Token-bin files must hold ids of the mixture's vocabulary: ``vocab_size`` where the file gives it,
+    else the tokenizer's (one given in the config, or the byte tokenizer that tokenizes its text domains).
+    A pure token-bin mixture with neither has no known vocabulary: its largest ids are logged as a warning,
+    so that a file read with the wrong ``dtype`` (ids in the millions) does not pass unseen.
+
+    With ``verify: sampled`` or ``full`` each token-bin file is also checked against the checksums recorded
+    when it was first scanned."""
     tokenized = [s for s in sources if isinstance(s, TokenizedSource)]
     vocabularies = {s.tokenizer.vocab_size for s in tokenized}
-    if config.tokenizer is None and not tokenized and not any(d.tokenizer for d in config.domains):
-        return
     if len(vocabularies) > 1:
         first = tokenized[0]
         other = next(s for s in tokenized if s.tokenizer.vocab_size != first.tokenizer.vocab_size)
@@ -132,24 +145,47 @@ def check_vocabulary(config: MixtureConfig, sources: list[Source]) -> None:
             f"{first.tokenizer.vocab_size}, {other.tokenizer.name}: {other.tokenizer.vocab_size}): one batch "
             "would mix ids that mean different things"
         )
+    if config.vocab_size is not None and vocabularies and config.vocab_size < min(vocabularies):
+        raise ConfigError(
+            f"vocab_size {config.vocab_size} is smaller than the tokenizer's {min(vocabularies)} ids "
+            f"({tokenized[0].tokenizer.name}): the model could not embed every token"
+        )
+    tokenizer_known = config.tokenizer is not None or bool(tokenized) or any(d.tokenizer for d in config.domains)
+    unchecked = []
     for domain, source in zip(config.domains, sources):
         if not isinstance(source, TokenBinSource) or not isinstance(source.transform, TokenWindow):
             continue
-        tokenizer = tokenizer_of(config, domain)
-        source.tokenizer = tokenizer
+        if config.verify != "lengths":
+            try:
+                source.verify(config.verify, config.cache_dir)
+            except SourceError as error:
+                raise ConfigError(f"domain {domain.name!r}: {error}") from None
         largest = source.max_token(config.cache_dir)
-        if largest >= tokenizer.vocab_size:
-            implicit = config.tokenizer is None and domain.tokenizer is None
-            hint = (
-                "the text domains are tokenized with the byte tokenizer by default: set tokenizer: to the one this "
-                "file was written with"
-                if implicit
-                else "it was written with another tokenizer"
-            )
+        tokenizer = tokenizer_of(config, domain) if tokenizer_known else None
+        source.tokenizer = tokenizer
+        limit = config.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
+        if limit is None:
+            unchecked.append(f"{domain.name} {largest:,}")
+        elif largest >= limit:
+            if config.vocab_size is not None:
+                hint = f"vocab_size is {config.vocab_size}: check the file's dtype ({source.dtype.name}) and vocab_size"
+            elif config.tokenizer is None and domain.tokenizer is None:
+                hint = (
+                    "the text domains are tokenized with the byte tokenizer by default: set tokenizer: to the one "
+                    "this file was written with"
+                )
+            else:
+                hint = f"it was written with another tokenizer, or is not {source.dtype.name} data (dtype:)"
+            name = f"vocab_size {config.vocab_size}" if config.vocab_size is not None else tokenizer.name
             raise ConfigError(
-                f"domain {domain.name!r}: {domain.path} holds token id {largest}, but {tokenizer.name} has "
-                f"{tokenizer.vocab_size} ids ({hint})"
+                f"domain {domain.name!r}: {domain.path} holds token id {largest}, but {name} has {limit} ids ({hint})"
             )
+    if unchecked:
+        log.warning(
+            "the mixture names no tokenizer and no vocab_size, so token ids are not checked; the largest are: %s. "
+            "Set vocab_size: (or tokenizer:) in the mixture file to have them checked",
+            ", ".join(unchecked),
+        )
 
 
 def initial_weights(config: MixtureConfig, sources: list[Source]) -> np.ndarray:

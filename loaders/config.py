@@ -7,6 +7,8 @@ Nothing here opens data: ``build.py`` turns a parsed ``MixtureConfig`` into sour
     seed: 1234                    # fixes the whole sample order
     global_batch_size: 32         # samples per optimizer step, over all ranks
     seq_len: 128                  # tokens per sample (windows hold seq_len + 1)
+    vocab_size: 50304             # optional: token ids must be below it (a tokenizer gives it too)
+    verify: lengths               # what opening a cache checks: lengths (default), sampled or full checksums
     weighting:
       temperature: 1.0            # only when no domain gives a weight: p ∝ size^(1/T)
       sampling: systematic        # or multinomial
@@ -36,6 +38,7 @@ import yaml
 
 from onlinemix.loaders.plan import SAMPLING_METHODS
 from onlinemix.loaders.sources import SOURCES
+from onlinemix.loaders.sources.tokenized import VERIFY
 from onlinemix.mixing.simplex import check_weights
 
 TOP_KEYS = (
@@ -44,7 +47,9 @@ TOP_KEYS = (
     "seq_len",
     "weighting",
     "tokenizer",
+    "vocab_size",
     "cache_dir",
+    "verify",
     "transform",
     "domains",
     "mixing",
@@ -121,6 +126,12 @@ def _unknown_keys(given: dict, allowed: tuple[str, ...] | frozenset[str], where:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _integer(value: Any, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
@@ -187,6 +198,8 @@ class MixtureConfig:
     transform: str | None = None
     tokenizer: Any = None  # as written ("byte", a tokenizer.json path, {path, eot}); None: byte
     cache_dir: Path | None = None  # where token caches and indexes go (files.cache_root)
+    vocab_size: int | None = None  # token ids must be below it (None: the tokenizer's, where one is known)
+    verify: str = "lengths"  # what opening a token cache or token-bin file checks (see VERIFY)
     mixing: dict[str, Any] = field(default_factory=dict)  # read by OnlineMixer.from_config, not here
     importance: ImportanceConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for the hash
@@ -252,6 +265,8 @@ class MixtureConfig:
             transform=_transform_spec(raw.get("transform"), "transform"),
             tokenizer=_tokenizer_spec(raw.get("tokenizer"), "tokenizer", Path(base_dir)),
             cache_dir=None if raw.get("cache_dir") is None else Path(base_dir) / _string(raw["cache_dir"], "cache_dir"),
+            vocab_size=None if raw.get("vocab_size") is None else _integer(raw["vocab_size"], "vocab_size", 1),
+            verify=_choice(raw.get("verify", "lengths"), "verify", VERIFY),
             mixing=dict(mixing),
             importance=_importance(raw.get("importance"), Path(base_dir), [d.name for d in domains]),
             raw=raw,

@@ -122,6 +122,7 @@ class MixedDataset(IterableDataset):
         self._start = torch.zeros(1 + spec.num_domains, dtype=torch.int64).share_memory_()
         self._fields: dict[str, tuple[tuple[int, ...], str]] | None = None
         self.tokenizer: Tokenizer | None = None  # the mixture's, when known (from_config sets it)
+        self.seq_len: int | None = None  # the mixture's (from_config sets it)
         self._layout: _BatchLayout | None = None
 
     @classmethod
@@ -141,6 +142,7 @@ class MixedDataset(IterableDataset):
         dataset = cls(sources, config.names, spec, schedule, acceptance=acceptance, **kwargs)
         known = config.tokenizer is not None or any(isinstance(s, TokenizedSource) for s in sources)
         dataset.tokenizer = build.tokenizer_of(config) if known else None
+        dataset.seq_len = config.seq_len
         return dataset
 
     @classmethod
@@ -175,6 +177,24 @@ class MixedDataset(IterableDataset):
         spec = PlanSpec(sizes, caps, seed, global_batch_size, sampling)
         schedule = StaticSchedule(check_weights(weights, names, "weights"))
         return cls(list(sources.values()), names, spec, schedule, **kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything the sample stream depends on besides the weights, as plain values: a checkpoint and a
+        schedule log record it, and a resume or a replay on a mixture whose identity differs is refused by
+        field (``identity_mismatch``). World size, rank and workers are not in it: they never change a batch."""
+        spec = self.spec
+        return {
+            "domains": list(self.names),
+            "sizes": [int(n) for n in spec.sizes],
+            "caps": [int(c) for c in spec.caps],
+            "seed": spec.seed,
+            "global_batch_size": spec.global_batch_size,
+            "sampling": spec.sampling,
+            "order": ["samples" if shards is None else f"shards:{len(shards)}" for shards in spec.shards],
+            "seq_len": self.seq_len,
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.fingerprint(),
+            "sources": [source.fingerprint() for source in self.sources],  # content digests, tokenizer, stride
+        }
 
     @property
     def local_batch_size(self) -> int:
@@ -272,6 +292,25 @@ class Batch(dict):
         if "accelerate" in sys.modules:  # its dispatcher rebuilds each slice of a batch as the batch's type
             _refuse_accelerate_resharding(sys._getframe(1), "slice_tensors")
         super().__init__(*args, **kwargs)
+
+
+PER_DOMAIN = {"sizes": "size", "caps": "cap", "order": "order", "sources": "data (content, tokenizer, samples)"}
+
+
+def identity_mismatch(
+    saved: Mapping[str, Any], now: Mapping[str, Any], names: Sequence[str], when: str = "when saved"
+) -> str | None:
+    """The first field of a recorded ``identity()`` that differs from ``now``'s, in words (a per-domain field
+    names the domain), or ``None`` when they agree. Fields recorded before a key existed are not compared."""
+    for key, value in saved.items():
+        current = now.get(key)
+        if current == value or key not in now:
+            continue
+        if key in PER_DOMAIN and isinstance(value, list) and len(value) == len(current or []):
+            d = next(i for i, (a, b) in enumerate(zip(value, current)) if a != b)
+            return f"domain {names[d]!r}'s {PER_DOMAIN[key]} was {value[d]!r} {when}, is now {current[d]!r}"
+        return f"{key} was {value!r} {when}, is now {current!r}"
+    return None
 
 
 def _refuse_accelerate_resharding(frame: Any, function: str) -> None:

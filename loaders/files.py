@@ -3,6 +3,13 @@
 - ``cache_root``: where onlinemix keeps what it derives from data (token caches, index files): the
   mixture file's ``cache_dir``, else ``$ONLINEMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/onlinemix``
   (``~/.cache/onlinemix``). Never beside the data, so read-only data needs nothing.
+- ``file_stamp`` / ``content_digest``: what a cache is keyed by: a file's content, not its mtime
+  (``touch``, ``cp -p`` and ``rsync -t`` neither invalidate nor fool it), read in sampled blocks so that
+  the key of a TB corpus costs a few hundred KiB of reads per file (see ``content_digest``).
+- ``chunk_checksums``: CRC-32 per 16 MiB chunk of a file a cache wrote or scanned, so that a flipped byte
+  is found by ``onlinemix verify`` (or at every open, with ``verify: sampled`` / ``full``).
+- ``locked`` / ``remove_stale_partials``: one process builds a cache entry while the others wait, and a
+  build killed half-way is cleaned up by the next one (never while its builder still holds the lock).
 - ``expand_paths``: a domain's ``path`` may be a file, a folder, a glob pattern, or a list of them.
 - ``open_binary``: reads ``.gz`` and ``.zst`` files decompressed, anything else as it is.
 - ``atomic_output`` / ``atomic_write`` / ``save_checkpoint``: a reader sees the old file or the new
@@ -20,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,25 +62,113 @@ def cache_entry(root: Path, kind: str, key: Any) -> Path:
     return root / f"{kind}-{digest}"
 
 
+WHOLE_FILE_BYTES = 256 << 10  # files up to this size are hashed whole
+SAMPLED_EDGE_BYTES = 64 << 10  # larger ones: their first and last 64 KiB...
+SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 32, 4 << 10  # ...and 32 blocks of 4 KiB spread evenly between
+CHECKSUM_CHUNK = 16 << 20  # bytes per CRC-32 of chunk_checksums
+
+
+def content_digest(path: Path) -> str:
+    """A digest of ``path``'s size and content (BLAKE2b, 128 bits), at a bounded cost per file.
+
+    Files up to 256 KiB are hashed whole. Larger ones are hashed in samples: their first and last 64 KiB and
+    32 blocks of 4 KiB spread evenly between (at most 256 KiB read, whatever the file's size). The trade-off:
+    every change of size, and every same-size edit of a small file, changes the digest; a same-size edit of
+    a large file that touches no sampled block does not. ``onlinemix verify`` hashes inputs whole to find
+    those. Modification times play no part: a touched file keeps its digest, a restored mtime hides nothing.
+    """
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as file:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(file.read())
+        else:
+            last = size - SAMPLED_EDGE_BYTES
+            offsets = [0, *(int(x) for x in _spread(SAMPLED_EDGE_BYTES, last - SAMPLED_BLOCK_BYTES)), last]
+            for offset in offsets:
+                file.seek(offset)
+                edge = offset in (0, last)
+                digest.update(file.read(SAMPLED_EDGE_BYTES if edge else SAMPLED_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def _spread(low: int, high: int) -> list[int]:
+    """``SAMPLED_BLOCKS`` offsets evenly spread over ``[low, high]`` (fewer where the range is small)."""
+    if high <= low:
+        return []
+    step = (high - low) / max(1, SAMPLED_BLOCKS - 1)
+    return sorted({low + round(i * step) for i in range(SAMPLED_BLOCKS)})
+
+
+def full_digest(path: Path) -> str:
+    """BLAKE2b (128 bits) of the whole file: what ``onlinemix verify`` compares with a cache's record."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while block := file.read(CHECKSUM_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_stamp(path: Path) -> list:
-    """What a cache records of an input file to notice a change: ``[path, size, mtime_ns]``."""
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    """What a cache records of an input file to know it again: ``[size, content digest]``. Not its path: the
+    same bytes under another path (a copy on another node, a moved folder) are the same data."""
+    return [path.stat().st_size, content_digest(path)]
+
+
+def chunk_checksums(path: Path, chunks: Sequence[int] | None = None) -> list[int]:
+    """CRC-32 of each ``CHECKSUM_CHUNK``-byte chunk of ``path`` (or of the chunks numbered ``chunks`` only)."""
+    size = path.stat().st_size
+    numbers = range(-(-size // CHECKSUM_CHUNK)) if chunks is None else chunks
+    sums = []
+    with open(path, "rb") as file:
+        for number in numbers:
+            file.seek(number * CHECKSUM_CHUNK)
+            sums.append(zlib.crc32(file.read(CHECKSUM_CHUNK)))
+    return sums
+
+
+def bad_chunk(path: Path, expected: Sequence[int], how: str) -> int | None:
+    """The first chunk of ``path`` whose CRC-32 is not ``expected``'s (``how``: ``"full"`` checks every chunk,
+    ``"sampled"`` the first, the last and one in the middle), or ``None`` when they all match."""
+    if how == "full":
+        chunks = list(range(len(expected)))
+    else:
+        chunks = sorted({0, len(expected) // 2, len(expected) - 1}) if expected else []
+    for number, crc in zip(chunks, chunk_checksums(path, chunks)):
+        if crc != expected[number]:
+            return number
+    return None
 
 
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock held on ``path`` (created if needed), so that one process builds a cache the others
-    then read: several ranks or workers opening the same data at once build it once."""
-    import fcntl
+    then read: several ranks or workers opening the same data at once build it once. The operating system
+    drops the lock of a process that dies, so a killed builder never blocks the next one."""
+    from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with FileLock(path):
+        yield
+
+
+def remove_stale_partials(root: Path) -> list[Path]:
+    """Remove what killed cache builds left in ``root``: each ``.<entry>.partial-*`` folder whose entry's lock
+    (``.<entry>.lock``) is free, since a build holds that lock until it renames its partial folder into place.
+    Returns the folders removed."""
+    from filelock import FileLock, Timeout
+
+    removed = []
+    for partial in sorted(root.glob(".*.partial-*")):
+        entry = partial.name[1:].partition(".partial-")[0]
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            with FileLock(root / f".{entry}.lock", timeout=0):
+                if partial.exists():
+                    _remove(partial)
+                    removed.append(partial)
+        except Timeout:
+            continue  # being built right now
+    return removed
 
 
 def writable_cache(root: Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from onlinemix.loaders.channel import VersionedSchedule, WeightsChannel
-from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.dataset import MixedDataset, identity_mismatch
 from onlinemix.loaders.plan import UNLIMITED, PlanState, StaticSchedule, StreamEnded, fast_forward
 
 STATE_VERSION = 1
@@ -33,9 +33,6 @@ class StreamOver(RuntimeError):
 
 
 # Identity keys with one value per domain, and what a mismatch message calls the value.
-PER_DOMAIN = {"sizes": "size", "caps": "cap", "order": "order", "sources": "data (tokenizer, samples)"}
-
-
 class MixedLoader:
     """Iterate a ``MixedDataset`` through a stock ``DataLoader``, with ``state_dict`` / ``load_state_dict``.
 
@@ -214,39 +211,20 @@ class MixedLoader:
         """Resume at the checkpointed position; the next ``iter()`` starts there."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r} (expected {STATE_VERSION})")
-        ours = self.identity()
-        names = self.dataset.names
-        for key, value in state["mixture"].items():
-            now = ours.get(key)
-            if now == value:
-                continue
-            if key in PER_DOMAIN and isinstance(value, list) and len(value) == len(now or []):
-                d = next(i for i, (a, b) in enumerate(zip(value, now)) if a != b)
-                raise ValueError(
-                    f"checkpoint does not match this mixture: domain {names[d]!r}'s {PER_DOMAIN[key]} was "
-                    f"{value[d]!r} when saved, is now {now[d]!r}"
-                )
-            raise ValueError(f"checkpoint does not match this mixture: {key} was {value!r} when saved, is now {now!r}")
+        problem = identity_mismatch(state["mixture"], self.identity(), self.dataset.names)
+        if problem:
+            raise ValueError(f"checkpoint does not match this mixture: {problem}")
         self._position = PlanState.from_state_dict(state["position"])
         self._handed_out = 0
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint's mixture must share with this one (world size and workers may differ).
-
-        With online weights, ``lag`` and ``accumulation`` too: they decide which weight version each batch
-        is drawn with.
-        """
-        spec, schedule = self.dataset.spec, self.dataset.schedule
+        """What a checkpoint's mixture must share with this one (world size and workers may differ): the
+        dataset's ``identity()`` and, with online weights, ``lag`` and ``accumulation``, which decide the weight
+        version each batch is drawn with."""
+        schedule = self.dataset.schedule
         online = isinstance(schedule, VersionedSchedule)
         return {
             "lag": schedule.lag if online else None,
             "accumulation": schedule.accumulation if online else None,
-            "domains": list(self.dataset.names),
-            "sizes": [int(n) for n in spec.sizes],
-            "caps": [int(c) for c in spec.caps],
-            "seed": spec.seed,
-            "global_batch_size": spec.global_batch_size,
-            "sampling": spec.sampling,
-            "order": ["samples" if shards is None else f"shards:{len(shards)}" for shards in spec.shards],
-            "sources": [source.fingerprint() for source in self.dataset.sources],  # e.g. the tokenizer
+            **self.dataset.identity(),
         }

@@ -165,6 +165,8 @@ class OnlineMixer:
             "global_batch_size": dataset.spec.global_batch_size,
             "controller": controller.name,
             "config_hash": config_hash,
+            "initial": controller.initial.tolist(),  # the controller's prior: a resume must start from the same
+            "mixture": dataset.identity(),  # what every batch depends on besides the weights: replay checks it
             "run": uuid.uuid4().hex,  # ties the log to this run: a resumed checkpoint must continue its own log
         }
         self.log_path = None if log is None else Path(log)

@@ -3,7 +3,9 @@
 Layout (little-endian)::
 
     ONLINEMIX-SCHEDULE 1\\n                 magic and format version
-    {"domains": [...], "seed": ..., ...}\\n  JSON header: domains, seed, lag, accumulation, config hash
+    {"domains": [...], "seed": ..., ...}\\n  JSON header: domains, seed, lag, accumulation, config hash,
+                                            starting weights, the mixture's identity (seq_len, tokenizer,
+                                            each source's size and content digest)
     record*                                 one per version, in order from version 0
 
     record = int64 step | float64 weight x k | uint32 CRC-32 of the step and weights
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from onlinemix.loaders.channel import ReplayTable, VersionedSchedule
+from onlinemix.loaders.dataset import identity_mismatch
 
 MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
 HEADER_DEFAULTS = {"accumulation": 1}  # keys added after format 1 was first written
@@ -125,7 +128,13 @@ class ScheduleWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a torn tail is expected here and cut off below
             existing = read_schedule(self.path)
-        for key in ("run", "domains", "seed", "global_batch_size", "lag", "accumulation"):
+        problem = identity_mismatch(existing.header.get("mixture", {}), as_json(header.get("mixture", {})),
+                                    header["domains"], when="in the log")  # fmt: skip
+        if problem:
+            raise ScheduleLogError(f"{self.path} was written on another mixture: {problem}")
+        for key in ("run", "domains", "seed", "global_batch_size", "lag", "accumulation", "initial"):
+            if key not in existing.header and key not in HEADER_DEFAULTS:
+                continue  # a log from before the key was recorded
             logged, ours = existing.header.get(key, HEADER_DEFAULTS.get(key)), header.get(key, HEADER_DEFAULTS.get(key))
             if key == "run" and logged != ours:
                 raise ScheduleLogError(
@@ -173,24 +182,27 @@ class ScheduleWriter:
         self._file.close()
 
 
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from the log's JSON header (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def replay_schedule(path: str | Path, dataset: Any, past_end: str = "error") -> VersionedSchedule:
     """A schedule that replays a recorded log: batch ``b`` gets the weights it got when recorded.
 
     Set it as ``dataset.schedule`` (no controller, any number of workers). The log must have been
-    recorded on this mixture: its domains (same order), seed and global batch size are checked, and a
-    difference is an error naming the field. ``past_end`` says what batches after the recorded run get:
-    ``"error"`` (default) or ``"hold"`` (the last recorded weights).
+    recorded on this mixture: everything its batches depend on besides the weights (the dataset's
+    ``identity()``: domains, seed, global batch size, seq_len, tokenizer, each source's size and content
+    digest...) is checked, and a difference is an error naming the field. ``past_end`` says what batches
+    after the recorded run get: ``"error"`` (default) or ``"hold"`` (the last recorded weights).
     """
     log = read_schedule(path)
-    ours = {
-        "domains": list(dataset.names),
-        "seed": dataset.spec.seed,
-        "global_batch_size": dataset.spec.global_batch_size,
-    }
-    for key, value in ours.items():
-        logged = log.header.get(key, value)  # logs from before a key was recorded: not checked
-        if logged != value:
-            raise ScheduleLogError(f"{path} was recorded with {key} {logged!r}; this mixture has {value!r}")
+    ours = as_json(dataset.identity())
+    recorded = {key: log.header[key] for key in ("domains", "seed", "global_batch_size") if key in log.header}
+    recorded.update(log.header.get("mixture", {}))  # logs from before a key was recorded: not checked
+    problem = identity_mismatch(recorded, ours, dataset.names, when="when the log was recorded")
+    if problem:
+        raise ScheduleLogError(f"{path} does not fit this mixture: {problem}; replay it on the mixture it was made on")
     if not len(log.weights):
         raise ScheduleLogError(f"{path} holds no weight versions (the run stopped before its first step)")
     accumulation = int(log.header.get("accumulation", HEADER_DEFAULTS["accumulation"]))

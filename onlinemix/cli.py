@@ -3,6 +3,7 @@
 ::
 
     onlinemix inspect CONFIG [--steps N]        sizes, weights and epochs after N steps
+    onlinemix verify CONFIG [--sampled]         check token caches and token-bin files against their checksums
     onlinemix sample CONFIG --batches N [...]   the exact batches training would see, as JSON lines
     onlinemix schedule show|export|plot LOG     a recorded weight schedule
     onlinemix convert INPUT... -o OUT --to F    text / JSONL to token-bin, MDS or WebDataset shards
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from onlinemix.loaders import convert
+from onlinemix.loaders import build, convert
 from onlinemix.loaders.channel import WeightsTimeout
 from onlinemix.loaders.config import ConfigError, MixtureConfig, load_yaml
 from onlinemix.loaders.dataset import MixedDataset
@@ -31,7 +32,7 @@ from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.cli import add_importance
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.plan import PlanState, StreamEnded, fast_forward
-from onlinemix.loaders.sources import SourceError, TokenizedSource
+from onlinemix.loaders.sources import SourceError, TokenBinSource, TokenizedSource
 from onlinemix.mixing.schedule_log import ScheduleLog, ScheduleLogError, read_schedule, replay_schedule
 
 
@@ -196,6 +197,37 @@ def _schedule_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _verify(args: argparse.Namespace) -> None:
+    config = MixtureConfig.load(args.config)
+    how = "sampled" if args.sampled else "full"
+    failed = 0
+    for domain in config.domains:
+        try:
+            source = build.open_source(config, domain)  # checks the cache's lengths
+            if isinstance(source, TokenizedSource):
+                source.cache.verify(how)
+                stale = [] if args.sampled else source.cache.stale_inputs()
+                if stale:
+                    raise SourceError(
+                        f"{stale[0]} is not the file its token cache {source.cache.folder} was built from (edited in "
+                        "place at the same size): delete that folder to tokenize it again"
+                    )
+                what = f"token cache {source.cache.folder.name}: {len(source.cache.meta.get('inputs', []))} inputs"
+            elif isinstance(source, TokenBinSource):
+                source.verify(how, config.cache_dir)
+                what = f"token-bin, {source.num_tokens:,} tokens"
+            else:
+                print(f"{domain.name}: not checked (a {domain.source} source without an onlinemix cache)")
+                continue
+        except (ConfigError, SourceError) as error:
+            failed += 1
+            print(f"{domain.name}: FAILED: {error}")
+            continue
+        print(f"{domain.name}: ok ({what}, {how} checksums)")
+    if failed:
+        raise SourceError(f"{failed} of {len(config.domains)} domains failed verification")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``onlinemix`` argument parser, every subcommand included."""
     parser = argparse.ArgumentParser(
@@ -215,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("config", help="the YAML mixture file")
     inspect.add_argument("--steps", type=int, default=1000, help="global batches to account for (default 1000)")
     inspect.set_defaults(run=_inspect)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check every token cache and token-bin file of a mixture against its recorded checksums",
+        description="Open every domain of CONFIG and check what onlinemix derived from it or recorded of it: a "
+        "token cache's files against their lengths and the CRC-32 of every 16 MiB, and its input files against "
+        "the full digests recorded when it was built (an edit at the same size that the sampled cache key did "
+        "not see); a token-bin file against the checksums recorded when it was first scanned. Prints a line per "
+        "domain; exits 1 if any fails. A full check reads everything once; --sampled reads three chunks a file.",
+    )
+    verify.add_argument("config", help="the YAML mixture file")
+    verify.add_argument("--sampled", action="store_true", help="check three 16 MiB chunks of each file, not all")
+    verify.set_defaults(run=_verify)
 
     sample = commands.add_parser(
         "sample",

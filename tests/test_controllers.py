@@ -121,7 +121,7 @@ def test_odm_warmup_holds_initial_weights():
     for _ in range(4):
         c.observe(torch.tensor([5.0]), torch.tensor([2]))
         c.step()
-    assert c.rewards[2] > 0 and c.weights[2] > 1 / 3
+    assert c.rewards[2] > 0 and c.weights[2] > 0.2  # above its prior
 
 
 def test_ado_fits_each_domains_power_law_exactly():

@@ -60,8 +60,9 @@ def test_weights_change_every_step_and_are_logged(recorded):
     log = read_schedule(log_path)
     assert log.steps.tolist() == list(range(STEPS + 1))
     assert log.header["lag"] == LAG and log.header["controller"] == "odm"
-    # EXP3 explores uniformly while ε_t = 1/k (t <= k ln k = 3.3 for 3 domains), then moves every step
-    assert np.allclose(log.weights[1:3], 1 / 3)
+    # EXP3 explores by its prior (the file's weights) alone while ε_t = 1/k (t <= k ln k = 3.3 for 3 domains),
+    # then moves every step
+    assert np.allclose(log.weights[1:3], log.weights[0]) and np.allclose(log.weights[0], [0.5, 0.3, 0.2])
     assert all(not np.array_equal(a, b) for a, b in zip(log.weights[3:], log.weights[4:]))
     assert len(batches) == STEPS
 
@@ -151,8 +152,8 @@ def test_replay_refuses_a_log_of_another_mixture_naming_the_field(config, record
 
     raw = yaml.safe_load(config.read_text())
     for key, value, message in (
-        ("seed", 99, "recorded with seed 1234; this mixture has 99"),
-        ("global_batch_size", 16, "recorded with global_batch_size 32; this mixture has 16"),
+        ("seed", 99, "seed was 1234 when the log was recorded, is now 99"),
+        ("global_batch_size", 16, "global_batch_size was 32 when the log was recorded, is now 16"),
     ):
         other = tmp_path / f"{key}.yaml"
         other.write_text(yaml.safe_dump({**raw, key: value}).replace("data/", str(config.parent / "data") + "/"))
@@ -161,7 +162,7 @@ def test_replay_refuses_a_log_of_another_mixture_naming_the_field(config, record
     renamed = tmp_path / "renamed.yaml"
     raw["domains"][2]["name"] = "html"
     renamed.write_text(yaml.safe_dump(raw).replace("data/", str(config.parent / "data") + "/"))
-    with pytest.raises(ScheduleLogError, match=r"recorded with domains \['code', 'prose', 'web'\]"):
+    with pytest.raises(ScheduleLogError, match=r"domains was \['code', 'prose', 'web'\] when the log was recorded"):
         replay_schedule(recorded[1], MixedDataset.from_config(renamed))
 
 
@@ -274,7 +275,9 @@ def test_mixer_from_the_config_mixing_section(tmp_path):
     assert mixer_for({}, lag=7).controller.name == "static" and mixer_for({}, lag=7).lag == 7
     with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['ado', 'dga', 'doremi', 'odm'"):
         mixer_for({"controller": "bandit"})
-    knobs = "compile, graph, importance_gain, min_prob, reward_scale, warmup, and the mixer lag, accumulation"
+    knobs = (
+        "compile, graph, importance_gain, min_prob, reward_scale, trust_region, warmup, and the mixer lag, accumulation"
+    )
     with pytest.raises(
         ConfigError, match=rf"mixing \(odm controller\): unknown key 'eta'; the odm controller takes {knobs}"
     ):

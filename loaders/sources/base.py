@@ -106,7 +106,7 @@ class DocumentSource(Source):
 
     Subclasses implement ``documents()`` (every document, in order, streamed: what the token cache is
     built from), ``fingerprint()`` (what changes when a document would: the files' sizes and
-    modification times, the field read) and ``input_bytes()`` (for the progress bar); and, for use with
+    content digests, the field read) and ``input_bytes()`` (for the progress bar); and, for use with
     a ``transform``, the record interface (``__len__``, ``record``).
 
     ``options`` lists the config keys a format takes and their types (checked before construction).
@@ -127,6 +127,11 @@ class DocumentSource(Source):
     @abc.abstractmethod
     def input_bytes(self) -> int:
         """Bytes the documents are read from (for progress)."""
+
+    def input_files(self) -> list[Path]:
+        """The local files the documents are read from: a token cache records their full digests, which
+        ``onlinemix verify`` checks (default: the ``files`` a source keeps; none for a remote one)."""
+        return list(getattr(self, "files", []))
 
 
 class ShardedSource(DocumentSource):

@@ -7,7 +7,7 @@ naming the file and the line.
 
 For records (a ``transform`` reads each line's object), the lines are addressed through a line-offset
 index built once per file with a vectorised newline scan (a progress bar on files over 64 MB) and
-cached in the cache folder, rebuilt when the file's size or modification time changes; such records
+cached in the cache folder, rebuilt when the file's size or content digest changes; such records
 need uncompressed files (a compressed file has no random access).
 """
 

@@ -11,17 +11,29 @@ in several contexts).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from onlinemix.loaders.files import atomic_write, cache_entry, cache_root, file_stamp
+from onlinemix.loaders.files import atomic_write, bad_chunk, cache_entry, cache_root, chunk_checksums, file_stamp
 from onlinemix.loaders.sources.base import Source, SourceError
 from onlinemix.loaders.transforms import TokenWindow, Transform
 
 DTYPES = ("uint16", "uint32", "int32", "int64")
+SCAN_VERSION = 1
+log = logging.getLogger("onlinemix")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A small JSON record of the cache, or ``None`` if it is missing or unreadable (then it is made again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class TokenBinSource(Source):
@@ -110,21 +122,57 @@ class TokenBinSource(Source):
                 "rewritten in place): replace data files by renaming a complete new file over them"
             )
 
-    def max_token(self, cache_dir: str | Path | None = None) -> int:
-        """The largest token id in the file (a scan at 1-2 GB/s, once: cached by the file's size and mtime)."""
-        entry = cache_entry(cache_root(cache_dir), "tokenbin-max", [file_stamp(self.path), self.dtype.name])
-        cached = entry.with_suffix(".json")
-        if cached.exists():
-            return int(json.loads(cached.read_text())["max"])
+    def scan(self, cache_dir: str | Path | None = None) -> dict:
+        """What one pass over the file found: its largest token id and a CRC-32 of every 16 MiB (``max``,
+        ``checksums``), with the file's ``stamp`` (size and content digest) at that time.
+
+        The pass runs at 1-2 GB/s, once: its result is kept in the cache folder under the file's path and
+        reused while the file's size, content digest and modification time are unchanged. A file where one
+        changed is scanned again, with a warning: rewritten on purpose, or damaged. ``verify`` compares the
+        file with the recorded checksums (a same-size edit that kept the file's mtime and missed the digest's
+        sampled blocks is found only there).
+        """
+        entry = cache_entry(cache_root(cache_dir), "tokenbin-scan", [SCAN_VERSION, str(self.path.resolve())])
+        # The modification time too: a same-size edit between the sampled blocks of a touched file is scanned again.
+        cached, stamp = entry.with_suffix(".json"), [*file_stamp(self.path), self.path.stat().st_mtime_ns]
+        record = _read_json(cached)
+        if record is not None and record.get("stamp") == stamp and record.get("dtype") == self.dtype.name:
+            return record
+        if record is not None and record.get("dtype") == self.dtype.name:
+            log.warning("%s changed since it was first scanned (size, content or mtime): scanning it again", self.path)
         largest = 0
         for start in range(0, len(self.tokens), 1 << 26):
             largest = max(largest, int(self.tokens[start : start + (1 << 26)].max()))
+        record = {"stamp": stamp, "dtype": self.dtype.name, "max": largest, "checksums": chunk_checksums(self.path)}
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cached, lambda file: file.write(json.dumps({"max": largest}).encode()))
+            atomic_write(cached, lambda file: file.write(json.dumps(record).encode()))
         except OSError:
             pass  # an unwritable cache: scan again next time
-        return largest
+        return record
+
+    def max_token(self, cache_dir: str | Path | None = None) -> int:
+        """The largest token id in the file (from ``scan``)."""
+        return int(self.scan(cache_dir)["max"])
+
+    def verify(self, how: str = "full", cache_dir: str | Path | None = None) -> None:
+        """Check the file against the CRC-32s recorded when it was first scanned (``how``: ``"full"``, or
+        ``"sampled"``: three 16 MiB chunks); a mismatch is a ``SourceError`` naming the file and the chunk."""
+        record = self.scan(cache_dir)
+        chunk = bad_chunk(self.path, record["checksums"], how)
+        if chunk is not None:
+            raise SourceError(
+                f"{self.path}: 16 MiB chunk {chunk} fails the checksum recorded when the file was first scanned "
+                "(corrupted, or rewritten in place at the same size): restore the file, or delete the record "
+                f"{cache_entry(cache_root(cache_dir), 'tokenbin-scan', [SCAN_VERSION, str(self.path.resolve())])}"
+                ".json if the new content is right"
+            )
+
+    def fingerprint(self) -> dict:
+        stamp = getattr(self, "_open_stamp", None)
+        if stamp is None:  # read once per process: a checkpoint records it, a resume compares it
+            stamp = self._open_stamp = file_stamp(self.path)
+        return {"stamp": stamp, "dtype": self.dtype.name, "stride": self.stride}
 
     def record(self, index: int) -> np.ndarray:
         return self.windows(np.array([index]))[0]

@@ -12,11 +12,19 @@ dropped but the fewer than ``stride`` after the last whole window.
 **The cache.** The first open tokenizes every document, with a progress bar, into
 ``<cache_dir>/<format>-<key>/``: ``tokens.bin`` (``uint16``, or ``uint32`` for vocabularies over
 65,536 ids: 2 or 4 bytes per token), ``documents.npy`` (where each document starts) and ``meta.json``.
-The key hashes the input files' paths, sizes and modification times, the field read and the
+The key hashes the input files' paths, sizes and content digests (``files.content_digest``: whole for
+small files, sampled blocks for large ones; modification times play no part), the field read and the
 tokenizer's fingerprint, so a changed file or tokenizer makes a new cache and an old one is never
 read for new data. It is built in a temporary folder and renamed into place when complete, under a
-file lock, so several processes opening the same data at once build it once. Reads are then
-token-bin reads: one gather from a memory map per batch.
+file lock, so several processes opening the same data at once build it once; the partial folder of a
+build that was killed is removed by the next build. Reads are then token-bin reads: one gather from
+a memory map per batch.
+
+**What a cache knows of itself.** ``meta.json`` records the token and document counts, a CRC-32 of
+every 16 MiB of ``tokens.bin`` and ``documents.npy``, and the full BLAKE2b digest of every input file
+(computed once, when the cache is built). Every open checks the files' lengths against the counts (a
+truncated cache is an error naming the file, not half a domain); ``verify: sampled`` or ``full`` in the
+mixture file also checks the checksums at open, and ``onlinemix verify`` checks all of it on demand.
 """
 
 from __future__ import annotations
@@ -32,28 +40,96 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from onlinemix.loaders.files import cache_entry, cache_root, locked, writable_cache
+from onlinemix.loaders.files import (
+    bad_chunk,
+    cache_entry,
+    cache_root,
+    chunk_checksums,
+    full_digest,
+    locked,
+    remove_stale_partials,
+    writable_cache,
+)
 from onlinemix.loaders.sources.base import DocumentSource, Source, SourceError
 from onlinemix.loaders.sources.tokenbin import TokenBinSource
 from onlinemix.loaders.tokenizers import Tokenizer, token_dtype
 from onlinemix.loaders.transforms import IGNORE_INDEX
 
 log = logging.getLogger("onlinemix")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: checksums and input digests in meta.json, content-keyed
 SAMPLES = ("packed", "documents")
 _BATCH_DOCUMENTS = 256  # documents tokenized per call (a Hugging Face tokenizer encodes a batch in parallel)
 _BATCH_TOKENS = 1 << 22  # tokens buffered before they are written
 _PROGRESS_FROM = 16 << 20  # show a progress bar for inputs at least this large
 
 
-class TokenCache:
-    """The token stream of a document source: ``tokens`` (memory-mapped), document ``starts``, ``meta``."""
+VERIFY = ("lengths", "sampled", "full")  # what an open checks (the mixture file's ``verify``)
+_FILES = ("tokens.bin", "documents.npy")
 
-    def __init__(self, folder: Path):
+
+class CacheError(SourceError):
+    """A token cache whose files are not what its ``meta.json`` says: the message names the file and the fix."""
+
+
+class TokenCache:
+    """The token stream of a document source: ``tokens`` (memory-mapped), document ``starts``, ``meta``.
+
+    Opening checks that the files are as long as ``meta.json`` says (and, with ``verify``, their checksums):
+    a damaged cache is a ``CacheError`` naming the file and the folder to delete.
+    """
+
+    def __init__(self, folder: Path, verify: str = "lengths"):
         self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
+        self.meta = self._read_meta()
         self.dtype = np.dtype(self.meta["dtype"])
-        self.starts = np.load(folder / "documents.npy", mmap_mode="r")  # documents + 1 entries
+        tokens = self.meta["tokens"] * self.dtype.itemsize
+        self._check(tokens == self.tokens_path.stat().st_size, "tokens.bin", f"should hold {tokens:,} bytes")
+        try:
+            self.starts = np.load(folder / "documents.npy", mmap_mode="r")  # documents + 1 entries
+        except (OSError, ValueError) as error:
+            self._check(False, "documents.npy", f"cannot be read ({error})")
+        documents = self.meta["documents"]
+        self._check(
+            self.starts.shape == (documents + 1,) and int(self.starts[-1]) == self.meta["tokens"],
+            "documents.npy",
+            f"should hold {documents + 1:,} document starts ending at token {self.meta['tokens']:,}",
+        )
+        if verify != "lengths":
+            self.verify(verify)
+
+    def _read_meta(self) -> dict:
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text())
+            if isinstance(meta, dict) and all(key in meta for key in ("dtype", "documents", "tokens", "checksums")):
+                return meta
+            problem = "lacks dtype, documents, tokens or checksums"
+        except (OSError, ValueError) as error:
+            problem = f"cannot be read ({error})"
+        self._check(False, "meta.json", problem)
+        raise AssertionError  # unreachable: _check raised
+
+    def _check(self, good: bool, name: str, problem: str) -> None:
+        if not good:
+            raise CacheError(
+                f"token cache {self.folder} is damaged: {name} {problem}: delete the folder "
+                "(onlinemix tokenizes the domain again at the next open, or run onlinemix verify to check the rest)"
+            )
+
+    def verify(self, how: str = "full") -> None:
+        """Check ``tokens.bin`` and ``documents.npy`` against their recorded CRC-32s (``how``: ``"full"``, or
+        ``"sampled"``: three chunks of each); a mismatch is a ``CacheError`` naming the file and the chunk."""
+        for name in _FILES:
+            chunk = bad_chunk(self.folder / name, self.meta["checksums"][name], how)
+            self._check(chunk is None, name, f"fails its checksum in 16 MiB chunk {chunk} (corrupted)")
+
+    def stale_inputs(self) -> list[str]:
+        """The input files whose full digest is no longer the one recorded when the cache was built (a same-size
+        edit that the sampled key did not see, or a file that is gone)."""
+        stale = []
+        for path, digest in self.meta.get("inputs", []):
+            if not Path(path).is_file() or full_digest(Path(path)) != digest:
+                stale.append(path)
+        return stale
 
     @property
     def tokens_path(self) -> Path:
@@ -61,17 +137,20 @@ class TokenCache:
         return self.folder / "tokens.bin"
 
     @classmethod
-    def open(cls, documents: DocumentSource, tokenizer: Tokenizer, root: Path) -> TokenCache:
+    def open(cls, documents: DocumentSource, tokenizer: Tokenizer, root: Path, verify: str = "lengths") -> TokenCache:
         """The cache of ``documents`` tokenized by ``tokenizer``, built first if there is none."""
+        if verify not in VERIFY:
+            raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
         key = {"version": CACHE_VERSION, "source": documents.fingerprint(), "tokenizer": tokenizer.fingerprint()}
         folder = cache_entry(root, documents.kind, key)
         if (folder / "meta.json").exists():
-            return cls(folder)
+            return cls(folder, verify)
         writable_cache(root)
         with locked(root / f".{folder.name}.lock"):
             if not (folder / "meta.json").exists():  # another process may have built it while this one waited
                 _build(documents, tokenizer, folder, key)
-        return cls(folder)
+        remove_stale_partials(root)  # what builds killed before they finished left behind, this one's included
+        return cls(folder, verify)
 
 
 class _TokenWriter:
@@ -107,6 +186,7 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
     dtype = token_dtype(tokenizer.vocab_size)
     total = documents.input_bytes()
     log.info("tokenizing %s (%.1f MB) with %s into %s", documents.path, total / 1e6, tokenizer.name, folder)
+    shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier build (meta.json missing): start afresh
     temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     bar = tqdm(
         total=total, unit="B", unit_scale=True, desc=f"tokenizing {documents.path}", disable=total < _PROGRESS_FROM
@@ -132,7 +212,14 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
             os.fsync(out.fileno())
         starts = np.concatenate([[0], np.cumsum(writer.lengths, dtype=np.int64)])
         np.save(temporary / "documents.npy", starts)
-        meta = {**key, "dtype": dtype.name, "documents": len(writer.lengths), "tokens": int(starts[-1])}
+        meta = {
+            **key,
+            "dtype": dtype.name,
+            "documents": len(writer.lengths),
+            "tokens": int(starts[-1]),
+            "checksums": {name: chunk_checksums(temporary / name) for name in _FILES},
+            "inputs": [[str(path.resolve()), full_digest(path)] for path in documents.input_files()],
+        }
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         os.replace(temporary, folder)
     except BaseException:
@@ -151,6 +238,8 @@ class TokenizedSource(Source):
         samples: ``"packed"`` or ``"documents"``.
         stride: packed only: tokens between window starts (default ``seq_len``).
         cache_dir: where the token cache goes (default: ``files.cache_root``).
+        verify: what opening the cache checks: ``"lengths"`` (its files' lengths, always), ``"sampled"`` (and
+            the checksums of three 16 MiB chunks of each file) or ``"full"`` (every chunk: a full read).
     """
 
     def __init__(
@@ -161,6 +250,7 @@ class TokenizedSource(Source):
         samples: str = "packed",
         stride: int | None = None,
         cache_dir: str | Path | None = None,
+        verify: str = "lengths",
     ):
         if samples not in SAMPLES:
             raise ValueError(f"samples must be one of {SAMPLES}, got {samples!r}")
@@ -168,7 +258,7 @@ class TokenizedSource(Source):
             raise ValueError("stride is for packed samples (samples: packed)")
         super().__init__(documents.path)
         self.documents, self.tokenizer, self.seq_len, self.samples = documents, tokenizer, seq_len, samples
-        self.cache = TokenCache.open(documents, tokenizer, cache_root(cache_dir))
+        self.cache = TokenCache.open(documents, tokenizer, cache_root(cache_dir), verify)
         lengths = np.diff(self.cache.starts)
         self.dropped_tokens = 0 if samples == "packed" else int(np.maximum(lengths - seq_len - 1, 0).sum())
         self.padded_samples = 0 if samples == "packed" else int((lengths < seq_len + 1).sum())
@@ -187,7 +277,10 @@ class TokenizedSource(Source):
         return getattr(self.documents, "skipped", {})
 
     def fingerprint(self) -> Any:
-        return {"tokenizer": self.tokenizer.fingerprint(), "samples": self.samples}
+        # The cache folder's name is a hash of the documents' content key and the tokenizer.
+        stride = self.windows.stride if self.samples == "packed" else None
+        return {"tokenizer": self.tokenizer.fingerprint(), "samples": self.samples, "stride": stride,
+                "cache": self.cache.folder.name}  # fmt: skip
 
     def describe(self, index: int) -> str:
         return f"window {index}" if self.samples == "packed" else f"document {index}"

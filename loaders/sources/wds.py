@@ -8,7 +8,7 @@ names start with ``__`` and non-file members are ignored, as webdataset does.
 
 **Random access.** Each shard's members are indexed once (one pass over the
 tar headers, no data read) and the index is cached in the cache folder,
-keyed by the shard's path, size and mtime, so a changed shard is re-indexed.
+keyed by the shard's size and content digest (``files.file_stamp``), so a changed shard is re-indexed.
 A sample is then one seek and one read per member.
 
 **Shard order** (``order: shards`` in the config): for stores where random
@@ -336,6 +336,9 @@ class WebDatasetSource(ShardedSource):
 
     def input_bytes(self) -> int:
         return sum(shard.stat().st_size for shard in self.shards)
+
+    def input_files(self) -> list[Path]:
+        return list(self.shards)
 
     def fingerprint(self) -> dict:
         shards = [file_stamp(shard) for shard in self.shards]

@@ -33,7 +33,7 @@ def check_initial(initial: torch.Tensor) -> None:
 
 
 class Controller:
-    """Base class. Subclasses implement ``update()``; ``step()`` applies the probability floor.
+    """Base class. Subclasses implement ``update()``; ``step()`` applies the trust region and the floor.
 
     Args:
         initial: the starting weights (k,), non-negative, summing to 1.
@@ -49,6 +49,12 @@ class Controller:
             domains whose samples resemble the target earn more. Raw log
             weights are sums over a document's n-grams (tens to hundreds):
             a γ around 1 / (words per document) puts them on a loss scale.
+        trust_region: ``δ`` in nats, or ``None`` (default): keep every published mixture within
+            ``KL(w ‖ initial) ≤ δ`` of the starting weights, so that no signal, however noisy, can take the
+            mixture far from the prior the user chose. A proposal outside is pulled back along the geodesic
+            ``w_τ ∝ initial^(1-τ) · w^τ`` to the boundary (``τ`` by bisection on the device, no host sync).
+            For scale: 70% of the weight on one of 7 domains (the rest even) is 0.80 nats from uniform,
+            90% is 1.47, 50% is 0.35. Smaller is safer and moves less.
         graph: replay ``observe()`` and ``step()`` as CUDA graphs (CUDA only):
             a few launches per call instead of tens, so the host spends
             microseconds per step whatever the controller does. Each new input
@@ -65,6 +71,7 @@ class Controller:
         device: torch.device | str | None = None,
         compile: bool | str = False,
         importance_gain: float = 0.0,
+        trust_region: float | None = None,
         graph: bool = False,
     ):
         initial = torch.as_tensor(initial, dtype=torch.float32, device=device)
@@ -73,6 +80,9 @@ class Controller:
         if not 0 <= min_prob * self.num_domains < 1:
             raise ValueError(f"min_prob {min_prob} x {self.num_domains} domains must be in [0, 1)")
         self.min_prob = min_prob
+        if trust_region is not None and not (isinstance(trust_region, (int, float)) and trust_region > 0):
+            raise ValueError(f"trust_region must be a number of nats > 0 (or None), got {trust_region!r}")
+        self.trust_region = trust_region
         self.importance_gain = float(importance_gain)
         self.device = initial.device
         self.initial = initial / initial.sum()
@@ -92,14 +102,47 @@ class Controller:
             return weights
         return (1 - self.num_domains * self.min_prob) * weights + self.min_prob
 
+    def within_trust_region(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` pulled toward ``initial`` until ``KL(w ‖ initial) ≤ trust_region`` (unchanged inside it,
+        or without a trust region). The family ``w_τ ∝ initial^(1-τ) · weights^τ`` runs from the prior
+        (``τ = 0``) to the proposal (``τ = 1``) with a KL that grows with ``τ``; a fixed number of bisection
+        steps finds the largest ``τ`` inside (to ``2^-24``), on the device, without branching on a value."""
+        if self.trust_region is None:
+            return weights
+        log_prior = torch.log(self.initial.clamp(min=1e-30))
+        log_proposal = torch.log((weights / weights.sum()).clamp(min=1e-30))
+
+        def point(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = log_prior + tau * (log_proposal - log_prior)
+            w = torch.softmax(logits, dim=0)
+            return w, (w * (torch.log_softmax(logits, dim=0) - log_prior)).sum()
+
+        low, high = weights.new_zeros(()), weights.new_ones(())
+        for _ in range(24):
+            middle = (low + high) / 2
+            inside = point(middle)[1] <= self.trust_region
+            low, high = torch.where(inside, middle, low), torch.where(inside, high, middle)
+        whole, divergence = point(weights.new_ones(()))
+        return torch.where(divergence <= self.trust_region, whole, point(low)[0])
+
     def next_weights(self) -> torch.Tensor:
         """``update()`` with the probability floor, checked on the device: a vector that is not a distribution
         (a non-finite, negative or all-zero weight, e.g. from a NaN alignment or an overflowing reward) is
-        rejected: the last weights stay, and the rejection is counted in ``stats`` (the mixer warns or raises)."""
-        weights = self.floor(self.update())
+        rejected: the last weights stay, the rejection is counted in ``stats`` (the mixer warns or raises),
+        and the state ``update()`` carried forward (``extra_state()``) is rolled back to before it, so that the
+        bad observation is dropped rather than kept: the next good one moves the weights again.
+
+        ``update()`` must assign new tensors to its state (``self.x = self.x + ...``), not write into them in
+        place, for the roll-back to see the old values."""
+        before = self.extra_state()
+        weights = self.floor(self.within_trust_region(self.update()))
         total = weights.sum()
         good = torch.isfinite(total) & (weights >= 0).all() & (total > 0)  # a NaN or inf makes the sum non-finite
         self.stats.reject(~good)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new is not old:
+                setattr(self, name, torch.where(good, new, old))
         return torch.where(good, weights / torch.where(good, total, 1.0), self.weights)
 
     # -- what subclasses write ----------------------------------------------------
@@ -175,6 +218,7 @@ class Controller:
         return {
             "name": self.name,
             "steps": self.steps,
+            "initial": self.initial.detach().clone(),
             "weights": self.weights.detach().clone(),
             "problems": self.stats.problems.clone(),
             **{key: value.detach().clone() for key, value in self.extra_state().items()},
@@ -184,6 +228,13 @@ class Controller:
         """Restore a ``state_dict`` (onto this controller's device)."""
         if state["name"] != self.name:
             raise ValueError(f"state is for controller {state['name']!r}, this one is {self.name!r}")
+        saved = state.get("initial")  # checkpoints from before it was saved: not checked
+        if saved is not None and not torch.equal(saved.to(self.device), self.initial):
+            raise ValueError(
+                f"checkpoint does not match this controller: its starting weights were {saved.tolist()} when saved, "
+                f"are now {self.initial.tolist()} (the mixture file's weights changed?). A controller's starting "
+                "weights shape every later update: resume with the weights it was started with"
+            )
         self.steps = int(state["steps"])
         self.weights = state["weights"].to(self.device, copy=True)
         self.stats.problems = state["problems"].to(self.device)

@@ -5,8 +5,16 @@ alignment ``a_d = <∇ℓ_d, ∇ℓ_target>`` of the domain's loss gradient with
 gradient of a small target set (``gradient_alignment`` below computes it),
 and the weights take a mirror-descent step smoothed by an EMA::
 
-    w_new = softmax(log w + η a)
+    ā     = γ ā + (1 - γ) a              (γ = alignment_ema; 0: each alignment as measured)
+    w_new = softmax(log w + η ā)
     w     = β w + (1 - β) w_new
+
+Alignments measured on a small target sample are noisy: one batch of 64
+windows can rank the domains differently from the next. ``alignment_ema``
+averages them before they move the weights (the EMA on ``w`` smooths the
+weights' path, but still follows each measurement's direction), and the
+base class's ``trust_region`` bounds how far from the starting weights they
+can go at all.
 
 Cost: one forward/backward on the target batch plus one per domain, every
 ``every`` steps — with ``every = 10`` and 4 domains about half a training
@@ -69,6 +77,7 @@ class DGAController(Controller):
         eta: step size on the alignments (with ``cosine=True`` alignments, in [-1, 1]).
         ema: ``w ← ema·w + (1 − ema)·softmax(log w + η·a)``: how much of the old weights each update keeps.
         every: optimizer steps between updates (an alignment is measured for each).
+        alignment_ema: ``γ``: how much of the running mean of the alignments each update keeps (0: none).
         basis: optional ``(m, k)`` rows of distributions over the domains: the update moves weights over
             the rows (one backward per row, for thousands of domains).
         **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
@@ -83,11 +92,15 @@ class DGAController(Controller):
         ema: float = 0.9,
         every: int = 1,
         basis: torch.Tensor | None = None,
+        alignment_ema: float = 0.0,
         **kwargs,
     ):
         """``initial``: weights over the domains, or over the ``m`` rows of ``basis`` (an ``(m, k)`` tensor)."""
-        if eta <= 0 or not 0 <= ema < 1 or every < 1:
-            raise ValueError(f"need eta > 0, 0 <= ema < 1, every >= 1; got {eta}, {ema}, {every}")
+        if eta <= 0 or not 0 <= ema < 1 or every < 1 or not 0 <= alignment_ema < 1:
+            raise ValueError(
+                f"need eta > 0, 0 <= ema < 1, every >= 1, 0 <= alignment_ema < 1; got {eta}, {ema}, {every}, "
+                f"{alignment_ema}"
+            )
         initial = torch.as_tensor(initial, dtype=torch.float32, device=kwargs.get("device"))
         self.basis = None
         if basis is not None:
@@ -101,9 +114,11 @@ class DGAController(Controller):
             self.basis = basis
         alpha = initial / initial.sum()
         super().__init__(alpha if basis is None else alpha @ basis, **kwargs)
-        self.eta, self.ema, self.every = eta, ema, every
+        self.eta, self.ema, self.every, self.alignment_ema = eta, ema, every, alignment_ema
         self.mixture = alpha.clone()  # over domains or basis rows, before the probability floor
-        self.alignment = torch.zeros_like(self.mixture)
+        self.alignment = torch.zeros_like(self.mixture)  # the last measured
+        # ā: their running mean, from 0 ("no evidence yet"): the first updates move the weights less
+        self.smoothed = torch.zeros_like(self.mixture)
         self._measured = False  # a Python flag: no tensor is looked at to decide
 
     def observe_alignment(self, alignment: torch.Tensor) -> None:
@@ -119,7 +134,8 @@ class DGAController(Controller):
     def update(self) -> torch.Tensor:
         self.stats.take()
         if self.phase():
-            proposal = torch.softmax(torch.log(self.mixture) + self.eta * self.alignment, dim=0)
+            self.smoothed = torch.lerp(self.alignment, self.smoothed, self.alignment_ema)
+            proposal = torch.softmax(torch.log(self.mixture) + self.eta * self.smoothed, dim=0)
             self.mixture = torch.lerp(proposal, self.mixture, self.ema)
         return self.mixture if self.basis is None else self.mixture @ self.basis
 
@@ -128,4 +144,4 @@ class DGAController(Controller):
             self._measured = False
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {"alignment": self.alignment, "mixture": self.mixture}
+        return {"alignment": self.alignment, "smoothed": self.smoothed, "mixture": self.mixture}

@@ -59,7 +59,7 @@ class DoReMiController(Controller):
         excess, _ = self.stats.take()
         alpha = torch.softmax(torch.log(self.weights) + self.eta * excess, dim=0)
         weights = (1 - self.smoothing) * alpha + self.smoothing / self.num_domains
-        self.weight_sum += weights
+        self.weight_sum = self.weight_sum + weights  # a new tensor: a rejected update is rolled back
         return weights
 
     def extra_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,143 @@
+"""A controller's starting weights are its prior: ODM starts from them and keeps them in every update; a trust
+region bounds how far any controller can move from them; DGA averages noisy alignments before they move it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import make_example
+
+from onlinemix import DGAController, MixedDataset, ODMController, OnlineMixer
+from onlinemix.loaders.config import ConfigError
+from onlinemix.mixing.controllers.odm import exploration
+
+PRIOR = torch.tensor([0.5, 0.3, 0.2])
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float((p * (p / q).log()).sum())
+
+
+def test_odm_starts_from_its_prior_and_keeps_it_in_every_update_hand_computed():
+    c = ODMController(PRIOR, reward_scale=0.5)
+    rewards = torch.zeros(3)
+    for step in range(1, 7):  # domain 1 alone, mean loss 3: each step adds 0.5 * 1 * 3 / π_1 to R_1
+        rewards[1] += 0.5 * 3.0 / c.weights[1]
+        c.observe(torch.tensor([2.0, 4.0]), torch.tensor([1, 1]))
+        w = c.step()
+        eps, previous = exploration(3, step), exploration(3, step - 1)
+        preference = torch.softmax(PRIOR.log() + previous * rewards, 0)
+        assert torch.allclose(w, (1 - 3 * eps) * preference + 3 * eps * PRIOR), step
+        if step == 1:  # the first update: exactly the prior (it used to be uniform)
+            assert torch.allclose(w, PRIOR)
+    assert w[1] > PRIOR[1] and w[0] / w[2] == pytest.approx(0.5 / 0.2, rel=1e-5)  # the others keep their ratio
+
+
+def test_odm_with_equal_rewards_stays_at_its_prior():
+    c = ODMController(PRIOR, reward_scale=0.1)
+    for _ in range(50):
+        domains = torch.arange(3).repeat_interleave(torch.round(c.weights * 30).long())
+        c.observe(torch.full((len(domains),), 2.0), domains)  # rewards ∝ share / π: equal in expectation
+        c.step()
+    assert torch.allclose(c.weights, PRIOR, atol=0.02)
+
+
+def test_odm_excludes_a_domain_its_prior_leaves_out():
+    c = ODMController(torch.tensor([0.5, 0.5, 0.0]))
+    for _ in range(10):
+        c.observe(torch.tensor([9.0]), torch.tensor([0]))
+        assert c.step()[2] == 0
+
+
+def proposal_of(alignment: torch.Tensor, **options) -> tuple[DGAController, torch.Tensor]:
+    """A DGA controller after one step with ``alignment`` (η = 1, no EMA: the proposal is softmax(log μ + a))."""
+    c = DGAController(PRIOR, eta=1.0, ema=0.0, **options)
+    c.observe_alignment(alignment)
+    return c, c.step()
+
+
+def test_inside_the_trust_region_a_proposal_is_unchanged():
+    alignment = torch.tensor([0.1, 0.0, -0.1])
+    _, free = proposal_of(alignment)
+    assert kl(free, PRIOR) < 0.01
+    _, bounded = proposal_of(alignment, trust_region=0.01)
+    assert torch.allclose(bounded, free)
+
+
+def test_outside_the_trust_region_a_proposal_is_pulled_back_to_its_boundary_along_the_geodesic():
+    alignment = torch.tensor([-2.0, 0.5, 3.0])
+    _, free = proposal_of(alignment)
+    assert kl(free, PRIOR) > 1.0
+    _, w = proposal_of(alignment, trust_region=0.25)
+    assert kl(w, PRIOR) == pytest.approx(0.25, abs=1e-5)
+    # w ∝ μ^(1-τ) p^τ with p ∝ μ e^a: log(w / μ) = τ a + const, the same τ for every domain
+    shift = (w / PRIOR).log()
+    tau = (shift[2] - shift[0]) / (alignment[2] - alignment[0])
+    assert 0 < tau < 1
+    assert (shift[1] - shift[0]) / (alignment[1] - alignment[0]) == pytest.approx(float(tau), rel=1e-4)
+
+
+def test_a_trust_region_keeps_a_long_run_near_the_prior_where_it_would_collapse():
+    free = DGAController(PRIOR, eta=1.0, ema=0.0)
+    bounded = DGAController(PRIOR, eta=1.0, ema=0.0, trust_region=0.1)
+    for _ in range(30):
+        for c in (free, bounded):
+            c.observe_alignment(torch.tensor([1.0, 0.0, 0.0]))
+            c.step()
+    assert free.weights[0] > 0.999
+    assert kl(bounded.weights, PRIOR) == pytest.approx(0.1, abs=1e-4) and bounded.weights[0] < 0.8
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "wide"])
+def test_a_trust_region_must_be_positive(value):
+    with pytest.raises(ValueError, match="trust_region must be a number of nats > 0"):
+        ODMController(PRIOR, trust_region=value)
+
+
+def test_the_trust_region_is_a_mixing_key_of_the_mixture_file(tmp_path):
+    config = make_example(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["mixing"] = {"controller": "odm", "trust_region": 0.2, "reward_scale": 5.0}
+    config.write_text(yaml.safe_dump(raw))
+    dataset = MixedDataset.from_config(config)
+    mixer = OnlineMixer.from_config(config, dataset)
+    assert mixer.controller.trust_region == 0.2
+    for _ in range(20):
+        mixer.controller.observe(torch.tensor([9.0, 1.0]), torch.tensor([2, 0]))
+        mixer.controller.step()
+    assert kl(mixer.controller.weights, PRIOR) <= 0.2 + 1e-5
+    raw["mixing"]["trust_region"] = -1
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"mixing \(odm controller\): trust_region must be"):
+        OnlineMixer.from_config(config, dataset)
+
+
+def test_dga_averages_alignments_before_they_move_the_weights_hand_computed():
+    c = DGAController(PRIOR, eta=2.0, ema=0.0, alignment_ema=0.75)
+    mixture, smoothed = PRIOR.clone(), torch.zeros(3)
+    for a in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]):
+        a = torch.tensor(a)
+        smoothed = 0.75 * smoothed + 0.25 * a
+        mixture = torch.softmax(mixture.log() + 2.0 * smoothed, 0)
+        c.observe_alignment(a)
+        assert torch.allclose(c.step(), mixture, atol=1e-6)
+    # one alignment for domain 0, then two for domain 2: unsmoothed, domain 2 would lead by far
+    assert c.weights[2] / c.weights[0] < 0.2 / 0.5 * math.exp(2.0 * 1.0)
+
+
+def test_dga_with_averaged_alignments_resumes_exactly():
+    a = DGAController(PRIOR, eta=2.0, alignment_ema=0.5)
+    alignments = [torch.tensor([0.3, -0.1, 0.2]) * (i + 1) for i in range(6)]
+    for alignment in alignments[:3]:
+        a.observe_alignment(alignment)
+        a.step()
+    b = DGAController(PRIOR, eta=2.0, alignment_ema=0.5)
+    b.load_state_dict(a.state_dict())
+    for alignment in alignments[3:]:
+        for c in (a, b):
+            c.observe_alignment(alignment)
+            c.step()
+    assert torch.equal(a.weights, b.weights)
