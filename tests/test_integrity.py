@@ -138,7 +138,10 @@ def test_2_a_truncated_tokens_bin_is_an_error_naming_the_file_and_the_fix(mixtur
     size = tokens.stat().st_size
     os.truncate(tokens, size // 2)
     with pytest.raises(ConfigError, match=rf"domain 'prose': token cache {folder} is damaged: tokens.bin should hold "
-                       rf"{size:,} bytes: delete the folder"):  # fmt: skip
+                       rf"{size:,} bytes, holds {size // 2:,}: delete the folder"):  # fmt: skip
+        MixedDataset.from_config(mixture)
+    (folder / "tokens.bin").unlink()
+    with pytest.raises(ConfigError, match=r"tokens.bin should hold .* bytes, is missing: delete the folder"):
         MixedDataset.from_config(mixture)
     shutil.rmtree(folder)  # the fix it names
     assert len(MixedDataset.from_config(mixture).sources[1]) > 0

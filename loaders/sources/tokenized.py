@@ -12,8 +12,8 @@ dropped but the fewer than ``stride`` after the last whole window.
 **The cache.** The first open tokenizes every document, with a progress bar, into
 ``<cache_dir>/<format>-<key>/``: ``tokens.bin`` (``uint16``, or ``uint32`` for vocabularies over
 65,536 ids: 2 or 4 bytes per token), ``documents.npy`` (where each document starts) and ``meta.json``.
-The key hashes the input files' paths, sizes and content digests (``files.content_digest``: whole for
-small files, sampled blocks for large ones; modification times play no part), the field read and the
+The key hashes the input files' sizes and content digests (``files.content_digest``: whole for small
+files, sampled blocks for large ones; neither paths nor modification times play a part), the field read and the
 tokenizer's fingerprint, so a changed file or tokenizer makes a new cache and an old one is never
 read for new data. It is built in a temporary folder and renamed into place when complete, under a
 file lock, so several processes opening the same data at once build it once; the partial folder of a
@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from tqdm import tqdm
@@ -83,11 +83,13 @@ class TokenCache:
         self.meta = self._read_meta()
         self.dtype = np.dtype(self.meta["dtype"])
         tokens = self.meta["tokens"] * self.dtype.itemsize
-        self._check(tokens == self.tokens_path.stat().st_size, "tokens.bin", f"should hold {tokens:,} bytes")
+        size = self.tokens_path.stat().st_size if self.tokens_path.is_file() else None
+        held = "is missing" if size is None else f"holds {size:,}"
+        self._check(size == tokens, "tokens.bin", f"should hold {tokens:,} bytes, {held}")
         try:
             self.starts = np.load(folder / "documents.npy", mmap_mode="r")  # documents + 1 entries
         except (OSError, ValueError) as error:
-            self._check(False, "documents.npy", f"cannot be read ({error})")
+            self._fail("documents.npy", f"cannot be read ({error})")
         documents = self.meta["documents"]
         self._check(
             self.starts.shape == (documents + 1,) and int(self.starts[-1]) == self.meta["tokens"],
@@ -105,15 +107,17 @@ class TokenCache:
             problem = "lacks dtype, documents, tokens or checksums"
         except (OSError, ValueError) as error:
             problem = f"cannot be read ({error})"
-        self._check(False, "meta.json", problem)
-        raise AssertionError  # unreachable: _check raised
+        self._fail("meta.json", problem)
 
     def _check(self, good: bool, name: str, problem: str) -> None:
         if not good:
-            raise CacheError(
-                f"token cache {self.folder} is damaged: {name} {problem}: delete the folder "
-                "(onlinemix tokenizes the domain again at the next open, or run onlinemix verify to check the rest)"
-            )
+            self._fail(name, problem)
+
+    def _fail(self, name: str, problem: str) -> NoReturn:
+        raise CacheError(
+            f"token cache {self.folder} is damaged: {name} {problem}: delete the folder "
+            "(onlinemix tokenizes the domain again at the next open, or run onlinemix verify to check the rest)"
+        )
 
     def verify(self, how: str = "full") -> None:
         """Check ``tokens.bin`` and ``documents.npy`` against their recorded CRC-32s (``how``: ``"full"``, or

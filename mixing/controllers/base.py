@@ -54,7 +54,7 @@ class Controller:
             mixture far from the prior the user chose. A proposal outside is pulled back along the geodesic
             ``w_τ ∝ initial^(1-τ) · w^τ`` to the boundary (``τ`` by bisection on the device, no host sync).
             For scale: 70% of the weight on one of 7 domains (the rest even) is 0.80 nats from uniform,
-            90% is 1.47, 50% is 0.35. Smaller is safer and moves less.
+            90% is 1.44, 50% is 0.35. Smaller is safer and moves less.
         graph: replay ``observe()`` and ``step()`` as CUDA graphs (CUDA only):
             a few launches per call instead of tens, so the host spends
             microseconds per step whatever the controller does. Each new input
