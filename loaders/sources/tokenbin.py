@@ -132,9 +132,8 @@ class TokenBinSource(Source):
         file with the recorded checksums (a same-size edit that kept the file's mtime and missed the digest's
         sampled blocks is found only there).
         """
-        entry = cache_entry(cache_root(cache_dir), "tokenbin-scan", [SCAN_VERSION, str(self.path.resolve())])
         # The modification time too: a same-size edit between the sampled blocks of a touched file is scanned again.
-        cached, stamp = entry.with_suffix(".json"), [*file_stamp(self.path), self.path.stat().st_mtime_ns]
+        cached, stamp = self._scan_record(cache_dir), [*file_stamp(self.path), self.path.stat().st_mtime_ns]
         record = _read_json(cached)
         if record is not None and record.get("stamp") == stamp and record.get("dtype") == self.dtype.name:
             return record
@@ -151,6 +150,11 @@ class TokenBinSource(Source):
             pass  # an unwritable cache: scan again next time
         return record
 
+    def _scan_record(self, cache_dir: str | Path | None) -> Path:
+        """Where ``scan`` keeps its result for this file: keyed by the file's path, checked by its stamp."""
+        entry = cache_entry(cache_root(cache_dir), "tokenbin-scan", [SCAN_VERSION, str(self.path.resolve())])
+        return entry.with_suffix(".json")
+
     def max_token(self, cache_dir: str | Path | None = None) -> int:
         """The largest token id in the file (from ``scan``)."""
         return int(self.scan(cache_dir)["max"])
@@ -164,8 +168,7 @@ class TokenBinSource(Source):
             raise SourceError(
                 f"{self.path}: 16 MiB chunk {chunk} fails the checksum recorded when the file was first scanned "
                 "(corrupted, or rewritten in place at the same size): restore the file, or delete the record "
-                f"{cache_entry(cache_root(cache_dir), 'tokenbin-scan', [SCAN_VERSION, str(self.path.resolve())])}"
-                ".json if the new content is right"
+                f"{self._scan_record(cache_dir)} if the new content is right"
             )
 
     def fingerprint(self) -> dict:
