@@ -407,3 +407,12 @@ def test_jsonl_documents_tokenized_in_a_verified_cache_are_the_texts(mixture, tm
     write_config(tmp_path, verify="full")
     source = MixedDataset.from_config(mixture).sources[1]
     assert bytes(source.record(0)[:8].astype(np.uint8)) == b"abc abc "
+
+
+def test_a_bad_verify_or_vocab_size_is_a_config_error_naming_the_key(mixture, tmp_path):
+    write_config(tmp_path, verify="always")
+    with pytest.raises(ConfigError, match=r"verify must be one of lengths, sampled, full, got 'always'"):
+        MixtureConfig.load(mixture)
+    write_config(tmp_path, vocab_size=0)
+    with pytest.raises(ConfigError, match=r"vocab_size must be >= 1, got 0"):
+        MixtureConfig.load(mixture)

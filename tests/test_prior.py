@@ -141,3 +141,9 @@ def test_dga_with_averaged_alignments_resumes_exactly():
             c.observe_alignment(alignment)
             c.step()
     assert torch.equal(a.weights, b.weights)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_dga_alignment_ema_must_be_in_0_1(value):
+    with pytest.raises(ValueError, match=r"0 <= alignment_ema < 1; got 1.0, 0.9, 1, " + str(value)):
+        DGAController(PRIOR, alignment_ema=value)
