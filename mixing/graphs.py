@@ -85,7 +85,7 @@ class ControllerGraphs:
 
     def _capture(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
         controller = self.controller
-        state = [controller.stats.table, controller.weights, *controller.extra_state().values()]
+        state = [controller.stats.table, controller.weights, controller.epochs, *controller.extra_state().values()]
         saved = [tensor.clone() for tensor in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

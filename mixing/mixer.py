@@ -153,6 +153,8 @@ class OnlineMixer:
             raise ValueError(f"sync={sync!r} needs torch.distributed to be initialised")
         self.controller, self.dataset, self.lag, self.nonfinite = controller, dataset, lag, nonfinite
         self.sync, self.group, self.check_every = sync, group, check_every
+        # the controller's repeat budget counts epochs by the samples each optimizer step draws
+        controller.count_epochs(dataset.spec.global_batch_size * accumulation, dataset.spec.sizes.tolist())
         initial = controller.weights.detach().double().cpu().numpy()
         self.channel = WeightsChannel(initial, timeout=timeout)
         dataset.schedule = VersionedSchedule(self.channel, lag, accumulation)
@@ -232,6 +234,18 @@ class OnlineMixer:
         """Feed per-sample (or per-token with ``mask``) losses and the batch's ``domain`` ids."""
         self._raise_failure()
         self.controller.observe(losses, domains, mask, **signals)
+
+    def observe_heldout(self, losses: torch.Tensor) -> None:
+        """Feed each domain's loss on held-out windows of its own (``(k,)``, NaN where not measured): the
+        controller's memorisation guard (``Controller.observe_heldout``). With ``sync="all_reduce"`` the ranks'
+        values are averaged (one collective), so each rank may score its own share of the windows."""
+        self._raise_failure()
+        losses = torch.as_tensor(losses, dtype=torch.float32, device=self.controller.device)
+        if self.sync == "all_reduce":
+            losses = losses.clone()
+            dist.all_reduce(losses, group=self.group)
+            losses /= dist.get_world_size(self.group)
+        self.controller.observe_heldout(losses)
 
     def step(self) -> torch.Tensor:
         """Update the weights once (after the optimizer step) and publish them as the next version."""
@@ -358,10 +372,16 @@ class OnlineMixer:
             warnings.warn(
                 f"step {version}: domain {self.dataset.names[d]!r} ({spec.sizes[d]:,} samples) has been drawn about "
                 f"{self._epochs[d]:.0f} epochs over (its weight is now {weights[d]:.3f}): repeated this often, a small "
-                "domain is memorised. Cap it with max_epochs in the mixture file (or hold out what the controller "
-                "aligns with)",
+                f"domain is memorised. {self._budget_note()}Cap it with max_epochs in the mixture file (or hold out "
+                "what the controller aligns with)",
                 stacklevel=2,
             )
+
+    def _budget_note(self) -> str:
+        budget = self.controller.repeat_budget
+        if budget is None or not self.controller.adaptive:
+            return ""
+        return f"The controller holds it at most at its starting weight from {budget:g} epochs (repeat_budget). "
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -127,6 +127,12 @@ class OnlineMixing:
             signals["importance"] = batch["importance"].to(losses.device, torch.float32, non_blocking=True)
         self.mixer.observe(losses, domains, mask, **signals)
 
+    def observe_heldout(self, losses: torch.Tensor) -> None:
+        """Feed each domain's loss on held-out windows of its own (``(k,)``, in ``names`` order; NaN where not
+        measured), every few steps: a domain whose held-out loss rises is being memorised, and the controller
+        stops giving it more than its starting weight (``Controller.observe_heldout``)."""
+        self.mixer.observe_heldout(losses)
+
     def step(self) -> torch.Tensor:
         """One weight update, after each optimizer step (not each micro-batch)."""
         return self.mixer.step()

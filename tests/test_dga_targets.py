@@ -3,7 +3,8 @@
 A tiny GPT learns a rule (``next = 5 * previous + 3 mod 64``, 30% noise) from a tiny "specific" set (8
 sequences), a large noisier set of the same rule, and a large set of another rule. Aligning DGA with the
 specific set's own samples makes it pour the weight onto them and the model memorises them; the mixer
-says so. Aligning with held-out sequences of the rule and capping the specific set's repeats keeps it useful.
+says so, and the controller's repeat budget holds the set at its starting weight once it has been drawn 16
+times over. Aligning with held-out sequences of the rule and capping the specific set's repeats keeps it useful.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from tiny_gpt import TinyGPT
 
 VOCAB, SEQ_LEN, STEPS = 64, 16, 240
+UNBOUNDED = {"repeat_budget": None, "trust_region": None}  # neither guard: the failure mode as it was
 
 
 def rule(n: int, multiply: int, add: int, noise: float, seed: int) -> np.ndarray:
@@ -59,12 +61,13 @@ def window_loss(model, windows: torch.Tensor) -> torch.Tensor:
     return per_sample_loss(model(windows[:, :-1]), windows[:, 1:]).mean()
 
 
-def train(config: Path, sets: dict, align: np.ndarray, target: torch.Tensor):
-    """DGA every 5 steps, aligned with ``align``; returns the final weights, the target loss curve, the warnings."""
+def train(config: Path, sets: dict, align: np.ndarray, target: torch.Tensor, **options):
+    """DGA every 5 steps, aligned with ``align``; returns the final weights, the target loss curve, the number of
+    specific samples drawn, the warnings. ``options`` go to the controller."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     dataset = MixedDataset.from_config(config, num_batches=STEPS)
-    controller = DGAController(torch.full((3,), 1 / 3), eta=10.0, ema=0.5, every=5, min_prob=0.01)
+    controller = DGAController(torch.full((3,), 1 / 3), eta=10.0, ema=0.5, every=5, min_prob=0.01, **options)
     mixer = OnlineMixer(controller, dataset, lag=1)
     model = TinyGPT(VOCAB, SEQ_LEN, width=32, layers=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -92,15 +95,26 @@ def train(config: Path, sets: dict, align: np.ndarray, target: torch.Tensor):
 
 def test_dga_aligned_with_its_own_training_domain_pours_the_weight_onto_it_and_the_mixer_says_so(data):
     root, sets, _, target = data
-    weights, _, drawn, messages = train(root / "free.yaml", sets, sets["specific"], target)
+    weights, _, drawn, messages = train(root / "free.yaml", sets, sets["specific"], target, **UNBOUNDED)
     assert weights[2] > 0.9  # the failure mode: alignment of a set with itself is its gradient's squared norm
     assert drawn > 100 * 8  # the 8 sequences, drawn over a hundred epochs
     assert any("domain 'specific' (8 samples) has been drawn about" in m and "max_epochs" in m for m in messages)
 
 
+def test_the_repeat_budget_holds_a_chased_small_domain_at_its_starting_weight(data):
+    root, sets, _, target = data
+    collapsed = train(root / "free.yaml", sets, sets["specific"], target, **UNBOUNDED)
+    budget_alone = {"trust_region": None}  # the default budget (16 epochs), without DGA's default trust region
+    weights, curve, drawn, messages = train(root / "free.yaml", sets, sets["specific"], target, **budget_alone)
+    assert weights[2] == pytest.approx(1 / 3, abs=1e-4)  # held at its start once past 16 epochs
+    assert drawn < collapsed[2] / 2
+    assert curve[-1] < collapsed[1][-1] - 0.3  # far better on the held-out target than the collapsed run
+    assert any("holds it at most at its starting weight from 16 epochs (repeat_budget)" in m for m in messages)
+
+
 def test_dga_aligned_with_held_out_data_and_a_repeat_cap_keeps_the_specific_set_useful(data):
     root, sets, align, target = data
-    free = train(root / "free.yaml", sets, sets["specific"], target)
+    free = train(root / "free.yaml", sets, sets["specific"], target, **UNBOUNDED)
     _, curve, drawn, messages = train(root / "capped.yaml", sets, align, target)
     assert drawn == 4 * 8  # max_epochs 4 of 8 sequences, then the domain drops out of the plan
     assert curve[-1] < free[1][-1] - 0.3  # far better on the held-out target than the collapsed run

@@ -53,8 +53,9 @@ def test_odm_excludes_a_domain_its_prior_leaves_out():
 
 
 def proposal_of(alignment: torch.Tensor, **options) -> tuple[DGAController, torch.Tensor]:
-    """A DGA controller after one step with ``alignment`` (η = 1, no EMA: the proposal is softmax(log μ + a))."""
-    c = DGAController(PRIOR, eta=1.0, ema=0.0, **options)
+    """A DGA controller after one step with ``alignment`` (η = 1, no EMA: the proposal is softmax(log μ + a));
+    without a trust region unless ``options`` gives one."""
+    c = DGAController(PRIOR, eta=1.0, ema=0.0, **{"trust_region": None, **options})
     c.observe_alignment(alignment)
     return c, c.step()
 
@@ -81,14 +82,16 @@ def test_outside_the_trust_region_a_proposal_is_pulled_back_to_its_boundary_alon
 
 
 def test_a_trust_region_keeps_a_long_run_near_the_prior_where_it_would_collapse():
-    free = DGAController(PRIOR, eta=1.0, ema=0.0)
+    free = DGAController(PRIOR, eta=1.0, ema=0.0, trust_region=None)
     bounded = DGAController(PRIOR, eta=1.0, ema=0.0, trust_region=0.1)
+    default = DGAController(PRIOR, eta=1.0, ema=0.0)  # DGA's own: 0.5 nats
     for _ in range(30):
-        for c in (free, bounded):
+        for c in (free, bounded, default):
             c.observe_alignment(torch.tensor([1.0, 0.0, 0.0]))
             c.step()
     assert free.weights[0] > 0.999
     assert kl(bounded.weights, PRIOR) == pytest.approx(0.1, abs=1e-4) and bounded.weights[0] < 0.8
+    assert kl(default.weights, PRIOR) == pytest.approx(0.5, abs=1e-4) and default.weights[0] < 0.96
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "wide"])

@@ -69,13 +69,30 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     argv = ["--out", str(tmp_path), "--scenarios", "targeted+specific", "--seeds", "2", "--steps", "12"]
     assert run.main([*argv, "--workers", "1"]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    for method in ("uniform", "proportional", "closest", "dga", "importance", "doremi-target"):
-        assert f"| {method} | " in summary, method
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in summary.splitlines() if line.startswith("| ")}
+    for method in ("uniform", "proportional", "closest", "odm", "ado", "doremi", "dga", "importance", "doremi-target"):
+        assert method in rows, method
+    # compute, in plain runs: a static run is one; DGA adds its alignment gradients and the guard's probes;
+    # DoReMi adds a forward of its reference per step and the uniform run that made the reference
+    compute = {method: float(row[6]) for method, row in rows.items() if method != "method"}
+    assert compute["uniform"] == compute["closest"] == 1.0
+    steps, batch, k = 12, data.GLOBAL_BATCH, 7  # one alignment (step 10: 32 windows a domain, 64 of the target)
+    probes = 32 * k  # the guard: 32 windows a domain, a forward each, at step 10 (of 12)
+    plain = steps * batch * 3
+    assert compute["dga"] == pytest.approx(round((plain + 3 * (32 * k + 64) + probes) / plain, 2), abs=0.006)
+    assert compute["doremi"] == pytest.approx(round(1 + (plain + steps * batch + probes) / plain, 2), abs=0.006)
+    reference = (run.REFERENCE_STEPS * 32 * 3 + 16) / plain  # 50 steps of 32 windows, one validation of 16
+    assert compute["doremi-target"] == pytest.approx(
+        round(1 + (steps * batch + probes) / plain + reference, 2), abs=0.006
+    )
+    assert compute["proxy-dga"] == 1.25  # the replay, and the proxy: a quarter of the steps, no alignment yet
+    assert "vs uniform (paired)" in summary and rows["uniform"][4] == "+0.0000 ± 0.0000"
     assert "the bar" in summary and ("meets the 0.75x bar" in summary or "0.75x bar is not met" in summary
                                      or "does not meet the 0.75x bar" in summary)  # fmt: skip
     assert (tmp_path / "targeted+specific.png").stat().st_size > 10_000
     runs = sorted((tmp_path / "runs" / "targeted+specific").rglob("*.json"))
-    assert len(runs) == 6 * 2 + 6 + 1  # every method on both seeds, the grid on seed 0, its best on seed 1
+    # every method on both seeds, the proxy workflow's short run and replay on both, the grid on seed 0, its best on 1
+    assert len(runs) == 9 * 2 + 2 * 2 + 6 + 1
     capsys.readouterr()
     assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
     assert "runs to train" not in capsys.readouterr().out

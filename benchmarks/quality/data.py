@@ -13,6 +13,9 @@ Layout under ``DIR`` (written once; ``build`` skips what exists)::
     target/specific.bin .jsonl    a small specific set of the target's kind (SPECIFIC_BYTES)
     target/align.bin              another such set, never trained on: what DGA aligns with, and
                                   where a target reference model is validated
+    target/small-specific.bin     a smaller specific set (SMALL_SPECIFIC_BYTES, part of specific.bin) and a
+    target/small-align.bin        few KB held out beside it (SMALL_ALIGN_BYTES, part of align.bin): the
+                                  small-specific scenario, where the fastest-falling loss is memorisation
     clusters/c000.bin ...         the many-domains scenario: CLUSTERS clusters of documents
     clusters.json                 each cluster's size and what its documents are
     <scenario>.yaml               each scenario's mixture file
@@ -44,6 +47,7 @@ GENERAL = {  # training domain -> its corpus and the most training text it gets 
 HELDOUT_SHARE = 0.15  # of each corpus's documents, by name hash
 HELDOUT_BYTES = 300_000
 SPECIFIC_BYTES = 40_000
+SMALL_SPECIFIC_BYTES, SMALL_ALIGN_BYTES = 16_000, 5_000
 CLUSTERS = 256
 CLUSTER_POOL = {  # corpus -> bytes of its training documents that go into the pool of the many-domains scenario
     "code": 800_000,
@@ -98,13 +102,22 @@ def _domain(name: str, path: str, **extra) -> dict:
 
 
 def _mixture(path: Path, domains: list[dict], seed: int = 0) -> None:
-    config = {"seed": seed, "global_batch_size": GLOBAL_BATCH, "seq_len": SEQ_LEN, "domains": domains}
+    config = {
+        "seed": seed,
+        "global_batch_size": GLOBAL_BATCH,
+        "seq_len": SEQ_LEN,
+        "vocab_size": TOKENIZER.vocab_size,
+        "domains": domains,
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+VERSION = "2"  # bumped when the data changes: an older folder is built again
 
 
 def build(root: Path, log=print) -> Path:
     """Write every scenario's data under ``root`` (once); returns ``root``."""
-    if (root / "done").exists():
+    if (root / "done").exists() and (root / "done").read_text().split()[-1] == VERSION:
         return root
     root.mkdir(parents=True, exist_ok=True)
     loaded = {name: corpora.load(name) for name in {*(c for c, _ in GENERAL.values()), *CLUSTER_POOL}}
@@ -125,6 +138,8 @@ def build(root: Path, log=print) -> Path:
     write_bin(root / "target" / "heldout.bin", german_heldout)
     write_bin(root / "target" / "specific.bin", specific)
     write_bin(root / "target" / "align.bin", align)
+    write_bin(root / "target" / "small-specific.bin", take(specific, SMALL_SPECIFIC_BYTES))
+    write_bin(root / "target" / "small-align.bin", take(align, SMALL_ALIGN_BYTES))
     with open(root / "target" / "specific.jsonl", "w") as file:
         for _, text in specific:
             file.write(json.dumps({"text": text}) + "\n")
@@ -152,11 +167,12 @@ def build(root: Path, log=print) -> Path:
     _mixture(root / "general.yaml", general)
     _mixture(root / "targeted.yaml", general)
     _mixture(root / "targeted+specific.yaml", [*general, _domain("specific", "target/specific.bin")])
+    _mixture(root / "small-specific.yaml", [*general, _domain("specific", "target/small-specific.bin")])
     # Every cluster capped at MAX_EPOCHS: a method that pours weight onto one small cluster would otherwise
     # repeat it dozens of times and memorise it (the same cap for every method; uniform never reaches it).
     clusters = [_domain(c["name"], f"clusters/{c['name']}.bin", max_epochs=MAX_EPOCHS) for c in composition]
     _mixture(root / "many.yaml", clusters)
-    (root / "done").write_text("complete\n")
+    (root / "done").write_text(f"complete, version {VERSION}\n")
     return root
 
 

@@ -54,19 +54,35 @@ def run_task(task: dict) -> str:
         )  # fmt: skip
     else:
         scenario = suite.scenarios(root)[task["scenario"]]
-        chosen = suite.method(task["method"], scenario, task.get("weights"), task.get("initial"))
+        schedule = _stretched(Path(task["proxy"])) if task.get("proxy") else None
+        chosen = suite.method(task["method"], scenario, task.get("weights"), task.get("initial"), schedule)
         if task.get("config"):
             chosen.config = Path(task["config"])
+        if chosen.align:
+            chosen.align = str(root / chosen.align)
         heldout = {name: _heldout_path(root, name) for name in scenario.heldout}
         references = {name: Path(path) for name, path in task.get("references", {}).items()}
-        align = {"specific": root / "target/specific.bin", "align": root / "target/align.bin"}
+        probes = {name: root / path for name, path in scenario.domain_heldout.items()}
         save_model = Path(task["model"]) if task.get("model") else None
         history = trainer.train(
-            root / scenario.config, chosen, task["seed"], task["steps"], heldout, references, align, save_model,
+            root / scenario.config, chosen, task["seed"], task["steps"], heldout, references, probes, save_model,
             task["size"], task["device"],
         )  # fmt: skip
     trainer.save(history, out)
     return f"{out.relative_to(out.parents[3])}: {time.perf_counter() - started:.0f} s"
+
+
+def _stretched(proxy: Path) -> list:
+    """A proxy run's recorded weights as waypoints of a run ``PROXY_SHRINK`` times longer (from its start)."""
+    history = json.loads(proxy.read_text())
+    weights = history["weights"]
+    return [[0, weights[0][1]]] + [[step * suite.PROXY_SHRINK, w] for step, w in weights]
+
+
+def online_method(label: str) -> bool:
+    """Whether a result's weights move during the run (an online method, with or without the guard, or a proxy's
+    schedule)."""
+    return label.removesuffix(suite.UNGUARDED) in ONLINE or label.startswith(suite.PROXY)
 
 
 def _heldout_path(root: Path, name: str) -> Path:
@@ -140,6 +156,12 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
                 if method == "doremi-target+prior":
                     task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]
                 (second if method.startswith("doremi") else first).append(task)
+            if scenario.proxy is not None:  # the proxy workflow: a short run first, then its schedule replayed
+                proxy = runs / name / "proxies" / f"{scenario.proxy}-seed{seed}.json"
+                first.append({**base, "method": scenario.proxy, "steps": args.steps // suite.PROXY_SHRINK,
+                              "out": str(proxy)})  # fmt: skip
+                second.append({**base, "method": scenario.proxy_label, "proxy": str(proxy),
+                               "out": str(runs / name / scenario.proxy_label / f"seed{seed}.json")})  # fmt: skip
             if seed == 0:
                 for point, weights in scenario.grid.items():
                     first.append({**base, "method": f"grid: {point}", "weights": weights,
@@ -227,6 +249,28 @@ def load_runs(out: Path, scenario: suite.Scenario, label: str, seeds: int) -> li
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
+def compute(out: Path, scenario: suite.Scenario, label: str, histories: list[dict], steps: int) -> float:
+    """What one result of ``label`` cost to train, in plain runs (``steps`` steps of the global batch, forward and
+    backward): its own run (with what the method adds each step: reference forwards, alignment gradients, the
+    guard's probes) plus what it needs first: the grid's search for the bar, a reference model for DoReMi."""
+    plain = steps * suite_data.GLOBAL_BATCH * trainer.FORWARD_BACKWARD
+    own = float(np.mean([h["compute"] for h in histories])) / plain
+    if label.startswith("grid: "):  # the bar: every point searched on seed 0, uniform and proportional included
+        searched = [f"grid: {point}" for point in scenario.grid] + ["uniform", "proportional"]
+        return sum(load_runs(out, scenario, name, 1)[0]["compute"] for name in searched) / plain
+    if label.startswith(suite.PROXY):  # the short run that made the schedule, trained first
+        folder = out / "runs" / scenario.name / "proxies"
+        proxies = [folder / f"{scenario.proxy}-seed{s}.json" for s in range(len(histories))]
+        short = [json.loads(p.read_text())["compute"] for p in proxies if p.exists()]
+        return own + float(np.mean(short)) / plain
+    if label.startswith("doremi-target"):  # a model of the specific set, trained first
+        references = sorted((out / "runs" / "references").glob("target-seed*.json"))
+        return own + json.loads(references[0].read_text())["compute"] / plain
+    if label.startswith("doremi"):  # its reference: the uniform mixture's model, a whole run
+        return own + 1.0
+    return own
+
+
 def best_grid_point(out: Path, scenario: suite.Scenario) -> str:
     finals = {}
     for point in scenario.grid:
@@ -245,7 +289,8 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
     and the steps its mean curve needs to reach the bar."""
     best = best_grid_point(out, scenario)
     best_label = best if best in ("uniform", "proportional") else f"grid: {best}"
-    labels = [*scenario.methods, *([best_label] if best_label not in scenario.methods else [])]
+    labels = [*scenario.methods, *([scenario.proxy_label] if scenario.proxy else [])]
+    labels += [best_label] if best_label not in labels else []
     results = {label: load_runs(out, scenario, label, seeds) for label in labels}
     bar_finals = np.array([objective(h, scenario)[1][-1] for h in results[best_label]])
     bar = float(bar_finals.mean())
@@ -256,13 +301,18 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
         f"Objective: {what} (nats per byte, {trainer.EVAL_WINDOWS} windows per set), after {steps} steps; "
         f"mean ± standard deviation over {seeds} seeds. **The bar**: the final objective of the best static "
         f"mixture (**{best}**, the best of {len(scenario.grid) + 2} searched on seed 0, then run on every seed), "
-        f"{bar:.4f}. *vs bar*: the difference with the bar's run of the same seed (model initialisation and "
-        "sample order), mean ± standard deviation. *Steps to the bar*: where the mean curve over seeds first "
-        "reaches it (interpolated between evaluations), and on how many seeds each run's own curve does.",
+        f"{bar:.4f}. *vs bar*, *vs uniform*: the difference with that method's run of the same seed (model "
+        "initialisation and sample order), mean ± standard deviation. *Steps to the bar*: where the mean curve "
+        "over seeds first reaches it (interpolated between evaluations), and on how many seeds each run's own "
+        "curve does. *Compute*: training compute in plain runs, counting what the method needs first (the "
+        "grid's search, a reference model) and what it adds each step (alignment gradients, reference forwards, "
+        "the memorisation guard's probes).",
         "",
-        "| method | kind | final objective | vs bar (paired) | steps to the bar | time per run |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | kind | final objective | vs bar (paired) | vs uniform (paired) | steps to the bar | compute "
+        "| time per run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    uniform_finals = np.array([objective(h, scenario)[1][-1] for h in results.get("uniform", [])])
     rows, ratios = [], {}
     for label, histories in results.items():
         if not histories:
@@ -271,6 +321,7 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
         eval_steps = objective(histories[0], scenario)[0]
         finals = curves[:, -1]
         paired = finals - bar_finals[: len(finals)]
+        versus_uniform = finals[: len(uniform_finals)] - uniform_finals[: len(finals)]
         reached = steps_to_reach(eval_steps, curves.mean(axis=0), bar)
         seeds_reaching = sum(steps_to_reach(eval_steps, curve, bar) is not None for curve in curves)
         if reached is None:
@@ -278,14 +329,14 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
         else:
             ratios[label] = reached / steps
             when = f"{reached:.0f} ({reached / steps:.2f}x; {seeds_reaching}/{len(curves)} seeds)"
-        kind = "online" if label in ONLINE else "static"
+        kind = "proxy" if label.startswith(suite.PROXY) else "online" if online_method(label) else "static"
         spread = f" ± {finals.std(ddof=1):.4f}" if len(finals) > 1 else ""
-        paired_spread = f" ± {paired.std(ddof=1):.4f}" if len(paired) > 1 else ""
         seconds = np.mean([h["seconds"] for h in histories])
-        rows.append((finals.mean(), f"| {label} | {kind} | {finals.mean():.4f}{spread} | {paired.mean():+.4f}"
-                     f"{paired_spread} | {when} | {seconds:.0f} s |"))  # fmt: skip
+        cost = compute(out, scenario, label, histories, steps)
+        rows.append((finals.mean(), f"| {label} | {kind} | {finals.mean():.4f}{spread} | {_paired(paired)} | "
+                     f"{_paired(versus_uniform)} | {when} | {cost:.2f} | {seconds:.0f} s |"))  # fmt: skip
     lines += [row for _, row in sorted(rows)]
-    online = {label: ratio for label, ratio in ratios.items() if label in ONLINE}
+    online = {label: ratio for label, ratio in ratios.items() if online_method(label)}
     if online:
         label = min(online, key=online.get)
         verdict = "meets" if online[label] <= 0.75 else "does not meet"
@@ -301,13 +352,21 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
     return "\n".join(lines)
 
 
+def _paired(differences: np.ndarray) -> str:
+    """``mean ± sd`` of paired differences (just the mean for one seed, a dash for none)."""
+    if not len(differences):
+        return "–"
+    spread = f" ± {differences.std(ddof=1):.4f}" if len(differences) > 1 else ""
+    return f"{differences.mean():+.4f}{spread}"
+
+
 def plot(out: Path, scenario: suite.Scenario, results: dict[str, list[dict]], bar: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    online = [label for label in results if label in ONLINE and results[label]]
+    online = [label for label in results if online_method(label) and results[label]]
     figure, axes = plt.subplots(1, 1 + len(online), figsize=(5 * (1 + len(online)), 4), squeeze=False)
     axes = axes[0]
     for label, histories in results.items():
@@ -342,10 +401,10 @@ def plot(out: Path, scenario: suite.Scenario, results: dict[str, list[dict]], ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    chosen = ["general", "targeted", "targeted+specific", "many"]
+    chosen = ["general", "targeted", "targeted+specific", "small-specific", "many"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="results folder (default runs/quality)")
-    parser.add_argument("--scenarios", nargs="+", default=chosen, choices=chosen, help="default: all four")
+    parser.add_argument("--scenarios", nargs="+", default=chosen, choices=chosen, help="default: all five")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
     parser.add_argument("--workers", type=int, help="runs at a time (default: one per core; 1 on a GPU)")

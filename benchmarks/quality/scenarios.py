@@ -4,6 +4,9 @@
 - ``targeted``: the same six domains; the objective is the held-out loss of a target none of them is
   (German manual pages), given only a small specific set of it to align with (DGA, importance).
 - ``targeted+specific``: the same, with the specific set also a training domain (it can be memorised).
+- ``small-specific``: the same with a specific set of 16 KB and 5 KB held out beside it to align with: drawn
+  at the uniform mixture's rate it is seen about ten times over, and the domain whose training loss falls
+  fastest is the one being memorised.
 - ``many``: 256 clusters of documents of every corpus; the objective is the same target: a method must
   find the few clusters of German manual pages (a bandit over clusters).
 
@@ -32,6 +35,7 @@ from onlinemix import (
     DoReMiController,
     MixedDataset,
     ODMController,
+    ScheduledController,
     StaticController,
 )
 
@@ -44,6 +48,15 @@ class Scenario:
     heldout: list[str]  # every held-out set evaluated
     methods: list[str]  # the online methods (and named baselines), one run per seed
     grid: dict[str, list[float]] = field(default_factory=dict)  # static grid points, by name
+    align: str = "target/align.bin"  # the target sample DGA aligns with (never trained on)
+    # each training domain's own held-out set (the memorisation guard's probes), by domain name
+    domain_heldout: dict[str, str] = field(default_factory=dict)
+    proxy: str | None = None  # the online method whose short run's schedule the proxy workflow replays
+
+    @property
+    def proxy_label(self) -> str | None:
+        """The proxy workflow's name in the tables (``None`` where the scenario has none)."""
+        return None if self.proxy is None else f"{PROXY}{self.proxy}"
 
 
 def sizes(dataset: MixedDataset) -> torch.Tensor:
@@ -89,6 +102,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
     many-domains scenario once its importance estimator is fitted there."""
     names = list(GENERAL)
     k = len(names)
+    own = {name: f"heldout/{name}.bin" for name in names}  # the general domains' held-out sets
     general_sizes = [_tokens(root / "train" / f"{name}.bin") for name in names]
     general = Scenario(
         "general",
@@ -96,6 +110,8 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         objective=names,
         heldout=names,
         methods=["uniform", "proportional", "odm", "doremi", "ado"],
+        domain_heldout=own,
+        proxy="odm",
         grid={
             "T=2": temperature(general_sizes, 2),
             "T=4": temperature(general_sizes, 4),
@@ -107,7 +123,10 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "targeted.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "closest", "dga", "importance", "doremi-target"],
+        methods=["uniform", "proportional", "closest", *TARGET_BLIND, "dga", "importance", "doremi-target"],
+        align="target/specific.bin",
+        domain_heldout=own,
+        proxy="dga",
         grid={f"1/2 {name}": emphasis(k, i, 0.5) for i, name in enumerate(names)}
         | {"all po-de": emphasis(k, names.index("po-de"), 1.0)},
     )
@@ -116,8 +135,21 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "targeted+specific.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "closest", "dga", "importance", "doremi-target"],
+        methods=["uniform", "proportional", "closest", *TARGET_BLIND, "dga", "importance", "doremi-target"],
+        domain_heldout=own | {"specific": "target/align.bin"},
+        proxy="dga",
         grid={f"specific {share}": emphasis(k + 1, k, share) for share in (0.05, 0.1, 0.2, 0.4, 0.7, 0.85)},
+    )
+    small_specific = Scenario(
+        "small-specific",
+        "small-specific.yaml",
+        objective=["target"],
+        heldout=["target"],
+        methods=["uniform", "proportional", *TARGET_BLIND, "dga", "ado-unguarded", "dga-unguarded"],
+        align="target/small-align.bin",
+        domain_heldout=own | {"specific": "target/small-align.bin"},
+        proxy="dga",
+        grid={f"specific {share}": emphasis(k + 1, k, share) for share in (0.05, 0.25, 0.4, 0.7)},
     )
     clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
     cluster_sizes = [_tokens(root / domain["path"]) for domain in clusters]
@@ -126,7 +158,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "many.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "odm", "doremi-target", "doremi-target+prior", "importance"],
+        methods=["uniform", "proportional", *TARGET_BLIND, "doremi-target", "doremi-target+prior", "importance"],
         grid={"T=2": temperature(cluster_sizes, 2), "T=4": temperature(cluster_sizes, 4)},
     )
     estimator = None if results is None else results / "importance" / "many" / "est.npz"
@@ -136,7 +168,13 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         fitted = ImportanceEstimator.load(estimator)
         kl = [fitted.divergence(domain["name"]) for domain in clusters]
         many.grid.update({f"DSIR prior, ~{n} clusters": target_prior(kl, n) for n in (8, 32, 128)})
-    return {s.name: s for s in (general, targeted, with_specific, many)}
+    return {s.name: s for s in (general, targeted, with_specific, small_specific, many)}
+
+
+def _without_guards(controller: Controller) -> Controller:
+    """``controller`` with neither a repeat budget nor a trust region (the probes are the trainer's to leave out)."""
+    controller.repeat_budget, controller.trust_region = None, None
+    return controller
 
 
 def _tokens(path: Path) -> int:
@@ -145,19 +183,36 @@ def _tokens(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- methods
 
+UNGUARDED = "-unguarded"
+PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
+PROXY_SHRINK = 4
+TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
 DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
 
 
 def method(
-    name: str, scenario: Scenario, grid_weights: list[float] | None = None, initial: list[float] | None = None
+    name: str,
+    scenario: Scenario,
+    grid_weights: list[float] | None = None,
+    initial: list[float] | None = None,
+    schedule: list | None = None,
 ) -> Method:
     """The ``Method`` a name stands for in ``scenario`` (grid points: ``grid_weights``; ``initial``: the weights
-    an online method starts from, where it does not start uniform)."""
+    an online method starts from, where it does not start uniform; ``schedule``: a proxy run's recorded weights,
+    ``[[step, weights], ...]`` on the target run's steps)."""
 
     def build(cls: type, start=uniform, **options) -> Callable[[MixedDataset, str], Controller]:
         return lambda dataset, device: cls(start(dataset), device=device, **options)
 
+    if name.endswith(UNGUARDED):  # the controller as it was: no probes, no repeat budget, no trust region
+        chosen = method(name.removesuffix(UNGUARDED), scenario, grid_weights, initial)
+        chosen.name, chosen.guarded = name, False
+        controller = chosen.controller
+        chosen.controller = lambda dataset, device: _without_guards(controller(dataset, device))
+        return chosen
+    if schedule is not None:  # the proxy workflow: a short run's schedule, stretched to this run
+        return Method(name, lambda dataset, device: ScheduledController(schedule, device=device))
     if grid_weights is not None:  # a static mixture
         return Method(name, build(StaticController, lambda dataset: torch.tensor(grid_weights)))
     if name == "uniform":
@@ -165,17 +220,17 @@ def method(
     if name == "proportional":
         return Method(name, build(StaticController, proportional))
     if name == "odm":
-        return Method(name, build(ODMController, warmup=50))
+        return Method(name, build(ODMController, warmup=50), guarded=True)
     if name == "ado":  # its prior μ: the objective's own weighting of the domains (here: all equal)
-        return Method(name, build(ADOController, warmup=100))
+        return Method(name, build(ADOController, warmup=100), guarded=True)
     if name == "doremi":  # the reference model: the uniform mixture's, as in the DoReMi paper
-        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="uniform")
+        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="uniform", guarded=True)
     if name == "doremi-target":  # excess loss over a model of the specific set (RHO-loss's reducible loss)
-        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="target")
+        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="target", guarded=True)
     if name == "doremi-target+prior":  # the same, starting from DSIR's prior (~32 clusters) instead of uniform
         start = torch.tensor(initial)
-        return Method(name, build(DoReMiController, lambda dataset: start, **DOREMI_OPTIONS), reference="target")
-    if name == "dga":  # aligned with the specific set, or, where that set is trained on, with the other one
-        align = "align" if "specific" in scenario.name else "specific"
-        return Method(name, build(DGAController, **DGA_OPTIONS), align=align)
+        controller = build(DoReMiController, lambda dataset: start, **DOREMI_OPTIONS)
+        return Method(name, controller, reference="target", guarded=True)
+    if name == "dga":  # aligned with a sample of the target that is never trained on
+        return Method(name, build(DGAController, **DGA_OPTIONS), align=scenario.align, guarded=True)
     raise ValueError(f"unknown method {name!r}")

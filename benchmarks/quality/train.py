@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,9 @@ SIZES = {"small": {"width": 64, "layers": 2, "heads": 4}, "large": {"width": 512
 LEARNING_RATE, WARMUP_STEPS = 3e-3, 50
 EVAL_WINDOWS = 512  # held-out windows per set, evenly spread over it
 EVAL_POINTS = 6  # evaluations per run, evenly spaced (the last at the final step)
+PROBE_WINDOWS, PROBE_EVERY = 32, 10  # the memorisation guard: fixed held-out windows per domain, every so many steps
+# Compute, in window passes: a forward pass of one window is 1, a backward 2 (the usual 1:2 of FLOPs).
+FORWARD, FORWARD_BACKWARD = 1, 3
 
 
 @dataclass
@@ -44,28 +47,36 @@ class Method:
     """How a run's weights are decided: a controller built from the dataset, and what it needs each step.
 
     ``controller(dataset, device)`` returns the controller (on ``device``); ``reference`` names the model
-    whose per-sample loss DoReMi subtracts; ``align`` names the set DGA aligns with (every ``align_every`` steps);
-    ``config`` replaces the scenario's mixture file (importance resampling writes its own).
+    whose per-sample loss DoReMi subtracts; ``align`` is the token-bin file DGA aligns with (every
+    ``align_every`` steps); ``config`` replaces the scenario's mixture file (importance resampling writes its own);
+    ``guarded``: the memorisation guard's held-out probes are fed to the controller (online methods).
     """
 
     name: str
     controller: Callable[[MixedDataset, str], Controller]
     reference: str | None = None
     align: str | None = None
+    guarded: bool = False
     align_every: int = 10
     config: Path | None = None
-    options: dict = field(default_factory=dict)
 
 
 class HeldOut:
-    """Fixed evaluation windows of held-out token-bin files: ``EVAL_WINDOWS`` per set, evenly spread over it."""
+    """Fixed evaluation windows of held-out token-bin files: ``count`` per set (default ``EVAL_WINDOWS``), evenly
+    spread over it."""
 
-    def __init__(self, sets: dict[str, Path], seq_len: int):
+    def __init__(self, sets: dict[str, Path], seq_len: int, count: int | None = None):
+        count = count or EVAL_WINDOWS
         self.windows = {}
         for name, path in sets.items():
             tokens = np.fromfile(path, dtype=np.uint16).astype(np.int64)
-            starts = np.linspace(0, len(tokens) - seq_len - 1, EVAL_WINDOWS).astype(np.int64)
+            starts = np.linspace(0, len(tokens) - seq_len - 1, count).astype(np.int64)
             self.windows[name] = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]))
+
+    @property
+    def size(self) -> int:
+        """Windows in all sets (one evaluation's forward passes)."""
+        return sum(len(windows) for windows in self.windows.values())
 
     @torch.no_grad()
     def evaluate(self, model: TinyGPT) -> dict[str, float]:
@@ -112,12 +123,16 @@ def train(
     steps: int,
     heldout: dict[str, Path],
     references: dict[str, Path],
-    align_sets: dict[str, Path],
+    probes: dict[str, Path],
     save_model: Path | None = None,
     size: str = "small",
     device: str = "cpu",
 ) -> dict:
-    """Train one run; returns its history."""
+    """Train one run; returns its history. ``probes``: each training domain's own held-out set, scored every
+    ``PROBE_EVERY`` steps for an online method's memorisation guard (``OnlineMixing.observe_heldout``).
+
+    The history's ``compute`` is the run's training compute in window passes (see ``FORWARD``), counting
+    what the method adds (reference forwards, alignment gradients, probes) but not the evaluations."""
     if device == "cpu":
         torch.set_num_threads(1)  # the suite runs one process per core
     mixture = MixtureConfig.load(method.config or config)
@@ -134,8 +149,11 @@ def train(
         reference.eval()
     generator = np.random.default_rng(seed)
     evaluation = HeldOut(heldout, mixture.seq_len)
+    probing = method.guarded and set(probes) >= set(dataset.names)
+    probe = HeldOut({name: probes[name] for name in dataset.names}, mixture.seq_len, PROBE_WINDOWS) if probing else None
+    compute = 0
     checkpoints = {round(steps * (i + 1) / EVAL_POINTS) for i in range(EVAL_POINTS)}
-    history = {"evals": [{"step": 0, "loss": evaluation.evaluate(model)}], "weights": []}
+    history = {"evals": [{"step": 0, "loss": evaluation.evaluate(model)}], "weights": [], "probes": []}
     started = time.perf_counter()
     for step, batch in enumerate(mixing):
         for group in optimizer.param_groups:
@@ -145,16 +163,24 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         optimizer.step()
+        compute += FORWARD_BACKWARD * len(ids)
         signals = {}
         if reference is not None:
             with torch.no_grad():
                 signals["reference"] = per_sample_loss(reference(ids), labels)
+            compute += FORWARD * len(ids)
         mixing.observe(losses.detach(), batch, **signals)
         if method.align is not None and (step + 1) % method.align_every == 0:
             per_domain = [windows(source.path, mixture.seq_len, 32, generator) for source in dataset.sources]
-            target = windows(align_sets[method.align], mixture.seq_len, 64, generator)
+            target = windows(Path(method.align), mixture.seq_len, 64, generator)
             alignment = gradient_alignment(model, window_loss, per_domain, target, cosine=True)
             mixer.controller.observe_alignment(alignment)
+            compute += FORWARD_BACKWARD * (sum(map(len, per_domain)) + len(target))
+        if probe is not None and (step + 1) % PROBE_EVERY == 0:
+            scored = list(probe.evaluate(model).values())  # in the dataset's domain order
+            mixing.observe_heldout(torch.tensor(scored))
+            history["probes"].append([step + 1, scored])
+            compute += FORWARD * probe.size
         weights = mixing.step()
         if (step + 1) % max(1, steps // 50) == 0:
             history["weights"].append([step + 1, weights.tolist()])
@@ -162,6 +188,7 @@ def train(
             history["evals"].append({"step": step + 1, "loss": evaluation.evaluate(model)})
     history["seconds"] = time.perf_counter() - started
     history["names"] = dataset.names
+    history["compute"] = compute
     mixing.close()
     if save_model is not None:
         save_model.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +214,7 @@ def train_reference(
     generator = np.random.default_rng(seed)
     validation = HeldOut({"align": align}, seq_len)
     best, history = math.inf, []
+    compute = steps * 32 * FORWARD_BACKWARD + steps // 50 * validation.size * FORWARD
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps)
@@ -201,7 +229,7 @@ def train_reference(
                 best = current
                 out.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), out)
-    return {"validation": history, "best": best}
+    return {"validation": history, "best": best, "compute": compute}
 
 
 def save(history: dict, path: Path) -> None:

@@ -11,12 +11,14 @@ written into device scalars before each replay.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 
 from onlinemix.mixing.stats import DomainStats
+
+DEFAULT_REPEAT_BUDGET = 16.0  # epochs: see Controller's repeat_budget
 
 
 def check_initial(initial: torch.Tensor) -> None:
@@ -33,7 +35,8 @@ def check_initial(initial: torch.Tensor) -> None:
 
 
 class Controller:
-    """Base class. Subclasses implement ``update()``; ``step()`` applies the trust region and the floor.
+    """Base class. Subclasses implement ``update()``; ``step()`` applies the trust region, the memorisation guard
+    and the floor.
 
     Args:
         initial: the starting weights (k,), non-negative, summing to 1.
@@ -55,6 +58,17 @@ class Controller:
             ``w_τ ∝ initial^(1-τ) · w^τ`` to the boundary (``τ`` by bisection on the device, no host sync).
             For scale: 70% of the weight on one of 7 domains (the rest even) is 0.80 nats from uniform,
             90% is 1.44, 50% is 0.35. Smaller is safer and moves less.
+        heldout_tolerance: nats: a domain whose held-out loss (``observe_heldout()``, smoothed) has risen
+            more than this above its lowest is being memorised, and its weight is held at most at its starting
+            weight (the rest goes to the other domains) until its held-out loss reaches a new lowest. Smaller reacts
+            to smaller rises and to more noise; only active when the trainer calls ``observe_heldout()``.
+        heldout_ema: how much of the smoothed held-out loss each ``observe_heldout()`` keeps (0: none):
+            held-out losses of a few windows are noisy, and a guard that fires on noise moves weight for nothing.
+        repeat_budget: epochs: a domain drawn this many times over (by the published weights; counted once a
+            mixer tells the controller the domains' sizes) is held at most at its starting weight for the rest
+            of the run, like a memorised one. Repeated data loses its value after a few epochs and is
+            memorised after tens: a controller that chases a small domain's fast-falling training loss stops
+            at the budget, while a large domain is never near it. ``None``: no budget.
         graph: replay ``observe()`` and ``step()`` as CUDA graphs (CUDA only):
             a few launches per call instead of tens, so the host spends
             microseconds per step whatever the controller does. Each new input
@@ -63,6 +77,7 @@ class Controller:
     """
 
     name = "base"
+    adaptive = True  # the weights follow feedback: the memorisation guard applies (not to fixed or replayed weights)
 
     def __init__(
         self,
@@ -72,6 +87,9 @@ class Controller:
         compile: bool | str = False,
         importance_gain: float = 0.0,
         trust_region: float | None = None,
+        heldout_tolerance: float = 0.02,
+        heldout_ema: float = 0.5,
+        repeat_budget: float | None = DEFAULT_REPEAT_BUDGET,
         graph: bool = False,
     ):
         initial = torch.as_tensor(initial, dtype=torch.float32, device=device)
@@ -83,10 +101,25 @@ class Controller:
         if trust_region is not None and not (isinstance(trust_region, (int, float)) and trust_region > 0):
             raise ValueError(f"trust_region must be a number of nats > 0 (or None), got {trust_region!r}")
         self.trust_region = trust_region
+        if not (heldout_tolerance >= 0 and 0 <= heldout_ema < 1):
+            raise ValueError(
+                f"need heldout_tolerance >= 0 and 0 <= heldout_ema < 1, got {heldout_tolerance}, {heldout_ema}"
+            )
+        self.heldout_tolerance, self.heldout_ema = float(heldout_tolerance), float(heldout_ema)
+        if repeat_budget is not None and not (isinstance(repeat_budget, (int, float)) and repeat_budget > 0):
+            raise ValueError(f"repeat_budget must be a number of epochs > 0 (or None), got {repeat_budget!r}")
+        self.repeat_budget = repeat_budget
         self.importance_gain = float(importance_gain)
         self.device = initial.device
         self.initial = initial / initial.sum()
         self.weights = self.floor(self.initial).clone()
+        # The memorisation guard's state (observe_heldout): each domain's smoothed held-out loss and its lowest;
+        # NaN / inf until a domain is first measured (the guard leaves it alone until then).
+        self.heldout = torch.full_like(self.initial, float("nan"))
+        self.heldout_best = torch.full_like(self.initial, float("inf"))
+        self.holding = torch.zeros_like(self.initial, dtype=torch.bool)  # held for a rising held-out loss
+        self.epochs = torch.zeros_like(self.initial)  # epochs drawn of each domain, by the published weights
+        self.epoch_rate: torch.Tensor | None = None  # epochs a step adds per unit of weight (count_epochs())
         self.stats = DomainStats(self.num_domains, self.device, compile=compile)
         self.steps = 0
         self.domains: list[str] | None = None  # the domain names, where the controller knows them (from a log)
@@ -125,6 +158,36 @@ class Controller:
         whole, divergence = point(weights.new_ones(()))
         return torch.where(divergence <= self.trust_region, whole, point(low)[0])
 
+    def count_epochs(self, samples_per_step: float, sizes: Sequence[int]) -> None:
+        """Count the epochs each domain is drawn, for ``repeat_budget``: ``samples_per_step`` samples a step, and
+        each domain's size in samples (the mixer calls this with its dataset's)."""
+        sizes = torch.as_tensor(list(sizes), dtype=torch.float32, device=self.device)
+        if sizes.shape != self.initial.shape or not (sizes > 0).all():
+            raise ValueError(f"need {self.num_domains} domain sizes > 0, got {sizes.tolist()}")
+        self.epoch_rate = samples_per_step / sizes
+
+    def memorised(self) -> torch.Tensor:
+        """Which domains the guard holds (a boolean vector on the device): those past ``repeat_budget``
+        epochs, and those whose smoothed held-out loss rose more than ``heldout_tolerance`` above its lowest,
+        until it reaches a new lowest. (Freeing a domain as soon as its loss dips back under the tolerance
+        would free it as soon as holding it works, and a controller that still prefers it would pour the
+        weight back: the guard would flap.)"""
+        if self.repeat_budget is None or self.epoch_rate is None:
+            return self.holding
+        return self.holding | (self.epochs >= self.repeat_budget)
+
+    def guard(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` with every memorised domain held at most at its starting weight; what that takes away
+        goes to the other domains in proportion to their weights (or, where every weighted domain is memorised,
+        stays away: the vector is renormalised). Unchanged while no domain is memorised."""
+        weights = weights / weights.sum()
+        memorised = self.memorised()
+        capped = torch.where(memorised, torch.minimum(weights, self.initial), weights)
+        free = torch.where(memorised, 0.0, capped)
+        room = free.sum()
+        spread = torch.where(room > 0, (1 - capped.sum()) / room.clamp(min=1e-30), 0.0)
+        return capped + spread * free
+
     def next_weights(self) -> torch.Tensor:
         """``update()`` with the probability floor, checked on the device: a vector that is not a distribution
         (a non-finite, negative or all-zero weight, e.g. from a NaN alignment or an overflowing reward) is
@@ -135,7 +198,8 @@ class Controller:
         ``update()`` must assign new tensors to its state (``self.x = self.x + ...``), not write into them in
         place, for the roll-back to see the old values."""
         before = self.extra_state()
-        weights = self.floor(self.within_trust_region(self.update()))
+        weights = self.within_trust_region(self.update())
+        weights = self.floor(self.guard(weights) if self.adaptive else weights)
         total = weights.sum()
         good = torch.isfinite(total) & (weights >= 0).all() & (total > 0)  # a NaN or inf makes the sum non-finite
         self.stats.reject(~good)
@@ -143,7 +207,10 @@ class Controller:
             new = getattr(self, name)
             if new is not old:
                 setattr(self, name, torch.where(good, new, old))
-        return torch.where(good, weights / torch.where(good, total, 1.0), self.weights)
+        weights = torch.where(good, weights / torch.where(good, total, 1.0), self.weights)
+        if self.epoch_rate is not None:
+            self.epochs.add_(weights * self.epoch_rate)  # in place: a graphed step() reads this buffer
+        return weights
 
     # -- what subclasses write ----------------------------------------------------
 
@@ -186,6 +253,29 @@ class Controller:
 
     # -- what the trainer calls ---------------------------------------------------
 
+    def observe_heldout(self, losses: torch.Tensor) -> None:
+        """Record each domain's loss on held-out windows of its own (a ``(k,)`` tensor; NaN where a domain was
+        not measured), e.g. every few steps on a few dozen fixed windows per domain: the memorisation guard.
+        A small domain drawn many epochs over has a training loss that keeps falling (the model memorises it)
+        while its held-out loss rises; every controller that reads training loss (ADO's fits, ODM's rewards)
+        would pour weight onto it. From the step after its smoothed held-out loss rises more than
+        ``heldout_tolerance`` above its lowest, its weight is held at most at its starting weight, until its
+        held-out loss reaches a new lowest.
+        Every rank must pass the same values (measure the same windows, or all-reduce them)."""
+        losses = torch.as_tensor(losses, dtype=torch.float32, device=self.device)
+        if losses.shape != self.initial.shape:
+            raise ValueError(f"held-out losses must have shape {tuple(self.initial.shape)}, got {tuple(losses.shape)}")
+        measured = torch.isfinite(losses)
+        smoothed = torch.where(
+            torch.isnan(self.heldout), losses, torch.lerp(losses, self.heldout, self.heldout_ema)
+        )  # the first measurement of a domain starts its mean
+        # in place: a graphed step() reads these buffers
+        self.heldout.copy_(torch.where(measured, smoothed, self.heldout))
+        rising = self.heldout > self.heldout_best + self.heldout_tolerance  # NaN compares False: not measured yet
+        lowest = self.heldout <= self.heldout_best  # a new lowest (False for NaN)
+        self.holding.copy_(torch.where(lowest, False, self.holding | rising))
+        self.heldout_best.copy_(torch.where(lowest, self.heldout, self.heldout_best))
+
     def observe(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals) -> None:
         """Record per-sample (or per-token, with ``mask``) training losses of a (micro-)batch."""
         if self.graph:
@@ -221,6 +311,10 @@ class Controller:
             "initial": self.initial.detach().clone(),
             "weights": self.weights.detach().clone(),
             "problems": self.stats.problems.clone(),
+            "heldout": self.heldout.clone(),
+            "heldout_best": self.heldout_best.clone(),
+            "holding": self.holding.clone(),
+            "epochs": self.epochs.clone(),
             **{key: value.detach().clone() for key, value in self.extra_state().items()},
         }
 
@@ -238,6 +332,11 @@ class Controller:
         self.steps = int(state["steps"])
         self.weights = state["weights"].to(self.device, copy=True)
         self.stats.problems = state["problems"].to(self.device)
+        if "heldout" in state:  # checkpoints from before the guard: it starts afresh
+            self.heldout = state["heldout"].to(self.device, copy=True)
+            self.heldout_best = state["heldout_best"].to(self.device, copy=True)
+            self.holding = state["holding"].to(self.device, copy=True)
+            self.epochs = state["epochs"].to(self.device, copy=True)
         for key in self.extra_state():
             setattr(self, key, state[key].to(self.device, copy=True))
         self._graphs = None  # captured against the old tensors: capture again on next use

@@ -14,6 +14,7 @@ class StaticController(Controller):
     """Keeps its initial weights; observing is allowed (and drained) but changes nothing."""
 
     name = "static"
+    adaptive = False  # the weights are the user's (or a recorded run's): never changed by the memorisation guard
 
     @classmethod
     def from_temperature(cls, sizes: Sequence[int], temperature: float, **kwargs) -> StaticController:
