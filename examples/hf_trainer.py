@@ -6,7 +6,8 @@
 
 ``MixingTrainer`` is the stock ``Trainer`` with onlinemix's loader, the model's own loss (per-sample
 losses fed to the mixer alongside), one weight update per optimizer step and the mixture's state in
-every ``checkpoint-N`` folder; ``--resume`` continues from the last one, bit for bit.
+every ``checkpoint-N`` folder; ``--resume`` continues from the last one, bit for bit. Seeded (``--seed``):
+two runs with the same arguments are identical.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, set_seed
 
 from onlinemix import ByteTokenizer, MixtureConfig, OnlineMixing
 from onlinemix.mixing.integrations.hf import MixingTrainer
@@ -28,11 +29,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--out", type=Path, default=Path("runs/hf"), help="checkpoints and the schedule log")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0, help="the model's initialisation (the data's is the file's)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> MixingTrainer:
     args = parser().parse_args(argv)
+    set_seed(args.seed)  # before the model is built: two runs with the same arguments are the same run
     config = MixtureConfig.load(args.config)
     mixing = OnlineMixing.from_config(
         config, controller=args.controller, accumulation=args.accumulation, log=args.out / "schedule.oms"
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> MixingTrainer:
         logging_steps=max(1, args.steps // 10),
         report_to=[],
         disable_tqdm=True,
+        seed=args.seed,
     )
     trainer = MixingTrainer(model=model, args=training, mixing=mixing)
     trainer.train(resume_from_checkpoint=True if args.resume else None)

@@ -7,6 +7,8 @@
 ``training_step`` returns the per-sample losses beside the loss it optimises; ``OnlineMixingCallback``
 feeds them to the mixer, steps it once per optimizer step and keeps the mixture's state in Lightning's
 checkpoints. Lightning fetches a batch ahead of the one it trains, so the mixer needs ``lag >= 2``.
+Seeded (``--seed``): two runs with the same arguments are identical, and a resumed run continues the
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--out", type=Path, default=Path("runs/lightning"), help="checkpoints and the schedule log")
     parser.add_argument("--resume", action="store_true", help="continue from --out/last.ckpt")
+    parser.add_argument("--seed", type=int, default=0, help="the model's initialisation (the data's is the file's)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> pl.Trainer:
     args = parser().parse_args(argv)
+    pl.seed_everything(args.seed, verbose=False)  # two runs with the same arguments are the same run
     config = MixtureConfig.load(args.config)
     mixing = OnlineMixing.from_config(
         config, controller=args.controller, lag=4, accumulation=args.accumulation, log=args.out / "schedule.oms"

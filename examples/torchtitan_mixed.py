@@ -7,8 +7,10 @@ torchtitan (0.3) builds a run from a config function named on its command line. 
 
 (from the repository root; ``ONLINEMIX_MIXTURE`` names the mixture file, default ``mixture.yaml``).
 ``MixingDataLoader`` checks the trainer's ``training.seq_len``, ``training.local_batch_size`` and tokenizer
-against the mixture, so set them to the mixture's (``seq_len``; ``global_batch_size`` over the data-parallel
-ranks; its tokenizer). torchtitan's ``Trainer`` needs an accelerator.
+against the mixture; this config takes the first two from the mixture file (its ``seq_len``, its
+``global_batch_size`` over ``$WORLD_SIZE`` ranks). The tokenizer must be the model's: llama3-debug's
+vocabulary has 2,048 ids, so byte tokens (258 ids) fit it. torchtitan's ``Trainer`` needs an accelerator:
+on a CPU machine, build and iterate the data loader alone (``tests/test_examples.py`` does).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from onlinemix import MixtureConfig
 from onlinemix.mixing.integrations.torchtitan import MixingDataLoader, MixingTrainer
 
 
@@ -28,5 +31,10 @@ def llama3_mixed() -> MixingTrainer.Config:
     config = MixingTrainer.Config(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init})
     mixture = os.environ.get("ONLINEMIX_MIXTURE", "mixture.yaml")
     config.dataloader = MixingDataLoader.Config(mixture=mixture, controller="odm")
+    # The trainer's batch shape is the mixture's: its seq_len, and its global batch over the ranks (torchrun
+    # sets WORLD_SIZE; every rank data-parallel here). llama3-debug's own (2048, 8) would not match.
+    batch = MixtureConfig.load(mixture)
+    config.training.seq_len = batch.seq_len
+    config.training.local_batch_size = batch.global_batch_size // int(os.environ.get("WORLD_SIZE", "1"))
     return config
     # --8<-- [end:config]

@@ -21,7 +21,8 @@ they are the controller's prior.
 Every weight version is logged (``--log``; ``onlinemix schedule show``); ``--resume`` continues from
 ``--checkpoint`` with the exact next batch and weights (the DGA batches are keyed by the step, so a
 resumed run draws the same ones). With ``heldout.yaml`` beside the config, the held-out loss of each
-set (on ``--eval-windows`` windows spread over it) is printed every ``--eval-every`` steps.
+set (on ``--eval-windows`` windows spread over it) is printed every ``--eval-every`` steps; a progress bar
+shows the training loss and the weights always.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tiny_gpt import TinyGPT
+from tqdm import tqdm
 
 from onlinemix import (
     ADOController,
@@ -121,7 +123,7 @@ def build_mixing(args: argparse.Namespace, config: MixtureConfig) -> OnlineMixin
 
 def train(args: argparse.Namespace) -> dict:
     """One run; returns its history (held-out losses, weights, the (domain, index) pairs trained on)."""
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)  # the model's initialisation; the sample order is the mixture file's seed
     config = MixtureConfig.load(args.config)
     mixing = build_mixing(args, config)
     # The mixture's tokenizer; a mixture of token-bin files alone names none: byte ids, as prepare_data.py writes.
@@ -147,6 +149,8 @@ def train(args: argparse.Namespace) -> dict:
 
     history = {"method": args.method, "evals": [], "trained": []}
     started = time.time()
+    # Always a progress bar with the training loss and the weights (held-out losses too, with heldout.yaml).
+    progress = tqdm(total=args.steps, initial=mixing.loader.position.batch, desc=args.method, unit="step")
     for batch in mixing:
         step = mixing.loader.position.batch  # this batch is step `step` (1-based) of the run
         ids, labels = batch["input_ids"].to(args.device), batch["labels"].to(args.device)
@@ -165,15 +169,19 @@ def train(args: argparse.Namespace) -> dict:
             mixing.mixer.controller.observe_alignment(gradient_alignment(model, batch_loss, per_domain, target, True))
         mixing.step()
         history["trained"].append(torch.stack([batch["domain"], batch["index"]], 1).tolist())
+        progress.update()
+        if step % 10 == 0 or step == args.steps:  # a host sync for the bar: every 10 steps, not every step
+            weights = " ".join(f"{name} {w:.2f}" for name, w in zip(mixing.names, mixing.weights.tolist()))
+            progress.set_postfix_str(f"loss {losses.mean().item():.3f} | weights {weights}")
         if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
             losses_now = heldout.evaluate(model)
             history["evals"].append({"step": step, "loss": losses_now})
             report = "  ".join(f"{name} {loss:.3f}" for name, loss in losses_now.items())
-            weights = " ".join(f"{name} {w:.2f}" for name, w in zip(mixing.names, mixing.weights.tolist()))
             elapsed = time.time() - started
-            print(f"{args.method:>12} step {step:4d} | held out: {report} | weights: {weights} | {elapsed:.0f}s")
+            progress.write(f"{args.method:>12} step {step:4d} | held out: {report} | {elapsed:.0f}s")
         if step == args.stop_after:
             break
+    progress.close()
     history["seconds"] = time.time() - started
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "mixing": mixing.state_dict()}
     save_checkpoint(state, args.checkpoint)  # atomic: a kill mid-save leaves the previous checkpoint whole
@@ -204,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=Path("examples/data/mixture.yaml"), help="the mixture file")
     parser.add_argument("--method", choices=METHODS, default="odm", help="how the weights move (below)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps, one batch each (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="the model's initialisation (default 0)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate (default 3e-3)")
     parser.add_argument("--width", type=int, default=128, help="model width (default 128)")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")

@@ -33,6 +33,7 @@ host sync) and all raise ``MixingError`` naming the ranks that disagree.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import queue
 import threading
@@ -48,12 +49,15 @@ import torch.distributed as dist
 from onlinemix.loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.files import atomic_write
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.controllers import CONTROLLERS
 from onlinemix.mixing.controllers.base import Controller
-from onlinemix.mixing.schedule_log import ScheduleWriter
+from onlinemix.mixing.schedule_log import ScheduleLogError, ScheduleWriter
 
 NONFINITE = ("skip", "error")
+LOG_IN_CHECKPOINT = 64 << 20  # bytes: a schedule log up to this size travels in every checkpoint
+logger = logging.getLogger("onlinemix")
 SYNC = ("auto", "all_reduce", "broadcast", "none")
 # The mixing: keys the mixer takes; every other key of the section is the controller's.
 MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every", "repeat_warning")
@@ -391,9 +395,10 @@ class OnlineMixer:
     # -- checkpoint -------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Controller state and the weight versions that batches still to come may need."""
+        """Controller state and the weight versions that batches still to come may need; and the schedule log so
+        far (up to ``LOG_IN_CHECKPOINT`` bytes), so that a checkpoint copied elsewhere resumes on its own."""
         self.flush()
-        return {
+        state = {
             "run": self.header["run"],
             "lag": self.lag,
             "accumulation": self.accumulation,
@@ -402,6 +407,9 @@ class OnlineMixer:
             "channel": self.channel.state_dict(self.lag + 1),
             "skipped": self.skipped.tolist(),
         }
+        if self._log is not None and self.log_path.stat().st_size <= LOG_IN_CHECKPOINT:
+            state["log"] = self.log_path.read_bytes()  # flushed record by record: complete up to this step
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the checkpointed run: its controller, its last weight versions and its schedule log.
@@ -425,8 +433,22 @@ class OnlineMixer:
         if self.log_path is not None:
             if self._log is not None:
                 self._log.close()
+            if not self.log_path.exists():
+                self._restore_log(state)
             self._log = ScheduleWriter(self.log_path, self.header, resume_at=self.step_count)
             self._log.check_versions(state["channel"])
+
+    def _restore_log(self, state: dict[str, Any]) -> None:
+        """Write the log a checkpoint carries where this mixer logs (the checkpoint was copied or moved, say)."""
+        if "log" not in state:
+            raise ScheduleLogError(
+                f"schedule log not found: {self.log_path}. The checkpoint continues a run that logged its weights, "
+                f"and carries no copy of the log (over {LOG_IN_CHECKPOINT >> 20} MiB, or saved before checkpoints "
+                f"carried it): copy that run's log to {self.log_path}, or resume with log=None"
+            )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.log_path, lambda file: file.write(state["log"]))
+        logger.info("restored the schedule log from the checkpoint to %s", self.log_path)
 
     def close(self) -> None:
         """Publish what is pending, stop the publishing thread and close the schedule log."""

@@ -8,6 +8,7 @@
     onlinemix schedule show|export|plot LOG     a recorded weight schedule
     onlinemix convert INPUT... -o OUT --to F    text / JSONL to token-bin, MDS or WebDataset shards
     onlinemix importance fit|score|report ...   DSIR importance weights of the domains' documents
+    onlinemix cache list|prune|clear            the token cache: sizes, stale entries, removing them
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from onlinemix.loaders import build, convert
+from onlinemix.loaders import build, cache, convert
 from onlinemix.loaders.channel import WeightsTimeout
 from onlinemix.loaders.config import ConfigError, MixtureConfig, load_yaml
 from onlinemix.loaders.dataset import MixedDataset
@@ -228,6 +230,70 @@ def _verify(args: argparse.Namespace) -> None:
         raise SourceError(f"{failed} of {len(config.domains)} domains failed verification")
 
 
+def _cache_list(args: argparse.Namespace) -> None:
+    root = cache_root(args.cache_dir)
+    found = cache.entries(root)
+    print(f"{root}: {len(found)} entries, {sum(e.size for e in found) / 1e6:,.1f} MB"
+          + (f", {cache.leftovers(root)} lock files or partial builds" if cache.leftovers(root) else ""))  # fmt: skip
+    now = time.time()
+    for entry in reversed(found):  # most recently used first
+        inputs = entry.inputs[0] if entry.inputs else "?"
+        if len(entry.inputs) > 1:
+            inputs += f" and {len(entry.inputs) - 1} more"
+        status = f"STALE ({entry.stale})" if entry.stale else "ok"
+        used = (now - entry.last_used) / 86400
+        print(f"  {entry.folder.name}  {entry.size / 1e6:9,.1f} MB  {entry.tokens:>13,} tokens  "
+              f"used {used:5.1f} days ago  {entry.tokenizer}  {inputs}  {status}")  # fmt: skip
+
+
+def _cache_prune(args: argparse.Namespace) -> None:
+    max_size = None if args.max_size is None else cache.parse_size(args.max_size)
+    root = cache_root(args.cache_dir)
+    removed = cache.prune(root, older_than_days=args.older_than, max_size=max_size, dry_run=args.dry_run)
+    _report_removed(root, removed, args.dry_run)
+
+
+def _cache_clear(args: argparse.Namespace) -> None:
+    root = cache_root(args.cache_dir)
+    _report_removed(root, cache.clear(root, dry_run=args.dry_run), args.dry_run)
+
+
+def _report_removed(root: Path, removed: list[cache.CacheEntry], dry_run: bool) -> None:
+    verb = "would remove" if dry_run else "removed"
+    for entry in removed:
+        print(f"{verb} {entry.folder.name} ({entry.size / 1e6:,.1f} MB{', ' + entry.stale if entry.stale else ''})")
+    print(f"{verb} {len(removed)} entries, {sum(e.size for e in removed) / 1e6:,.1f} MB; {len(cache.entries(root))} "
+          "left" if not dry_run else f"{verb} {len(removed)} entries")  # fmt: skip
+
+
+def _add_cache(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "cache",
+        help="the token cache: list its entries, prune stale or old ones, clear it",
+        description="Every tokenized domain has an entry in the token cache (--cache-dir, else $ONLINEMIX_CACHE_DIR, "
+        "else ~/.cache/onlinemix). A changed input file or tokenizer makes a new entry and the old one is never "
+        "read again (stale). $ONLINEMIX_CACHE_LIMIT (e.g. 50GB) prunes the least recently used entries after "
+        "every build. An entry being built right now is never removed.",
+    )
+    actions = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="each entry's size, tokens, last use, tokenizer, inputs; stale ones")
+    prune = actions.add_parser(
+        "prune",
+        help="remove stale entries; with options, old ones and the least recently used beyond a size",
+        description="Remove the stale entries (an input file changed or gone: nothing reads them again), those "
+        "--older-than asks for, then the least recently used until the rest fit --max-size; and the lock files "
+        "and partial folders builds left behind.",
+    )
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="entries not used for this many days")
+    prune.add_argument("--max-size", metavar="SIZE", help="then the least recently used until the rest fit (50GB)")
+    clear = actions.add_parser("clear", help="remove every entry")
+    for action, run in ((listing, _cache_list), (prune, _cache_prune), (clear, _cache_clear)):
+        action.add_argument("--cache-dir", type=Path, help="the cache folder (default: as the mixtures find it)")
+        if action is not listing:
+            action.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+        action.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``onlinemix`` argument parser, every subcommand included."""
     parser = argparse.ArgumentParser(
@@ -328,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=_schedule_plot)
     _add_convert(commands)
     add_importance(commands)
+    _add_cache(commands)
     return parser
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+# Token caches of the tests go to a folder of their own, never the user's ~/.cache/onlinemix (workers and
+# spawned ranks inherit it).
+os.environ["ONLINEMIX_CACHE_DIR"] = tempfile.mkdtemp(prefix="onlinemix-test-cache-")
 
 # The mixture from the core issue, verbatim except that data lives in tmp_path.
 EXAMPLE_CONFIG = """\

@@ -95,6 +95,13 @@ def test_the_trainer_examples_mix_online_and_resume(mixture, script):
     log = read_schedule(out / "schedule.oms")
     assert log.steps.tolist() == list(range(7))
     assert log.header["accumulation"] == 2 and log.header["controller"] == "ado"
+    # Seeded: the same arguments give the same run. ODM's weights follow the losses from its first step, so they
+    # differ unless the two models start the same.
+    twice = [mixture.parent / f"{script}-{n}" for n in (1, 2)]
+    for out in twice:
+        example.main([f"--config={mixture}", f"--out={out}", "--controller=odm", "--steps=4"])
+    first, second = (read_schedule(out / "schedule.oms").weights for out in twice)
+    assert not np.array_equal(first[0], first[-1]) and np.array_equal(first, second)
 
 
 def test_the_torchtitan_example_config_builds_the_mixing_trainer_and_its_data_loader(mixture, monkeypatch):
@@ -108,9 +115,10 @@ def test_the_torchtitan_example_config_builds_the_mixing_trainer_and_its_data_lo
     assert config.model_spec is not None and config.optimizer is not None  # llama3's own settings kept
     runtime = {"dp_world_size": 2, "dp_rank": 1, "tokenizer": None, "local_batch_size": 4}
     config.dataloader.device, config.dataloader.num_workers = "cpu", 0  # a GPU machine: its local device
+    assert (config.training.seq_len, config.training.local_batch_size) == (16, 8)  # the mixture's, not llama3-debug's
     with pytest.raises(ValueError, match=r"training\.seq_len is 2048 but .* has seq_len 16"):
-        config.dataloader.build(seq_len=config.training.seq_len, **runtime)  # the debug model's, not the mixture's
-    loader = config.dataloader.build(seq_len=16, **runtime)  # as the trainer builds it, for rank 1 of 2
+        config.dataloader.build(seq_len=2048, **runtime)  # llama3-debug's own: refused before any data is opened
+    loader = config.dataloader.build(seq_len=config.training.seq_len, **runtime)  # as the trainer builds it, rank 1
     assert isinstance(loader, MixingDataLoader)
     inputs, labels = next(iter(loader))
     assert inputs["input"].shape == labels.shape == (4, 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import yaml
 from conftest import write_tokens
 from torch import nn
 
-from onlinemix.mixing.schedule_log import read_schedule
+from onlinemix.mixing.schedule_log import ScheduleLogError, read_schedule
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 
 SEQ_LEN, BATCH, VOCAB = 16, 8, 258
@@ -134,10 +135,42 @@ def test_hf_trainer_mixes_online_and_resumes_from_its_checkpoint_exactly(tmp_pat
 
     resumed, again = hf_run(config, tmp_path / "full", steps=6, resume=str(tmp_path / "full/checkpoint-3"))
     assert resumed.trained == full.trained[6:]  # the exact next micro-batches
+    assert resumed.state.epoch == full.state.epoch == 1.0  # the Trainer's own figure would say 0.5
     assert torch.equal(again.weights, mixing.weights)
     assert read_schedule(tmp_path / "full/schedule.oms").weights.tolist() == log.weights.tolist()
     for name, value in full.model.state_dict().items():  # dropout > 0: bit for bit all the same
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_a_checkpoint_copied_to_another_folder_resumes_on_its_own_and_restores_the_log(tmp_path):
+    """Whatever a resume needs travels in the checkpoint: the schedule log so far is in the mixture's state, and is
+    written where the resumed run logs when nothing is there."""
+    config = tiny_mixture(tmp_path)
+    full, mixing = hf_run(config, tmp_path / "full", steps=6)
+    shutil.copytree(tmp_path / "full/checkpoint-3", tmp_path / "moved/checkpoint-3")
+    resumed, again = hf_run(config, tmp_path / "moved", steps=6, resume=str(tmp_path / "moved/checkpoint-3"))
+    assert resumed.trained == full.trained[6:] and torch.equal(again.weights, mixing.weights)
+    assert (
+        read_schedule(tmp_path / "moved/schedule.oms").weights.tolist()
+        == read_schedule(tmp_path / "full/schedule.oms").weights.tolist()
+    )
+
+
+def test_resuming_without_the_runs_log_or_a_copy_of_it_says_what_to_copy(tmp_path):
+    config = tiny_mixture(tmp_path)
+    mixing = OnlineMixing.from_config(config, controller="odm", lag=2, log=tmp_path / "a/schedule.oms")
+    for batch, _ in zip(mixing, range(3)):
+        mixing.observe(torch.ones(len(batch["domain"])), batch)
+        mixing.step()
+    state = mixing.state_dict()
+    assert state["mixer"]["log"] == (tmp_path / "a/schedule.oms").read_bytes()
+    del state["mixer"]["log"]  # a checkpoint from before checkpoints carried the log, or a log over 64 MiB
+    elsewhere = OnlineMixing.from_config(config, controller="odm", lag=2, log=tmp_path / "b/schedule.oms")
+    with pytest.raises(ScheduleLogError, match=r"schedule log not found: .*b/schedule.oms\. The checkpoint continues "
+                       r"a run that logged its weights, .*copy that run's log to .*b/schedule.oms, or resume with "
+                       r"log=None"):  # fmt: skip
+        elsewhere.load_state_dict(state)
+    mixing.close()
 
 
 def test_hf_trainer_optimises_the_models_own_loss_and_evaluates_ordinary_datasets(tmp_path):
@@ -242,6 +275,16 @@ def test_lightning_callback_mixes_online_and_resumes_from_its_checkpoint_exactly
     resumed, again = lightning_run(config, tmp_path / "full", steps=6, resume=str(checkpoint))
     assert resumed.trained == full.trained[6:]
     assert torch.equal(again.weights, mixing.weights)
+
+
+def test_a_lightning_checkpoint_copied_elsewhere_resumes_on_its_own(tmp_path):
+    config = tiny_mixture(tmp_path)
+    full, mixing = lightning_run(config, tmp_path / "full", steps=6)
+    (tmp_path / "moved").mkdir()
+    checkpoint = shutil.copy(next((tmp_path / "full").glob("*step=3.ckpt")), tmp_path / "moved")
+    resumed, again = lightning_run(config, tmp_path / "moved", steps=6, resume=str(checkpoint))
+    assert resumed.trained == full.trained[6:] and torch.equal(again.weights, mixing.weights)
+    assert read_schedule(tmp_path / "moved/schedule.oms").steps.tolist() == list(range(7))
 
 
 def test_lightning_callback_needs_a_lag_of_two(tmp_path):

@@ -153,6 +153,25 @@ def test_webdataset_sample_without_the_field_names_shard_and_key(tmp_path):
         per_document(source, tmp_path)
 
 
+def test_webdataset_samples_are_the_ones_webdatasets_own_reader_yields(tmp_path):
+    """Grouping by key, extensions and ``__`` members as webdataset does: every sample, read at random, equals the
+    one its own front-to-back iteration yields at that position."""
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    with webdataset.TarWriter(str(folder / "a.tar")) as sink:
+        for i in range(12):
+            sink.write({"__key__": f"dir/doc{i:02d}", "txt": f"text {i}", "json": {"i": i}, "tar.gz": b"x" * i})
+    ours = WebDatasetSource(folder)
+    theirs = list(webdataset.WebDataset(str(folder / "a.tar"), shardshuffle=False))
+    assert len(ours) == len(theirs) == 12
+    for i in (11, 0, 5):
+        record, sample = ours.record(i), theirs[i]
+        members = sorted(k for k in record if k not in ("__key__", "document"))  # "document": the field's, decoded
+        assert record["__key__"] == sample["__key__"] and members == sorted(k for k in sample if not k.startswith("__"))
+        assert record["txt"] == sample["txt"].decode() and record["json"] == json.loads(sample["json"])
+        assert record["tar.gz"] == sample["tar.gz"]
+
+
 def test_not_a_tar_file(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"definitely not a tar archive" * 40)
     with pytest.raises(SourceError, match=r"bad\.tar: not a tar file"):

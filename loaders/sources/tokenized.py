@@ -40,11 +40,13 @@ from typing import Any, NoReturn
 import numpy as np
 from tqdm import tqdm
 
+from onlinemix.loaders.cache import enforce_limit, mark_used
 from onlinemix.loaders.files import (
     bad_chunk,
     cache_entry,
     cache_root,
     chunk_checksums,
+    file_stamp,
     full_digest,
     locked,
     remove_stale_partials,
@@ -98,6 +100,7 @@ class TokenCache:
         )
         if verify != "lengths":
             self.verify(verify)
+        mark_used(folder)  # for onlinemix cache list / prune: least recently used first
 
     def _read_meta(self) -> dict:
         try:
@@ -154,6 +157,7 @@ class TokenCache:
             if not (folder / "meta.json").exists():  # another process may have built it while this one waited
                 _build(documents, tokenizer, folder, key)
         remove_stale_partials(root)  # what builds killed before they finished left behind, this one's included
+        enforce_limit(root, keep=folder)  # $ONLINEMIX_CACHE_LIMIT: least recently used entries go
         return cls(folder, verify)
 
 
@@ -163,6 +167,7 @@ class _TokenWriter:
     def __init__(self, file, dtype: np.dtype, tokenizer: Tokenizer, where: str):
         self.file, self.dtype, self.tokenizer, self.where = file, dtype, tokenizer, where
         self.lengths: list[int] = []
+        self.characters = 0  # of the texts tokenized (the log's text size; input files may be compressed)
         self.pending: list[np.ndarray] = []
         self.buffered = 0
 
@@ -189,7 +194,8 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
     """Tokenize every document into a temporary folder beside ``folder``, then rename it into place."""
     dtype = token_dtype(tokenizer.vocab_size)
     total = documents.input_bytes()
-    log.info("tokenizing %s (%.1f MB) with %s into %s", documents.path, total / 1e6, tokenizer.name, folder)
+    log.info("tokenizing %s (%.1f MB of input files, as stored: compressed files count compressed) with %s into %s",
+             documents.path, total / 1e6, tokenizer.name, folder)  # fmt: skip
     shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier build (meta.json missing): start afresh
     temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     bar = tqdm(
@@ -202,6 +208,7 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
             for document in documents.documents(progress=bar.update):
                 if isinstance(document, str):
                     texts.append(document)
+                    writer.characters += len(document)
                     if len(texts) < _BATCH_DOCUMENTS:
                         continue
                 for ids in tokenizer.encode_batch(texts):  # texts before this one keep their order
@@ -223,13 +230,16 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
             "tokens": int(starts[-1]),
             "checksums": {name: chunk_checksums(temporary / name) for name in _FILES},
             "inputs": [[str(path.resolve()), full_digest(path)] for path in documents.input_files()],
+            "stamps": {str(path.resolve()): file_stamp(path) for path in documents.input_files()},  # for staleness
+            "characters": writer.characters,
         }
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         os.replace(temporary, folder)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    log.info("%s: %d documents, %d tokens", documents.path, len(writer.lengths), int(starts[-1]))
+    log.info("%s: %d documents, %.1f million characters of text, %d tokens", documents.path, len(writer.lengths),
+             writer.characters / 1e6, int(starts[-1]))  # fmt: skip
 
 
 class TokenizedSource(Source):

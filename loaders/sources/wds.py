@@ -11,6 +11,13 @@ tar headers, no data read) and the index is cached in the cache folder,
 keyed by the shard's size and content digest (``files.file_stamp``), so a changed shard is re-indexed.
 A sample is then one seek and one read per member.
 
+**Why not the webdataset package's reader.** webdataset 1.0 (a dependency: shards are written with its
+``TarWriter`` and tested against its own iteration) reads tars front to back only; an exact, resumable plan
+needs sample ``i`` of a shard at once. Its indexed reader, ``wids`` (a separate package since), pickles a
+``.index`` file beside each shard (read-only data fails, and a planted pickle runs code when loaded) and
+needs every shard's sample count up front, which is what the indexing pass here computes. So the members are
+indexed here, by webdataset's own grouping rules, and the index kept in the cache folder as JSON.
+
 **Shard order** (``order: shards`` in the config): for stores where random
 access is slow, each epoch reads the domain's shards in a shuffled order,
 each front to back (see ``loaders/plan.py``), so every read continues where

@@ -12,8 +12,10 @@ batches. ``OnlineMixingMixin`` fills those gaps, by the Trainer's own convention
   sample's loss alongside. A batch without ``domain`` (an ordinary ``eval_dataset``) goes through the
   Trainer's own ``compute_loss``;
 - ``train(resume_from_checkpoint=...)`` restores the mixture's state from the checkpoint folder
-  before the Trainer restores its own. The loader draws nothing from the global random generators,
-  so a resumed run is bit for bit the uninterrupted one, dropout included.
+  before the Trainer restores its own (the schedule log travels in it: a checkpoint folder copied
+  elsewhere resumes on its own), and the logged ``epoch`` continues where it was. The loader draws
+  nothing from the global random generators, so a resumed run is bit for bit the uninterrupted one,
+  dropout included.
 
 ``OnlineMixingCallback`` (added by the mixin) steps the mixer once per optimizer step, after the
 gradient-accumulation micro-batches, and saves the mixture's state into every checkpoint folder
@@ -46,6 +48,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from onlinemix.loaders.files import save_checkpoint
+from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 
 STATE_FILE = "onlinemix.pt"  # the mixture's state, inside each checkpoint-N folder
@@ -59,8 +62,15 @@ class OnlineMixingCallback(TrainerCallback):
     def __init__(self, mixing: OnlineMixing):
         self.mixing = mixing
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A stream's epoch, as the Trainer counts it uninterrupted: its batches (max_steps' worth where it
+        # streams on). The Trainer's own figure restarts at a resume, since it skips no batches.
+        batches = self.mixing.dataset.num_batches
+        self.batches_per_epoch = batches if batches < UNLIMITED else args.max_steps * args.gradient_accumulation_steps
+
     def on_step_end(self, args, state, control, **kwargs):
         self.mixing.step()
+        state.epoch = state.global_step * args.gradient_accumulation_steps / self.batches_per_epoch  # before logging
 
     def on_save(self, args, state, control, **kwargs):
         state_dict = self.mixing.state_dict()  # every rank: it flushes pending publications
