@@ -262,8 +262,8 @@ def _report_removed(root: Path, removed: list[cache.CacheEntry], dry_run: bool) 
     verb = "would remove" if dry_run else "removed"
     for entry in removed:
         print(f"{verb} {entry.folder.name} ({entry.size / 1e6:,.1f} MB{', ' + entry.stale if entry.stale else ''})")
-    print(f"{verb} {len(removed)} entries, {sum(e.size for e in removed) / 1e6:,.1f} MB; {len(cache.entries(root))} "
-          "left" if not dry_run else f"{verb} {len(removed)} entries")  # fmt: skip
+    summary = f"{verb} {len(removed)} entries, {sum(e.size for e in removed) / 1e6:,.1f} MB"
+    print(summary if dry_run else f"{summary}; {len(cache.entries(root))} left")
 
 
 def _add_cache(commands: argparse._SubParsersAction) -> None:

@@ -3,6 +3,7 @@ and its log replays the batches it trained on."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -78,6 +79,15 @@ def test_a_preempted_dga_run_resumes_bit_for_bit_and_its_log_replays_it(mixture)
     dataset.schedule = replay_schedule(out / "dga.oms", dataset)
     replayed = [torch.stack([b["domain"], b["index"]], 1).tolist() for b in MixedLoader(dataset, num_workers=0)]
     assert replayed == whole["trained"]
+
+
+def test_without_held_out_sets_the_example_still_shows_progress_loss_and_weights(mixture, capsys):
+    (mixture.parent / "heldout.yaml").unlink()  # a user's own corpus: no held-out sets
+    history = run(mixture, "odm")
+    assert history["evals"] == []
+    shown = capsys.readouterr().err  # the progress bar
+    assert "odm: 100%" in shown and "6/6" in shown
+    assert re.search(r"loss \d+\.\d{3} \| weights a 0\.\d\d b 0\.\d\d c 0\.\d\d", shown)
 
 
 def test_doremi_without_a_reference_says_what_it_needs(mixture):

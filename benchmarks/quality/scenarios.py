@@ -130,27 +130,27 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         grid={f"1/2 {name}": emphasis(k, i, 0.5) for i, name in enumerate(names)}
         | {"all po-de": emphasis(k, names.index("po-de"), 1.0)},
     )
-    with_specific = Scenario(
-        "targeted+specific",
-        "targeted+specific.yaml",
-        objective=["target"],
-        heldout=["target"],
-        methods=["uniform", "proportional", "closest", *TARGET_BLIND, "dga", "importance", "doremi-target"],
-        domain_heldout=own | {"specific": "target/align.bin"},
-        proxy="dga",
-        grid={f"specific {share}": emphasis(k + 1, k, share) for share in (0.05, 0.1, 0.2, 0.4, 0.7, 0.85)},
-    )
-    small_specific = Scenario(
-        "small-specific",
-        "small-specific.yaml",
-        objective=["target"],
-        heldout=["target"],
-        methods=["uniform", "proportional", *TARGET_BLIND, "dga", "ado-unguarded", "dga-unguarded"],
-        align="target/small-align.bin",
-        domain_heldout=own | {"specific": "target/small-align.bin"},
-        proxy="dga",
-        grid={f"specific {share}": emphasis(k + 1, k, share) for share in (0.05, 0.25, 0.4, 0.7)},
-    )
+
+    def with_specific(name: str, align: str, shares: tuple[float, ...], methods: list[str]) -> Scenario:
+        """The targeted scenario with a specific set of the target among the training domains (``name.yaml``),
+        ``align`` held out beside it (what DGA aligns with, and the specific domain's own held-out set)."""
+        return Scenario(
+            name,
+            f"{name}.yaml",
+            objective=["target"],
+            heldout=["target"],
+            methods=["uniform", "proportional", *methods],
+            align=align,
+            domain_heldout=own | {"specific": align},
+            proxy="dga",
+            grid={f"specific {share}": emphasis(k + 1, k, share) for share in shares},
+        )
+
+    blind_and_dga = [*TARGET_BLIND, "dga"]
+    large = with_specific("targeted+specific", "target/align.bin", (0.05, 0.1, 0.2, 0.4, 0.7, 0.85),
+                          ["closest", *blind_and_dga, "importance", "doremi-target"])  # fmt: skip
+    small = with_specific("small-specific", "target/small-align.bin", (0.05, 0.25, 0.4, 0.7),
+                          [*blind_and_dga, "ado" + UNGUARDED, "dga" + UNGUARDED])  # fmt: skip
     clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
     cluster_sizes = [_tokens(root / domain["path"]) for domain in clusters]
     many = Scenario(
@@ -168,7 +168,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         fitted = ImportanceEstimator.load(estimator)
         kl = [fitted.divergence(domain["name"]) for domain in clusters]
         many.grid.update({f"DSIR prior, ~{n} clusters": target_prior(kl, n) for n in (8, 32, 128)})
-    return {s.name: s for s in (general, targeted, with_specific, small_specific, many)}
+    return {s.name: s for s in (general, targeted, large, small, many)}
 
 
 def _without_guards(controller: Controller) -> Controller:
