@@ -29,7 +29,7 @@ from onlinemix.loaders.plan import UNLIMITED, PlanSpec, ResampledOrder
 from onlinemix.loaders.sources import SOURCES, DocumentSource, Source, SourceError, TokenBinSource, TokenizedSource
 from onlinemix.loaders.tokenizers import Tokenizer, load_tokenizer
 from onlinemix.loaders.transforms import ImportedTransform, TokenWindow
-from onlinemix.mixing.simplex import check_weights, temperature_weights
+from onlinemix.simplex import check_weights, temperature_weights
 
 log = logging.getLogger("onlinemix")
 
@@ -233,6 +233,19 @@ def estimator(config: MixtureConfig) -> ImportanceEstimator:
         return ImportanceEstimator.load(config.importance.estimator)
     except ImportanceError as error:
         raise ConfigError(f"importance.estimator: {error}") from None
+
+
+def domain_features(config: MixtureConfig) -> np.ndarray:
+    """Each domain's hashed n-gram profile in the importance estimator (log counts, ``(k, buckets)``): which
+    domains are neighbours, for the cluster bandit's shared credit."""
+    fitted = estimator(config)
+    missing = [name for name in config.names if name not in fitted.raw]
+    if missing:
+        raise ConfigError(
+            f"importance.estimator has no n-gram counts for domain {missing[0]!r} (it was fitted with "
+            f"{sorted(fitted.raw)}): refit it with this mixture file's domains"
+        )
+    return np.log1p(np.stack([fitted.raw[name] for name in config.names]))
 
 
 def importance_roles(config: MixtureConfig) -> dict[str, str]:

@@ -39,7 +39,7 @@ import yaml
 from onlinemix.loaders.plan import SAMPLING_METHODS
 from onlinemix.loaders.sources import SOURCES
 from onlinemix.loaders.sources.tokenized import VERIFY
-from onlinemix.mixing.simplex import check_weights
+from onlinemix.simplex import check_weights
 
 TOP_KEYS = (
     "seed",

@@ -54,7 +54,7 @@ from onlinemix.loaders.plan import (
 from onlinemix.loaders.ranks import data_parallel_rank
 from onlinemix.loaders.sources import Source, TokenizedSource
 from onlinemix.loaders.tokenizers import Tokenizer
-from onlinemix.mixing.simplex import check_weights
+from onlinemix.simplex import check_weights
 
 OUTPUTS = ("batches", "samples")
 PLAN_CHUNK = 64  # batches each worker plans per call: amortises the per-call cost (a few µs)

@@ -22,18 +22,34 @@ and phase does too; later ones never do.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.stats import DomainStats
+
+
+class Graphable(Protocol):
+    """What ``ControllerGraphs`` reads and calls of a controller (every ``Controller`` is one)."""
+
+    device: torch.device
+    weights: torch.Tensor
+    epochs: torch.Tensor
+    steps: int
+    now: dict[str, Any]
+    stats: DomainStats
+
+    def record(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals): ...
+    def next_weights(self) -> torch.Tensor: ...
+    def schedule(self, step: int) -> dict[str, float]: ...
+    def phase(self) -> Hashable: ...
+    def extra_state(self) -> dict[str, torch.Tensor]: ...
 
 
 class ControllerGraphs:
     """A controller's ``observe`` and ``step`` captured as CUDA graphs and replayed (``graph=True``)."""
 
-    def __init__(self, controller: Controller):
+    def __init__(self, controller: Graphable):
         self.controller = controller
         self.pool = torch.cuda.graph_pool_handle()
         self.observers: dict[Hashable, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}

@@ -46,12 +46,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from onlinemix.loaders.build import domain_features
 from onlinemix.loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.files import atomic_write
 from onlinemix.loaders.plan import UNLIMITED
-from onlinemix.mixing.controllers import CONTROLLERS
+from onlinemix.mixing.controllers import CONTROLLERS, neighbour_similarity
 from onlinemix.mixing.controllers.base import Controller
 from onlinemix.mixing.schedule_log import ScheduleLogError, ScheduleWriter
 
@@ -198,10 +199,12 @@ class OnlineMixer:
         """The mixer a config's ``mixing:`` section describes (``overrides`` win over it)::
 
             mixing:
-              controller: odm       # static (default), scheduled, doremi, odm, dga
+              controller: odm       # static (default), scheduled, doremi, odm, ado, dga, bandit
               lag: 16               # and accumulation, log, nonfinite, timeout, sync, check_every
               alpha: 0.5            # every other key goes to the controller (min_prob, eta, warmup, ...)
 
+        ``bandit`` also takes ``neighbours: N``: each domain shares credit with its ``N - 1`` nearest by the
+        importance estimator's n-gram profiles (``importance.estimator`` must be set).
         The controller starts from the dataset's initial weights (``scheduled``
         takes ``waypoints`` instead).
         """
@@ -212,7 +215,8 @@ class OnlineMixer:
         if name not in CONTROLLERS:
             raise ConfigError(f"mixing.controller must be one of {sorted(CONTROLLERS)}, got {name!r}")
         options = {key: section.pop(key) for key in MIXER_KEYS if key in section}
-        allowed = controller_knobs(CONTROLLERS[name])
+        neighbours = section.pop("neighbours", None) if name == "bandit" else None
+        allowed = controller_knobs(CONTROLLERS[name]) | ({"neighbours"} if name == "bandit" else set())
         unknown = sorted(set(section) - allowed)
         if unknown:
             raise ConfigError(
@@ -220,6 +224,8 @@ class OnlineMixer:
                 f"{', '.join(sorted(allowed))}, and the mixer {', '.join(MIXER_KEYS)}"
             )
         try:
+            if neighbours is not None:  # the bandit's neighbours: by the importance estimator's n-gram profiles
+                section["similarity"] = neighbour_similarity(torch.from_numpy(domain_features(config)), neighbours)
             if name == "scheduled":
                 controller = CONTROLLERS[name](device=device, **section)
             else:

@@ -25,6 +25,7 @@ from onlinemix.loaders import ByteTokenizer, ConfigError, MixedDataset, MixedLoa
 from onlinemix.loaders.files import save_checkpoint
 from onlinemix.mixing.controllers import (
     ADOController,
+    ClusterBanditController,
     Controller,
     DGAController,
     DoReMiController,
@@ -32,6 +33,7 @@ from onlinemix.mixing.controllers import (
     ScheduledController,
     StaticController,
     gradient_alignment,
+    neighbour_similarity,
 )
 from onlinemix.mixing.mixer import MixingError, OnlineMixer
 from onlinemix.mixing.schedule_log import read_schedule, replay_schedule
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADOController",
     "ByteTokenizer",
+    "ClusterBanditController",
     "ConfigError",
     "Controller",
     "DGAController",
@@ -59,6 +62,7 @@ __all__ = [
     "StaticController",
     "__version__",
     "gradient_alignment",
+    "neighbour_similarity",
     "per_sample_loss",
     "read_schedule",
     "replay_schedule",

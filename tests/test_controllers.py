@@ -5,12 +5,14 @@ import torch
 
 from onlinemix.mixing.controllers import (
     ADOController,
+    ClusterBanditController,
     DGAController,
     DoReMiController,
     ODMController,
     ScheduledController,
     StaticController,
     gradient_alignment,
+    neighbour_similarity,
 )
 from onlinemix.mixing.controllers.odm import exploration
 from onlinemix.mixing.stats import DomainStats, ema
@@ -167,6 +169,57 @@ def test_ado_prefers_the_prior_when_no_loss_falls():
         ADOController(torch.tensor([0.5, 0.5]), prior=torch.tensor([1.0, -1.0]))
 
 
+def test_bandit_update_hand_computed():
+    prior = torch.tensor([0.5, 0.25, 0.25])
+    rewards, domains = torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0, 1, 1])
+    mean, spread = 2.0, math.sqrt((1 + 9 + 4) / 3 - 4)  # over every reward so far
+
+    def expected(estimates, bonus):
+        logits = [math.log(p) + (e - mean) / spread + b for p, e, b in zip(prior.tolist(), estimates, bonus)]
+        return torch.softmax(torch.tensor(logits), dim=0)
+
+    alone = ClusterBanditController(prior, temperature=1.0, exploration=0.0)
+    alone.observe(torch.zeros(3), domains, reward=rewards)  # the reward, not the loss, is what counts
+    # cluster 2 was never drawn: its estimate is the overall mean
+    torch.testing.assert_close(alone.step(), expected([1.0, 2.5, 2.0], [0, 0, 0]))
+
+    sharing = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5]])
+    shared = ClusterBanditController(prior, sharing, temperature=1.0, exploration=1.0)
+    shared.observe(torch.zeros(3), domains, reward=rewards)
+    pulls = [1.5, 2.0, 1.0]  # reward sums [1, 5, 0] and pulls [1, 2, 0] pooled by the rows of `sharing`
+    bonus = [math.sqrt(math.log(1 + 3) / (1 + n)) for n in pulls]
+    torch.testing.assert_close(shared.step(), expected([3 / 1.5, 5 / 2, 2.5 / 1], bonus))
+
+
+def test_bandit_credit_reaches_undrawn_neighbours_and_the_prior_keeps_clusters_out():
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])  # two pairs of neighbours
+    similarity = neighbour_similarity(features, neighbours=2)
+    assert torch.allclose(similarity.sum(dim=1), torch.ones(4))
+    assert (similarity.argmax(dim=1) == torch.arange(4)).all()  # a cluster counts its own samples most
+    assert similarity[0, 2] == 0 and similarity[0, 1] > 0
+    bandit = ClusterBanditController(torch.tensor([0.3, 0.2, 0.3, 0.2]), similarity, exploration=0.0)
+    for _ in range(5):  # cluster 0 pays, cluster 2 does not; 1 and 3 are never drawn
+        bandit.observe(torch.zeros(4), torch.tensor([0, 0, 2, 2]), reward=torch.tensor([2.0, 2.2, 0.0, 0.1]))
+        weights = bandit.step()
+    assert weights[1] > 0.2 > weights[3]  # undrawn, but its neighbour paid
+    out = ClusterBanditController(torch.tensor([0.5, 0.5, 0.0, 0.0]), similarity, exploration=1.0)
+    out.observe(torch.zeros(4), torch.tensor([0, 1, 2, 3]), reward=torch.tensor([0.0, 0.0, 5.0, 5.0]))
+    assert torch.equal(out.step()[2:], torch.zeros(2))  # the prior left them out: no reward brings them in
+
+
+def test_bandit_rejects_bad_settings():
+    with pytest.raises(ValueError, match="temperature > 0"):
+        ClusterBanditController(UNIFORM3, temperature=0.0)
+    with pytest.raises(ValueError, match="non-negative \\(3, 3\\) matrix"):
+        ClusterBanditController(UNIFORM3, torch.eye(2))
+    with pytest.raises(ValueError, match="each row of similarity must sum to 1"):
+        ClusterBanditController(UNIFORM3, torch.ones(3, 3))
+    with pytest.raises(ValueError, match="neighbours must be in \\[1, 3\\]"):
+        neighbour_similarity(torch.rand(3, 2), neighbours=4)
+    with pytest.raises(ValueError, match="one value per sample"):
+        ClusterBanditController(UNIFORM3).observe(torch.zeros(2), torch.tensor([0, 1]), reward=torch.zeros(3))
+
+
 def test_dga_mirror_descent_with_ema_every_t_steps():
     c = DGAController(UNIFORM3, eta=2.0, ema=0.5, every=2)
     c.observe_alignment(torch.tensor([1.0, 0.0, -1.0]))
@@ -263,6 +316,13 @@ def build(name: str, k: int, device: str = "cpu", **kwargs):
         "odm": lambda: ODMController(uniform, warmup=1, min_prob=0.001, importance_gain=0.01, **kwargs),
         "dga": lambda: DGAController(uniform, every=2, **kwargs),
         "ado": lambda: ADOController(uniform, warmup=2, ignore=1, importance_gain=0.01, **kwargs),
+        "bandit": lambda: ClusterBanditController(
+            uniform,
+            neighbour_similarity(torch.rand(k, 4, generator=torch.Generator().manual_seed(0)), 3),
+            warmup=1,
+            importance_gain=0.01,
+            **kwargs,
+        ),
     }[name]()
 
 
@@ -278,7 +338,7 @@ def feed(controller, name: str, losses: torch.Tensor, domains: torch.Tensor) -> 
     controller.step()
 
 
-ALL = ["static", "scheduled", "doremi", "odm", "dga", "ado"]
+ALL = ["static", "scheduled", "doremi", "odm", "dga", "ado", "bandit"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -202,6 +202,25 @@ def test_prior_from_the_config_sets_the_initial_weights(mixture):
     assert weights[0] > weights[1]  # science has the target's vocabulary in a third of it, garden in a quarter
 
 
+def test_bandit_neighbours_come_from_the_estimators_ngram_profiles(mixture):
+    path = config(mixture, "bandit.yaml", estimator="est.npz", prior_temperature=0.05)
+    raw = yaml.safe_load(path.read_text())
+    raw["mixing"] = {"controller": "bandit", "neighbours": 2, "temperature": 0.25}
+    path.write_text(yaml.safe_dump(raw))
+    controller = OnlineMixing.from_config(path).mixer.controller
+    profiles = ImportanceEstimator.load(mixture / "est.npz").raw
+    features = torch.from_numpy(np.log1p(np.stack([profiles["science"], profiles["garden"]]))).float()
+    unit = torch.nn.functional.normalize(features, dim=1)
+    between = float(unit[0] @ unit[1])  # the two domains' cosine similarity: each row is [1, s] / (1 + s)
+    expected = torch.tensor([[1.0, between], [between, 1.0]]) / (1 + between)
+    assert controller.name == "bandit" and controller.temperature == 0.25
+    torch.testing.assert_close(controller.similarity, expected)
+    raw["importance"] = {"sidecars": "scores"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="needs an estimator"):
+        OnlineMixing.from_config(path)
+
+
 @pytest.mark.parametrize(
     ("importance", "message"),
     [

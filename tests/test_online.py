@@ -273,8 +273,8 @@ def test_mixer_from_the_config_mixing_section(tmp_path):
         weights = scheduled.step()
     assert torch.allclose(weights, torch.tensor([0.5, 0.0, 0.5]))
     assert mixer_for({}, lag=7).controller.name == "static" and mixer_for({}, lag=7).lag == 7
-    with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['ado', 'dga', 'doremi', 'odm'"):
-        mixer_for({"controller": "bandit"})
+    with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['ado', 'bandit', 'dga', 'doremi'"):
+        mixer_for({"controller": "quad"})
     knobs = (
         "compile, graph, heldout_ema, heldout_tolerance, importance_gain, min_prob, repeat_budget, reward_scale, "
         "trust_region, warmup, and the mixer lag, accumulation"

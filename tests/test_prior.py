@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import make_example
 
-from onlinemix import DGAController, MixedDataset, ODMController, OnlineMixer
+from onlinemix import DGAController, DoReMiController, MixedDataset, ODMController, OnlineMixer, ScheduledController
 from onlinemix.loaders.config import ConfigError
 from onlinemix.mixing.controllers.odm import exploration
 
@@ -84,7 +84,7 @@ def test_outside_the_trust_region_a_proposal_is_pulled_back_to_its_boundary_alon
 def test_a_trust_region_keeps_a_long_run_near_the_prior_where_it_would_collapse():
     free = DGAController(PRIOR, eta=1.0, ema=0.0, trust_region=None)
     bounded = DGAController(PRIOR, eta=1.0, ema=0.0, trust_region=0.1)
-    default = DGAController(PRIOR, eta=1.0, ema=0.0)  # DGA's own: 0.5 nats
+    default = DGAController(PRIOR, eta=1.0, ema=0.0)  # every adaptive controller's: 0.5 nats
     for _ in range(30):
         for c in (free, bounded, default):
             c.observe_alignment(torch.tensor([1.0, 0.0, 0.0]))
@@ -92,6 +92,18 @@ def test_a_trust_region_keeps_a_long_run_near_the_prior_where_it_would_collapse(
     assert free.weights[0] > 0.999
     assert kl(bounded.weights, PRIOR) == pytest.approx(0.1, abs=1e-4) and bounded.weights[0] < 0.8
     assert kl(default.weights, PRIOR) == pytest.approx(0.5, abs=1e-4) and default.weights[0] < 0.96
+
+
+def test_every_adaptive_controller_is_bounded_by_default_and_replayed_weights_are_not():
+    doremi = DoReMiController(PRIOR, eta=5.0)
+    for _ in range(20):  # domain 2 lags its reference by 2 nats every step: unbounded, it would take everything
+        doremi.observe(torch.tensor([1.0, 1.0, 3.0]), torch.tensor([0, 1, 2]), reference=torch.ones(3))
+        doremi.step()
+    assert kl(doremi.weights, PRIOR) == pytest.approx(0.5, abs=1e-4) and doremi.weights[2] < 0.75
+    replay = ScheduledController([(0, [0.5, 0.3, 0.2]), (2, [0.0, 0.0, 1.0])])
+    for _ in range(2):
+        replay.step()
+    assert torch.equal(replay.weights, torch.tensor([0.0, 0.0, 1.0]))  # infinitely far from its start: as recorded
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "wide"])

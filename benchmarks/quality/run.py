@@ -33,7 +33,7 @@ import train as trainer
 from onlinemix.cli import main as onlinemix
 from onlinemix.loaders.importance import ImportanceEstimator
 
-ONLINE = ("odm", "ado", "doremi", "doremi-target", "doremi-target+prior", "dga")  # online (the rest are static)
+ONLINE = ("odm", "ado", "doremi", "doremi-target", "dga", "bandit")  # online (the rest are static)
 REFERENCE_STEPS = 400  # the target reference model: steps on the specific set (kept at its best on the other)
 
 
@@ -53,7 +53,7 @@ def run_task(task: dict) -> str:
             Path(task["model"]), task["size"], task["device"],
         )  # fmt: skip
     else:
-        scenario = suite.scenarios(root)[task["scenario"]]
+        scenario = suite.scenarios(root, Path(task["results"]))[task["scenario"]]
         schedule = _stretched(Path(task["proxy"])) if task.get("proxy") else None
         chosen = suite.method(task["method"], scenario, task.get("weights"), task.get("initial"), schedule)
         if task.get("config"):
@@ -80,9 +80,9 @@ def _stretched(proxy: Path) -> list:
 
 
 def online_method(label: str) -> bool:
-    """Whether a result's weights move during the run (an online method, with or without the guard, or a proxy's
-    schedule)."""
-    return label.removesuffix(suite.UNGUARDED) in ONLINE or label.startswith(suite.PROXY)
+    """Whether a result's weights move during the run (an online method, with or without the guard or a prior,
+    or a proxy's schedule)."""
+    return label.removesuffix(suite.UNGUARDED).removesuffix(suite.WITH_PRIOR) in ONLINE or label.startswith(suite.PROXY)
 
 
 def _heldout_path(root: Path, name: str) -> Path:
@@ -130,7 +130,7 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
             setups[name] = importance_setup(root, scenario, args.out)
     chosen = suite.scenarios(root, args.out)
     for seed in range(args.seeds):
-        if any("doremi-target" in chosen[s].methods for s in args.scenarios):
+        if any({"doremi-target", "bandit"} & set(chosen[s].methods) for s in args.scenarios):
             model = args.out / "references" / f"target-seed{seed}.pt"
             out = runs / "references" / f"target-seed{seed}.json"
             first.append({"kind": "reference", "seed": seed, "steps": REFERENCE_STEPS, "root": str(root),
@@ -153,9 +153,10 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
                     task["method"], task["config"] = "uniform", str(importance)
                     task["label"] = "importance"
                 task["references"] = references
-                if method == "doremi-target+prior":
+                if method.endswith(suite.WITH_PRIOR) or method == "bandit":
                     task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]
-                (second if method.startswith("doremi") else first).append(task)
+                # after the models they read: the uniform run's, the target reference
+                (second if method.startswith(("doremi", "bandit")) else first).append(task)
             if scenario.proxy is not None:  # the proxy workflow: a short run first, then its schedule replayed
                 proxy = runs / name / "proxies" / f"{scenario.proxy}-seed{seed}.json"
                 first.append({**base, "method": scenario.proxy, "steps": args.steps // suite.PROXY_SHRINK,
@@ -176,7 +177,8 @@ def hardware(args: argparse.Namespace) -> dict:
 
 def run_base(args: argparse.Namespace, root: Path, scenario: str, seed: int) -> dict:
     """The keys every training run of ``scenario`` and ``seed`` shares (its method and output are added)."""
-    return {"kind": "run", "scenario": scenario, "seed": seed, "steps": args.steps, "root": str(root), **hardware(args)}
+    return {"kind": "run", "scenario": scenario, "seed": seed, "steps": args.steps, "root": str(root),
+            "results": str(args.out), **hardware(args)}  # fmt: skip
 
 
 def best_grid_tasks(args: argparse.Namespace, root: Path) -> list[dict]:
@@ -263,7 +265,7 @@ def compute(out: Path, scenario: suite.Scenario, label: str, histories: list[dic
         proxies = [folder / f"{scenario.proxy}-seed{s}.json" for s in range(len(histories))]
         short = [json.loads(p.read_text())["compute"] for p in proxies if p.exists()]
         return own + float(np.mean(short)) / plain
-    if label.startswith("doremi-target"):  # a model of the specific set, trained first
+    if label.startswith(("doremi-target", "bandit")):  # a model of the specific set, trained first
         references = sorted((out / "runs" / "references").glob("target-seed*.json"))
         return own + json.loads(references[0].read_text())["compute"] / plain
     if label.startswith("doremi"):  # its reference: the uniform mixture's model, a whole run

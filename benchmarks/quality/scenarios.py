@@ -30,6 +30,7 @@ from train import Method
 
 from onlinemix import (
     ADOController,
+    ClusterBanditController,
     Controller,
     DGAController,
     DoReMiController,
@@ -37,6 +38,7 @@ from onlinemix import (
     ODMController,
     ScheduledController,
     StaticController,
+    neighbour_similarity,
 )
 
 
@@ -52,6 +54,8 @@ class Scenario:
     # each training domain's own held-out set (the memorisation guard's probes), by domain name
     domain_heldout: dict[str, str] = field(default_factory=dict)
     proxy: str | None = None  # the online method whose short run's schedule the proxy workflow replays
+    # each domain's hashed n-gram counts (DSIR's, where the scenario fits it): the cluster bandit's neighbours
+    features: np.ndarray | None = None
 
     @property
     def proxy_label(self) -> str | None:
@@ -158,7 +162,16 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "many.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", *TARGET_BLIND, "doremi-target", "doremi-target+prior", "importance"],
+        methods=[
+            "uniform",
+            "proportional",
+            *TARGET_BLIND,
+            *[m + WITH_PRIOR for m in TARGET_BLIND],
+            "doremi-target",
+            "doremi-target" + WITH_PRIOR,
+            "bandit",
+            "importance",
+        ],
         grid={"T=2": temperature(cluster_sizes, 2), "T=4": temperature(cluster_sizes, 4)},
     )
     estimator = None if results is None else results / "importance" / "many" / "est.npz"
@@ -168,6 +181,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         fitted = ImportanceEstimator.load(estimator)
         kl = [fitted.divergence(domain["name"]) for domain in clusters]
         many.grid.update({f"DSIR prior, ~{n} clusters": target_prior(kl, n) for n in (8, 32, 128)})
+        many.features = np.stack([fitted.raw[domain["name"]] for domain in clusters])
     return {s.name: s for s in (general, targeted, large, small, many)}
 
 
@@ -184,11 +198,13 @@ def _tokens(path: Path) -> int:
 # ----------------------------------------------------------------------------- methods
 
 UNGUARDED = "-unguarded"
+WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clusters (~32) instead of uniform
 PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
 DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
+BANDIT_NEIGHBOURS = 8  # clusters that share credit (a cluster and its 7 nearest by DSIR n-grams)
 
 
 def method(
@@ -199,17 +215,28 @@ def method(
     schedule: list | None = None,
 ) -> Method:
     """The ``Method`` a name stands for in ``scenario`` (grid points: ``grid_weights``; ``initial``: the weights
-    an online method starts from, where it does not start uniform; ``schedule``: a proxy run's recorded weights,
-    ``[[step, weights], ...]`` on the target run's steps)."""
+    an online method starts from, its prior, for the names ending in ``+prior`` and the bandit; ``schedule``: a
+    proxy run's recorded weights, ``[[step, weights], ...]`` on the target run's steps)."""
 
     def build(cls: type, start=uniform, **options) -> Callable[[MixedDataset, str], Controller]:
         return lambda dataset, device: cls(start(dataset), device=device, **options)
+
+    def online(cls: type, **options) -> Callable[[MixedDataset, str], Controller]:
+        """An online controller from ``initial`` where given (a prior), else from the uniform mixture."""
+        prior = None if initial is None else torch.tensor(initial)
+        return build(cls, uniform if prior is None else lambda dataset: prior, **options)
 
     if name.endswith(UNGUARDED):  # the controller as it was: no probes, no repeat budget, no trust region
         chosen = method(name.removesuffix(UNGUARDED), scenario, grid_weights, initial)
         chosen.name, chosen.guarded = name, False
         controller = chosen.controller
         chosen.controller = lambda dataset, device: _without_guards(controller(dataset, device))
+        return chosen
+    if name.endswith(WITH_PRIOR):  # the same method started from DSIR's prior (``initial``) instead of uniform
+        if initial is None:
+            raise ValueError(f"{name} needs the prior it starts from")
+        chosen = method(name.removesuffix(WITH_PRIOR), scenario, grid_weights, initial)
+        chosen.name = name
         return chosen
     if schedule is not None:  # the proxy workflow: a short run's schedule, stretched to this run
         return Method(name, lambda dataset, device: ScheduledController(schedule, device=device))
@@ -220,17 +247,18 @@ def method(
     if name == "proportional":
         return Method(name, build(StaticController, proportional))
     if name == "odm":
-        return Method(name, build(ODMController, warmup=50), guarded=True)
-    if name == "ado":  # its prior μ: the objective's own weighting of the domains (here: all equal)
-        return Method(name, build(ADOController, warmup=100), guarded=True)
+        return Method(name, online(ODMController, warmup=50), guarded=True)
+    if name == "ado":  # its prior μ: its starting weights (uniform: the general objective weighs domains alike)
+        return Method(name, online(ADOController, warmup=100), guarded=True)
     if name == "doremi":  # the reference model: the uniform mixture's, as in the DoReMi paper
-        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="uniform", guarded=True)
+        return Method(name, online(DoReMiController, **DOREMI_OPTIONS), reference="uniform", guarded=True)
     if name == "doremi-target":  # excess loss over a model of the specific set (RHO-loss's reducible loss)
-        return Method(name, build(DoReMiController, **DOREMI_OPTIONS), reference="target", guarded=True)
-    if name == "doremi-target+prior":  # the same, starting from DSIR's prior (~32 clusters) instead of uniform
-        start = torch.tensor(initial)
-        controller = build(DoReMiController, lambda dataset: start, **DOREMI_OPTIONS)
-        return Method(name, controller, reference="target", guarded=True)
+        return Method(name, online(DoReMiController, **DOREMI_OPTIONS), reference="target", guarded=True)
+    if name == "bandit":  # over the clusters from DSIR's prior; reward: the target model's likelihood
+        if scenario.features is None or initial is None:
+            raise ValueError(f"the bandit needs {scenario.name}'s DSIR estimator: its features and its prior")
+        similarity = neighbour_similarity(np.log1p(scenario.features), BANDIT_NEIGHBOURS)
+        return Method(name, online(ClusterBanditController, similarity=similarity), reward=("target",), guarded=True)
     if name == "dga":  # aligned with a sample of the target that is never trained on
-        return Method(name, build(DGAController, **DGA_OPTIONS), align=scenario.align, guarded=True)
+        return Method(name, online(DGAController, **DGA_OPTIONS), align=scenario.align, guarded=True)
     raise ValueError(f"unknown method {name!r}")

@@ -49,7 +49,10 @@ class Method:
     ``controller(dataset, device)`` returns the controller (on ``device``); ``reference`` names the model
     whose per-sample loss DoReMi subtracts; ``align`` is the token-bin file DGA aligns with (every
     ``align_every`` steps); ``config`` replaces the scenario's mixture file (importance resampling writes its own);
-    ``guarded``: the memorisation guard's held-out probes are fed to the controller (online methods).
+    ``guarded``: the memorisation guard's held-out probes are fed to the controller (online methods);
+    ``reward``: models whose per-sample losses make each sample's reward, passed as ``observe(..., reward=...)``:
+    ``(general, target)``: how much better the second predicts it (``loss_general - loss_target``, CoLoR-Filter's
+    score); ``(target,)``: how well it does (``-loss_target``).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Method:
     guarded: bool = False
     align_every: int = 10
     config: Path | None = None
+    reward: tuple[str, ...] | None = None
 
 
 class HeldOut:
@@ -142,11 +146,14 @@ def train(
     mixing = OnlineMixing(mixer, num_workers=0 if device == "cpu" else 2)
     model = new_model(mixture.seq_len, seed, size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
-    reference = None
-    if method.reference is not None:
-        reference = new_model(mixture.seq_len, seed, size, device)
-        reference.load_state_dict(torch.load(references[method.reference], map_location=device))
-        reference.eval()
+
+    def frozen(name: str) -> TinyGPT:
+        model = new_model(mixture.seq_len, seed, size, device)
+        model.load_state_dict(torch.load(references[name], map_location=device))
+        return model.eval()
+
+    reference = None if method.reference is None else frozen(method.reference)
+    scorers = None if method.reward is None else [frozen(name) for name in method.reward]
     generator = np.random.default_rng(seed)
     evaluation = HeldOut(heldout, mixture.seq_len)
     probing = method.guarded and set(probes) >= set(dataset.names)
@@ -169,6 +176,11 @@ def train(
             with torch.no_grad():
                 signals["reference"] = per_sample_loss(reference(ids), labels)
             compute += FORWARD * len(ids)
+        if scorers is not None:
+            with torch.no_grad():
+                scores = [per_sample_loss(scorer(ids), labels) for scorer in scorers]
+            signals["reward"] = scores[0] - scores[1] if len(scores) == 2 else -scores[0]
+            compute += len(scorers) * FORWARD * len(ids)
         mixing.observe(losses.detach(), batch, **signals)
         if method.align is not None and (step + 1) % method.align_every == 0:
             per_domain = [windows(source.path, mixture.seq_len, 32, generator) for source in dataset.sources]

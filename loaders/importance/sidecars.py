@@ -17,23 +17,6 @@ from onlinemix.loaders.importance.estimator import ImportanceError
 from onlinemix.loaders.sources import Source
 
 
-def document_text(record: Any, field: str = "text") -> str:
-    """The text of a source record: a string, a JSON/MDS/WebDataset field, or byte-tokenizer ids."""
-    if isinstance(record, dict):
-        if field not in record:
-            textual = [key for key, value in record.items() if isinstance(value, (str, bytes))]
-            if not textual:
-                raise ImportanceError(f"record has no {field!r} field and no text field (keys: {sorted(record)})")
-            field = textual[0]
-        record = record[field]
-    if isinstance(record, bytes):
-        return record.decode("utf-8", errors="replace")
-    if isinstance(record, str):
-        return record
-    ids = np.asarray(record)
-    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")  # byte-tokenizer ids
-
-
 def domain_texts(source: Source, indices: np.ndarray, field: str) -> list[str]:
     """The text of samples ``indices`` (``Source.text``: decoded with the domain's tokenizer where it has one)."""
     return [source.text(int(i), field) for i in indices]

@@ -28,6 +28,23 @@ class SourceError(Exception):
     """Bad data in a source: the message names the file and the sample."""
 
 
+def document_text(record: Any, field: str = "text") -> str:
+    """The text of a source record: a string, a JSON/MDS/WebDataset field, or byte-tokenizer ids."""
+    if isinstance(record, dict):
+        if field not in record:
+            textual = [key for key, value in record.items() if isinstance(value, (str, bytes))]
+            if not textual:
+                raise SourceError(f"record has no {field!r} field and no text field (keys: {sorted(record)})")
+            field = textual[0]
+        record = record[field]
+    if isinstance(record, bytes):
+        return record.decode("utf-8", errors="replace")
+    if isinstance(record, str):
+        return record
+    ids = np.asarray(record)
+    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")  # byte-tokenizer ids
+
+
 class Source(abc.ABC):
     """One domain's samples, addressed by index in ``[0, len(source))``.
 
@@ -59,8 +76,6 @@ class Source(abc.ABC):
 
     def text(self, index: int, field: str = "text") -> str:
         """Sample ``index`` as text (what importance estimates read); ``field``: where a dict record keeps it."""
-        from onlinemix.loaders.importance.sidecars import document_text
-
         return document_text(self.record(index), field)
 
     def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ import numpy as np
 
 from onlinemix.loaders.extras import require
 from onlinemix.loaders.files import cache_entry, cache_root, file_stamp, writable_cache
-from onlinemix.loaders.sources.base import ShardedSource, SourceError
+from onlinemix.loaders.sources.base import ShardedSource, SourceError, document_text
 from onlinemix.loaders.transforms import Transform
 
 DOCUMENT_COLUMNS = ("tokens", "input_ids", "text")  # the default ``column``, in order of preference
@@ -258,8 +258,6 @@ class MdsSource(ShardedSource):
         return document if isinstance(document, str) else np.asarray(document, dtype=np.int64)
 
     def text(self, index: int, field: str = "text") -> str:
-        from onlinemix.loaders.importance.sidecars import document_text
-
         return document_text(self.record(index)["document"])
 
 

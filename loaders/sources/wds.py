@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from onlinemix.loaders.extras import require
 from onlinemix.loaders.files import FileHandles, atomic_write, cache_entry, cache_root, file_stamp
-from onlinemix.loaders.sources.base import ShardedSource, SourceError
+from onlinemix.loaders.sources.base import ShardedSource, SourceError, document_text
 from onlinemix.loaders.transforms import Transform
 
 INDEX_VERSION = 1
@@ -352,8 +352,6 @@ class WebDatasetSource(ShardedSource):
         return {"kind": self.kind, "shards": shards, "field": self.field, "json_key": self.json_key}
 
     def text(self, index: int, field: str = "text") -> str:
-        from onlinemix.loaders.importance.sidecars import document_text
-
         return document_text(self.record(index)["document"])
 
     def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:

@@ -69,9 +69,6 @@ def gradient_alignment(
     return alignment
 
 
-DEFAULT_TRUST_REGION = 0.5  # nats: 50% of the weight on one of 7 domains that start even is 0.35 nats away, 70% is 0.80
-
-
 class DGAController(Controller):
     """Weights from the alignment of each domain's gradient with a target's (see the module docstring).
 
@@ -83,11 +80,10 @@ class DGAController(Controller):
         alignment_ema: ``γ``: how much of the running mean of the alignments each update keeps (0: none).
         basis: optional ``(m, k)`` rows of distributions over the domains: the update moves weights over
             the rows (one backward per row, for thousands of domains).
-        trust_region: ``KL(w ‖ initial) ≤`` this many nats (``Controller``'s; ``None``: unbounded). On by
-            default for DGA alone: alignments with a small target sample are noisy and favour whatever looks
-            like the target (English manual pages for German ones), and without a bound DGA can pour 80% of
-            the weight onto such a domain (see ``docs/quality.md``, *small-specific*).
-        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+        **kwargs: ``Controller``'s (``trust_region``, ``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+            The default trust region matters most here: alignments with a small target sample are noisy and favour
+            whatever looks like the target (English manual pages for German ones), and without a bound DGA can
+            pour 80% of the weight onto such a domain (see ``docs/quality.md``, *small-specific*).
     """
 
     name = "dga"
@@ -100,7 +96,6 @@ class DGAController(Controller):
         every: int = 1,
         basis: torch.Tensor | None = None,
         alignment_ema: float = 0.0,
-        trust_region: float | None = DEFAULT_TRUST_REGION,
         **kwargs,
     ):
         """``initial``: weights over the domains, or over the ``m`` rows of ``basis`` (an ``(m, k)`` tensor)."""
@@ -121,7 +116,7 @@ class DGAController(Controller):
                 raise ValueError("each row of basis must be a distribution over the domains (>= 0, summing to 1)")
             self.basis = basis
         alpha = initial / initial.sum()
-        super().__init__(alpha if basis is None else alpha @ basis, trust_region=trust_region, **kwargs)
+        super().__init__(alpha if basis is None else alpha @ basis, **kwargs)
         self.eta, self.ema, self.every, self.alignment_ema = eta, ema, every, alignment_ema
         self.mixture = alpha.clone()  # over domains or basis rows, before the probability floor
         self.alignment = torch.zeros_like(self.mixture)  # the last measured

@@ -26,7 +26,7 @@ class ScheduledController(Controller):
     """
 
     name = "scheduled"
-    adaptive = False  # the weights are the user's (or a recorded run's): never changed by the memorisation guard
+    adaptive = False  # the weights are the user's (or a recorded run's): never bounded or guarded
 
     def __init__(self, waypoints: Sequence[tuple[int, Sequence[float]]], interpolation: str = "linear", **kwargs):
         if interpolation not in INTERPOLATIONS:

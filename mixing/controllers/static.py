@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from onlinemix.mixing.controllers.base import Controller
-from onlinemix.mixing.simplex import temperature_weights
+from onlinemix.simplex import temperature_weights
 
 
 class StaticController(Controller):
     """Keeps its initial weights; observing is allowed (and drained) but changes nothing."""
 
     name = "static"
-    adaptive = False  # the weights are the user's (or a recorded run's): never changed by the memorisation guard
+    adaptive = False  # the weights are the user's (or a recorded run's): never bounded or guarded
 
     @classmethod
     def from_temperature(cls, sizes: Sequence[int], temperature: float, **kwargs) -> StaticController:
