@@ -13,7 +13,9 @@ weights channel. Methods (``--method``):
 - ``ado``: per-domain power-law fits of the training loss (more weight where it still falls fastest);
 - ``doremi``: excess loss over a ``--reference`` model (e.g. the uniform run's ``--save-model``);
 - ``dga``: every ``--dga-every`` steps, align each domain's gradient with the gradient of ``--target``
-  (a held-out set of ``heldout.yaml``, never trained on).
+  (a held-out set of ``heldout.yaml``, never trained on);
+- ``bandit``: the cluster bandit, rewarding each sample by how well a ``--reference`` model of your target
+  predicts it (minus its loss): more weight where the data looks like the target.
 
 The online methods start from the mixture file's weights (its domains' ``weight:``, or its weighting rule):
 they are the controller's prior.
@@ -42,6 +44,7 @@ from tqdm import tqdm
 from onlinemix import (
     ADOController,
     ByteTokenizer,
+    ClusterBanditController,
     DGAController,
     DoReMiController,
     MixedDataset,
@@ -57,7 +60,7 @@ from onlinemix import (
 )
 from onlinemix.loaders.build import build_sources
 
-METHODS = ("uniform", "proportional", "config", "odm", "ado", "doremi", "dga")
+METHODS = ("uniform", "proportional", "config", "odm", "ado", "doremi", "dga", "bandit")
 ETA = {"doremi": 0.1, "dga": 10.0}  # DGA's on cosine alignments (in [-1, 1]); DoReMi's on excess losses
 
 
@@ -117,6 +120,7 @@ def build_mixing(args: argparse.Namespace, config: MixtureConfig) -> OnlineMixin
         "ado": lambda: ADOController(start, warmup=args.warmup or 50, **on_device),
         "doremi": lambda: DoReMiController(start, eta=eta, **on_device),
         "dga": lambda: DGAController(start, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.01, **on_device),
+        "bandit": lambda: ClusterBanditController(start, warmup=args.warmup or 0, **on_device),
     }[args.method]()
     return OnlineMixing(OnlineMixer(controller, dataset, lag=args.lag, log=args.log), num_workers=args.workers)
 
@@ -133,9 +137,12 @@ def train(args: argparse.Namespace) -> dict:
     heldout_path = args.config.parent / "heldout.yaml"
     heldout = HeldOut(heldout_path, args.eval_windows) if heldout_path.exists() else None
     reference = None
-    if args.method == "doremi":
+    if args.method in ("doremi", "bandit"):
         if args.reference is None:
-            raise SystemExit("--method doremi needs --reference MODEL.pt (e.g. the uniform run's --save-model)")
+            raise SystemExit(
+                f"--method {args.method} needs --reference MODEL.pt (doremi: e.g. the uniform run's --save-model; "
+                "bandit: a model of your target)"
+            )
         reference = TinyGPT(vocab, config.seq_len, width=args.width, layers=args.layers).to(args.device)
         reference.load_state_dict(torch.load(args.reference, map_location=args.device))
         reference.eval()
@@ -161,7 +168,11 @@ def train(args: argparse.Namespace) -> dict:
         signals = {}
         if reference is not None:
             with torch.no_grad():
-                signals["reference"] = per_sample_loss(reference(ids), labels)
+                reference_losses = per_sample_loss(reference(ids), labels)
+            if args.method == "bandit":
+                signals["reward"] = -reference_losses  # the target model's likelihood of each sample
+            else:
+                signals["reference"] = reference_losses
         mixing.observe(losses.detach(), batch, **signals)
         if args.method == "dga" and step % args.dga_every == 0:  # the controller updates at this step
             per_domain = [domain_batch(mixing, d, args.dga_samples, step) for d in range(len(mixing.names))]
@@ -225,8 +236,10 @@ def parser() -> argparse.ArgumentParser:
         "quickest reaction they allow in a run of a few hundred steps (the library's default, 16, covers 8 workers)",
     )
     parser.add_argument("--eta", type=float, help="step size of doremi (default 0.1) and dga (default 10)")
-    parser.add_argument("--warmup", type=int, help="odm, ado: steps before the weights move (default 10, 50)")
-    parser.add_argument("--reference", type=Path, help="doremi: the reference model's weights")
+    parser.add_argument("--warmup", type=int, help="odm, ado, bandit: steps before the weights move (default 10, 50, 0)")
+    parser.add_argument(
+        "--reference", type=Path, help="doremi: the reference model's weights; bandit: a model of the target"
+    )
     parser.add_argument("--target", default="target", help="dga: the heldout.yaml set to align with")
     parser.add_argument("--dga-every", type=int, default=5, help="dga: steps between alignments (default 5)")
     parser.add_argument("--dga-samples", type=int, default=32, help="dga: samples per domain and target batch")

@@ -55,8 +55,8 @@ def test_every_method_trains_logs_and_reports(mixture):
     run(mixture, "proportional")  # equal sizes: equal weights
     assert np.allclose(read_schedule(out / "proportional.oms").weights, 1 / 3)
 
-    for method in ("odm", "ado", "doremi", "dga"):
-        extra = [f"--reference={out / 'reference.pt'}"] if method == "doremi" else ["--warmup=2"]
+    for method in ("odm", "ado", "doremi", "dga", "bandit"):
+        extra = [f"--reference={out / 'reference.pt'}"] if method in ("doremi", "bandit") else ["--warmup=2"]
         history = run(mixture, method, *extra)
         log = read_schedule(out / f"{method}.oms")
         assert len(history["trained"]) == 6 and log.steps.tolist() == list(range(7)), method
@@ -90,9 +90,10 @@ def test_without_held_out_sets_the_example_still_shows_progress_loss_and_weights
     assert re.search(r"loss \d+\.\d{3} \| weights a 0\.\d\d b 0\.\d\d c 0\.\d\d", shown)
 
 
-def test_doremi_without_a_reference_says_what_it_needs(mixture):
-    with pytest.raises(SystemExit, match="--method doremi needs --reference"):
-        run(mixture, "doremi")
+@pytest.mark.parametrize(("method", "hint"), [("doremi", "the uniform run's"), ("bandit", "a model of your target")])
+def test_doremi_and_the_bandit_without_a_reference_say_what_they_need(mixture, method, hint):
+    with pytest.raises(SystemExit, match=f"--method {method} needs --reference MODEL.pt .*{hint}"):
+        run(mixture, method)
 
 
 @pytest.mark.parametrize("script", ["hf_trainer", "lightning_trainer"])

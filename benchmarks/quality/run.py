@@ -153,7 +153,7 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
                     task["method"], task["config"] = "uniform", str(importance)
                     task["label"] = "importance"
                 task["references"] = references
-                if method.endswith(suite.WITH_PRIOR) or method == "bandit":
+                if method.endswith(suite.WITH_PRIOR) or (method == "bandit" and scenario.features is not None):
                     task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]
                 # after the models they read: the uniform run's, the target reference
                 (second if method.startswith(("doremi", "bandit")) else first).append(task)
@@ -369,8 +369,13 @@ def plot(out: Path, scenario: suite.Scenario, results: dict[str, list[dict]], ba
     import matplotlib.pyplot as plt
 
     online = [label for label in results if online_method(label) and results[label]]
-    figure, axes = plt.subplots(1, 1 + len(online), figsize=(5 * (1 + len(online)), 4), squeeze=False)
-    axes = axes[0]
+    panels = 1 + len(online)
+    columns = min(4, panels)  # the objective, then each online method's weights, four to a row
+    rows = -(-panels // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    axes = axes.ravel()
+    for unused in axes[panels:]:
+        unused.set_visible(False)
     for label, histories in results.items():
         if not histories:
             continue

@@ -127,7 +127,8 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "targeted.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "closest", *TARGET_BLIND, "dga", "importance", "doremi-target"],
+        methods=["uniform", "proportional", "closest", *TARGET_BLIND, "dga", "importance", "doremi-target", "bandit",
+                 "bandit" + UNGUARDED],
         align="target/specific.bin",
         domain_heldout=own,
         proxy="dga",
@@ -152,7 +153,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
 
     blind_and_dga = [*TARGET_BLIND, "dga"]
     large = with_specific("targeted+specific", "target/align.bin", (0.05, 0.1, 0.2, 0.4, 0.7, 0.85),
-                          ["closest", *blind_and_dga, "importance", "doremi-target"])  # fmt: skip
+                          ["closest", *blind_and_dga, "importance", "doremi-target", "bandit"])  # fmt: skip
     small = with_specific("small-specific", "target/small-align.bin", (0.05, 0.25, 0.4, 0.7),
                           [*blind_and_dga, "ado" + UNGUARDED, "dga" + UNGUARDED])  # fmt: skip
     clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
@@ -254,10 +255,11 @@ def method(
         return Method(name, online(DoReMiController, **DOREMI_OPTIONS), reference="uniform", guarded=True)
     if name == "doremi-target":  # excess loss over a model of the specific set (RHO-loss's reducible loss)
         return Method(name, online(DoReMiController, **DOREMI_OPTIONS), reference="target", guarded=True)
-    if name == "bandit":  # over the clusters from DSIR's prior; reward: the target model's likelihood
-        if scenario.features is None or initial is None:
-            raise ValueError(f"the bandit needs {scenario.name}'s DSIR estimator: its features and its prior")
-        similarity = neighbour_similarity(np.log1p(scenario.features), BANDIT_NEIGHBOURS)
+    if name == "bandit":  # reward: the target model's likelihood; over many clusters, from DSIR's prior, with
+        # neighbours sharing credit; over a few domains, from uniform, each its own arm
+        similarity = None
+        if scenario.features is not None:
+            similarity = neighbour_similarity(np.log1p(scenario.features), BANDIT_NEIGHBOURS)
         return Method(name, online(ClusterBanditController, similarity=similarity), reward=("target",), guarded=True)
     if name == "dga":  # aligned with a sample of the target that is never trained on
         return Method(name, online(DGAController, **DGA_OPTIONS), align=scenario.align, guarded=True)
