@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
         "quickest reaction they allow in a run of a few hundred steps (the library's default, 16, covers 8 workers)",
     )
     parser.add_argument("--eta", type=float, help="step size of doremi (default 0.1) and dga (default 10)")
-    parser.add_argument("--warmup", type=int, help="odm, ado, bandit: steps before the weights move (default 10, 50, 0)")
+    parser.add_argument("--warmup", type=int, help="odm, ado, bandit: steps before the weights move (10, 50, 0)")
     parser.add_argument(
         "--reference", type=Path, help="doremi: the reference model's weights; bandit: a model of the target"
     )

@@ -127,8 +127,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "targeted.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "closest", *TARGET_BLIND, "dga", "importance", "doremi-target", "bandit",
-                 "bandit" + UNGUARDED],
+        methods=["uniform", "proportional", "closest", *TARGET_BLIND, *TARGET_AWARE, "bandit" + UNGUARDED],
         align="target/specific.bin",
         domain_heldout=own,
         proxy="dga",
@@ -203,6 +202,7 @@ WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clu
 PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
+TARGET_AWARE = ["dga", "importance", "doremi-target", "bandit"]  # what needs a sample of the target
 DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
 BANDIT_NEIGHBOURS = 8  # clusters that share credit (a cluster and its 7 nearest by DSIR n-grams)
