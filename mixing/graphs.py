@@ -39,11 +39,20 @@ class Graphable(Protocol):
     now: dict[str, Any]
     stats: DomainStats
 
-    def record(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals): ...
-    def next_weights(self) -> torch.Tensor: ...
-    def schedule(self, step: int) -> dict[str, float]: ...
-    def phase(self) -> Hashable: ...
-    def extra_state(self) -> dict[str, torch.Tensor]: ...
+    def record(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals):
+        """Accumulate one batch's feedback (captured as the observation graph)."""
+
+    def next_weights(self) -> torch.Tensor:
+        """The update, floor and checks of one step (captured as a step graph per phase)."""
+
+    def schedule(self, step: int) -> dict[str, float]:
+        """The step's numbers, written into device scalars before a replay."""
+
+    def phase(self) -> Hashable:
+        """Which Python branch the update takes: one graph each."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the update carries from step to step: copied back into fixed buffers."""
 
 
 class ControllerGraphs:
