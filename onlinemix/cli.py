@@ -34,6 +34,7 @@ from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.cli import add_importance
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.plan import PlanState, StreamEnded, fast_forward
+from onlinemix.loaders.prepare import prepare
 from onlinemix.loaders.sources import SourceError, TokenBinSource, TokenizedSource
 from onlinemix.mixing.schedule_log import ScheduleLog, ScheduleLogError, read_schedule, replay_schedule
 
@@ -199,6 +200,17 @@ def _schedule_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    if args.workers == 0:
+        raise ValueError("--workers must be >= 1")
+    results = prepare(args.config, args.workers, args.domains)
+    for result in results:
+        print(f"{result.domain}: {result.status} ({result.detail}; {result.seconds:.1f} s)")
+    failed = [result.domain for result in results if result.status == "failed"]
+    if failed:
+        raise SourceError(f"{len(failed)} of {len(results)} domains failed to prepare: {', '.join(failed)}")
+
+
 def _verify(args: argparse.Namespace) -> None:
     config = MixtureConfig.load(args.config)
     how = "sampled" if args.sampled else "full"
@@ -326,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("config", help="the YAML mixture file")
     verify.add_argument("--sampled", action="store_true", help="check three 16 MiB chunks of each file, not all")
     verify.set_defaults(run=_verify)
+
+    prepare_command = commands.add_parser(
+        "prepare",
+        help="build every token cache a mixture needs before training (tokenize once, not in each job)",
+        description="Open every domain of CONFIG as a training run would, which builds what a first open builds: "
+        "a text domain's token cache (tokenized and packed), a token-bin file's recorded checksums. One domain per "
+        "worker process; a cache is written whole or not at all, so a killed run resumes where it stopped, and it "
+        "is the same file whatever the number of workers. Caches go to the mixture's cache_dir or "
+        "$ONLINEMIX_CACHE_DIR (shared storage lets every node read one prepared cache). Prints a line per domain; "
+        "exits 1 if any fails. DSIR scores are written by `onlinemix importance score`.",
+    )
+    prepare_command.add_argument("config", help="the YAML mixture file")
+    prepare_command.add_argument(
+        "--workers", type=int, help="domains prepared at once, one process each (default: one per core)"
+    )
+    prepare_command.add_argument("--domains", nargs="+", metavar="NAME", help="only these domains (default: all)")
+    prepare_command.set_defaults(run=_prepare)
 
     sample = commands.add_parser(
         "sample",

@@ -80,6 +80,8 @@ class TokenCache:
     a damaged cache is a ``CacheError`` naming the file and the folder to delete.
     """
 
+    built = False  # whether this process built it (``open()``), rather than finding it
+
     def __init__(self, folder: Path, verify: str = "lengths"):
         self.folder = folder
         self.meta = self._read_meta()
@@ -153,12 +155,16 @@ class TokenCache:
         if (folder / "meta.json").exists():
             return cls(folder, verify)
         writable_cache(root)
+        built = False
         with locked(root / f".{folder.name}.lock"):
             if not (folder / "meta.json").exists():  # another process may have built it while this one waited
                 _build(documents, tokenizer, folder, key)
+                built = True
         remove_stale_partials(root)  # what builds killed before they finished left behind, this one's included
         enforce_limit(root, keep=folder)  # $ONLINEMIX_CACHE_LIMIT: least recently used entries go
-        return cls(folder, verify)
+        cache = cls(folder, verify)
+        cache.built = built
+        return cache
 
 
 class _TokenWriter:
