@@ -23,6 +23,7 @@ PACKAGES = {
     "zstandard": ("zstandard", "formats"),
     "tokenizers": ("tokenizers", "tokenizers"),
     "matplotlib": ("matplotlib", "plot"),
+    "ray": ("ray", "ray"),
 }
 
 

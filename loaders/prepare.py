@@ -7,6 +7,10 @@ process: each domain's cache is written by the same code whatever the number of 
 files), atomically (a killed run leaves no half cache; what finished is kept, so running it again resumes),
 and under the cache's lock (a training job opening the same domain meanwhile waits for it, it does not
 tokenize it twice). A training run on the prepared mixture then opens every cache in milliseconds.
+
+Engines: ``local`` (processes on this machine) and ``ray`` (a Ray task per domain, on a cluster). The unit of
+work is a domain: a mixture of many domains (or clusters) spreads over many workers, one huge domain does
+not (yet: splitting a domain's files over workers is the next step).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from onlinemix.loaders.build import open_source
+from onlinemix.loaders.cache import LIMIT_ENV
 from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.extras import require
+from onlinemix.loaders.files import CACHE_ENV
 from onlinemix.loaders.sources import SourceError, TokenBinSource, TokenizedSource
 
 
@@ -60,10 +67,34 @@ def prepare_domain(config_path: str, name: str) -> Prepared:
     return Prepared(name, "none", f"a {domain.source} source: read as it is, nothing to prepare", seconds)
 
 
-def prepare(config_path: str | Path, workers: int | None = None, domains: list[str] | None = None) -> list[Prepared]:
-    """Prepare ``domains`` (default: all) of a mixture file with ``workers`` processes (default: one per core,
+ENGINES = ("local", "ray")
+
+
+def tokenizer_threads(workers: int) -> dict[str, str]:
+    """The environment that gives each of ``workers`` processes its share of the cores for a Hugging Face
+    tokenizer's thread pool (``encode_batch`` runs on all of them by default: ``workers`` processes would each
+    start one thread per core and fight over them). A value the user set is kept."""
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    return {name: os.environ.get(name, share) for name in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")}
+
+
+def _set_environment(values: dict[str, str]) -> None:
+    """A worker process's initializer (module level: spawn pickles it by name)."""
+    os.environ.update(values)
+
+
+def prepare(
+    config_path: str | Path, workers: int | None = None, domains: list[str] | None = None, engine: str = "local"
+) -> list[Prepared]:
+    """Prepare ``domains`` (default: all) of a mixture file, ``workers`` domains at once (default: one per core,
     at most one per domain); a progress bar counts the domains. Returns one ``Prepared`` per domain, in the
-    file's order."""
+    file's order.
+
+    ``engine``: ``local`` (worker processes on this machine) or ``ray`` (one Ray task per domain: on the cluster
+    at ``$RAY_ADDRESS``, or on a local one started for the run; the caches must then be on storage every node
+    sees, ``cache_dir`` or ``$ONLINEMIX_CACHE_DIR``, which the tasks are given). Either writes the same files."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     config = MixtureConfig.load(config_path)
     names = [d.name for d in config.domains]
     unknown = sorted(set(domains or []) - set(names))
@@ -76,15 +107,44 @@ def prepare(config_path: str | Path, workers: int | None = None, domains: list[s
     path = str(Path(config_path).resolve())
     results: dict[str, Prepared] = {}
     with tqdm(total=len(chosen), desc="preparing", unit="domain") as bar:
-        if workers == 1:
+        if engine == "ray":
+            results = _on_ray(path, chosen, workers, bar)
+        elif workers == 1:
             for name in chosen:
                 results[name] = prepare_domain(path, name)
                 bar.update()
         else:  # spawned, not forked: a worker starts clean of the parent's threads and open files
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            threads = tokenizer_threads(workers)
+            with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=(threads,)) as pool:
                 futures = {name: pool.submit(prepare_domain, path, name) for name in chosen}
                 for name, future in futures.items():
                     results[name] = future.result()
                     bar.update()
     return [results[name] for name in chosen]
+
+
+def _on_ray(path: str, names: list[str], workers: int, bar: tqdm) -> dict[str, Prepared]:
+    """One Ray task per domain, at most ``workers`` at a time. (Ray core tasks rather than Ray Data: the unit
+    of work is a whole domain whose output goes to storage, so there are no blocks to stream between them.)"""
+    ray = require("ray", "--engine ray")
+    started_here = not ray.is_initialized()
+    if started_here:  # joins $RAY_ADDRESS when it is set, else starts a local cluster of `workers` CPUs
+        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else workers, log_to_driver=False)
+    try:
+        env = {name: os.environ[name] for name in (CACHE_ENV, LIMIT_ENV) if os.environ.get(name)}
+        env |= tokenizer_threads(1)  # one CPU per task: its tokenizer's thread pool too
+        task = ray.remote(prepare_domain).options(num_cpus=1, runtime_env={"env_vars": env})
+        results, pending, queue = {}, {}, list(names)
+        while queue or pending:
+            while queue and len(pending) < workers:
+                name = queue.pop(0)
+                pending[task.remote(path, name)] = name
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for reference in done:
+                results[pending.pop(reference)] = ray.get(reference)
+                bar.update()
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()

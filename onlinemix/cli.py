@@ -203,7 +203,7 @@ def _schedule_plot(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     if args.workers == 0:
         raise ValueError("--workers must be >= 1")
-    results = prepare(args.config, args.workers, args.domains)
+    results = prepare(args.config, args.workers, args.domains, args.engine)
     for result in results:
         print(f"{result.domain}: {result.status} ({result.detail}; {result.seconds:.1f} s)")
     failed = [result.domain for result in results if result.status == "failed"]
@@ -354,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="domains prepared at once, one process each (default: one per core)"
     )
     prepare_command.add_argument("--domains", nargs="+", metavar="NAME", help="only these domains (default: all)")
+    prepare_command.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: worker processes here (default); ray: a Ray task per domain, on the cluster at $RAY_ADDRESS or "
+        "a local one (pip install 'onlinemix[ray]')",
+    )
     prepare_command.set_defaults(run=_prepare)
 
     sample = commands.add_parser(

@@ -71,3 +71,54 @@ def test_a_prepared_cache_holds_the_documents_in_order(tmp_path, monkeypatch):
     tokens = np.fromfile(entry / "tokens.bin", dtype=np.uint16)
     first = bytes(tokens[starts[0] : starts[1]][tokens[starts[0] : starts[1]] < 256].astype(np.uint8)).decode()
     assert first.startswith("document 0: ")
+
+
+def open_mixture(rank: int, world: int, config: str, cache: str) -> dict:
+    """One gloo rank opening the mixture (module level: spawned): did it build the token cache, and what is in it."""
+    import hashlib
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["ONLINEMIX_CACHE_DIR"] = cache  # a spawned rank imports conftest, which sets a cache of its own
+
+    dataset = MixedDataset.from_config(config, num_batches=2)
+    cache = dataset.sources[dataset.names.index("prose")].cache
+    dist.barrier()  # every rank has opened it before any reports
+    return {"built": cache.built, "tokens": hashlib.sha256(cache.tokens_path.read_bytes()).hexdigest()}
+
+
+def test_ranks_opening_an_unprepared_mixture_at_once_tokenize_it_once(tmp_path):
+    from conftest import run_ranks
+
+    config = make_example(tmp_path)
+    records = run_ranks(4, tmp_path / "ranks", open_mixture, config=str(config), cache=str(tmp_path / "shared"))
+    assert sorted(r["built"] for r in records) == [False, False, False, True]  # one builds, the others wait and open it
+    assert len({r["tokens"] for r in records}) == 1
+
+
+def test_ray_writes_the_same_caches_as_local_processes(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    config = make_example(tmp_path)
+    built = {}
+    for engine in ("local", "ray"):
+        monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / engine))
+        results = prepare(config, workers=2, engine=engine)
+        assert [r.status for r in results] == ["scanned", "built", "scanned"], engine
+        entry = next(p for p in (tmp_path / engine).iterdir() if p.name.startswith("jsonl-"))
+        built[engine] = cache_files(entry)
+    assert built["ray"] == built["local"]
+    with pytest.raises(ValueError, match="engine must be one of local, ray"):
+        prepare(config, engine="spark")
+
+
+def test_each_worker_gets_its_share_of_the_cores_for_its_tokenizer(monkeypatch):
+    from onlinemix.loaders.prepare import tokenizer_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RAYON_RS_NUM_CPUS", raising=False)
+    assert tokenizer_threads(2) == {"RAYON_NUM_THREADS": "4", "RAYON_RS_NUM_CPUS": "4"}
+    assert tokenizer_threads(16)["RAYON_NUM_THREADS"] == "1"
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")  # the user's choice stands
+    assert tokenizer_threads(2)["RAYON_NUM_THREADS"] == "3"
