@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import yaml
-from packing import bpe_tokenizer
 
 from onlinemix.loaders.prepare import prepare
 
@@ -90,6 +89,8 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=6.0, help="MB of text per domain (default 6)")
     parser.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine")
     args = parser.parse_args()
+    from packing import bpe_tokenizer  # here, not at the top: spawned workers import this file again
+
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         corpora = write_domains(folder, args.domains, args.mb)
