@@ -31,18 +31,28 @@ from onlinemix.loaders.sources import JsonlSource, TokenizedSource
 from onlinemix.loaders.tokenizers import ByteTokenizer, HFTokenizer
 
 
-def write_corpus(folder: Path, megabytes: float) -> tuple[Path, Path]:
-    """Stdlib files as JSONL documents, repeated to ``megabytes`` of text; and the same gzipped."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
-    plain, size = folder / "corpus.jsonl", 0
-    with open(plain, "w") as out:
+def stdlib_files() -> list[Path]:
+    """Python's standard library source files, sorted: real text every machine with Python has."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+
+
+def write_jsonl(path: Path, files: list[Path], megabytes: float) -> Path:
+    """``files`` as JSONL documents (one file each), repeated until ``megabytes`` of text are written."""
+    size = 0
+    with open(path, "w") as out:
         while size < megabytes * 1e6:
-            for path in files:
-                text = path.read_text(errors="replace")
+            for file in files:
+                text = file.read_text(errors="replace")
                 out.write(json.dumps({"text": text}) + "\n")
                 size += len(text.encode())
                 if size >= megabytes * 1e6:
                     break
+    return path
+
+
+def write_corpus(folder: Path, megabytes: float) -> tuple[Path, Path]:
+    """Stdlib files as JSONL documents, repeated to ``megabytes`` of text; and the same gzipped."""
+    plain = write_jsonl(folder / "corpus.jsonl", stdlib_files(), megabytes)
     packed = folder / "corpus.jsonl.gz"
     with open(plain, "rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
         target.write(source.read())

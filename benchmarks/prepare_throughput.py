@@ -24,10 +24,8 @@ import os
 os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = "1"  # before any tokenizer starts its pool
 
 import argparse
-import json
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -37,25 +35,6 @@ import yaml
 from onlinemix.loaders.prepare import prepare
 
 TERABYTE = 1e12
-
-
-def write_domains(folder: Path, domains: int, megabytes: float) -> list[Path]:
-    """``domains`` JSONL files of stdlib source, each from its own share of the files, repeated to ``megabytes``."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
-    paths = []
-    for d in range(domains):
-        path, size = folder / f"domain{d}.jsonl", 0
-        mine = files[d::domains]
-        with open(path, "w") as out:
-            while size < megabytes * 1e6:
-                for file in mine:
-                    text = file.read_text(errors="replace")
-                    out.write(json.dumps({"text": text}) + "\n")
-                    size += len(text.encode())
-                    if size >= megabytes * 1e6:
-                        break
-        paths.append(path)
-    return paths
 
 
 ENCODE_ALONE = """
@@ -89,11 +68,15 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=6.0, help="MB of text per domain (default 6)")
     parser.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine")
     args = parser.parse_args()
-    from packing import bpe_tokenizer  # here, not at the top: spawned workers import this file again
+    # here, not at the top: spawned workers import this file again, and need none of it
+    from packing import bpe_tokenizer, stdlib_files, write_jsonl
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        corpora = write_domains(folder, args.domains, args.mb)
+        files = stdlib_files()  # each domain its own share of them
+        corpora = [
+            write_jsonl(folder / f"domain{d}.jsonl", files[d :: args.domains], args.mb) for d in range(args.domains)
+        ]
         tokenizer = bpe_tokenizer(corpora[0], folder)
         mixture = {
             "seed": 0,
