@@ -6,7 +6,9 @@ the job's time on every node whose cache is not shared. ``prepare`` does it befo
 process: each domain's cache is written by the same code whatever the number of workers (bit for bit the same
 files), atomically (a killed run leaves no half cache; what finished is kept, so running it again resumes),
 and under the cache's lock (a training job opening the same domain meanwhile waits for it, it does not
-tokenize it twice). A training run on the prepared mixture then opens every cache in milliseconds.
+tokenize it twice). Where the mixture resamples by DSIR sidecars (``importance: {estimator, sidecars}``), it
+scores each domain into its sidecar too. A training run on the prepared mixture then opens every cache in
+milliseconds.
 
 Engines: ``local`` (processes on this machine) and ``ray`` (a Ray task per domain, on a cluster). The unit of
 work is a domain: a mixture of many domains (or clusters) spreads over many workers, one huge domain does
@@ -25,12 +27,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from onlinemix.loaders.build import open_source
+from onlinemix.loaders.build import estimator, open_source
 from onlinemix.loaders.cache import LIMIT_ENV
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.extras import require
 from onlinemix.loaders.files import CACHE_ENV
-from onlinemix.loaders.sources import SourceError, TokenBinSource, TokenizedSource
+from onlinemix.loaders.importance.cli import score_domain
+from onlinemix.loaders.importance.estimator import ImportanceError
+from onlinemix.loaders.sources import Source, SourceError, TokenBinSource, TokenizedSource
 
 
 @dataclass
@@ -54,6 +58,10 @@ def prepare_domain(config_path: str, name: str) -> Prepared:
         source = open_source(config, domain)
     except (ConfigError, SourceError, OSError, ValueError) as error:
         return Prepared(name, "failed", str(error), time.time() - started)
+    try:
+        scored = _score(config, name, source)
+    except (ConfigError, ImportanceError, SourceError, OSError) as error:
+        return Prepared(name, "failed", f"DSIR scores: {error}", time.time() - started)
     seconds = time.time() - started
     if isinstance(source, TokenizedSource):
         cache = source.cache
@@ -62,10 +70,23 @@ def prepare_domain(config_path: str, name: str) -> Prepared:
         detail = f"{tokens:,} tokens in {cache.folder}"
         if built and seconds > 0:
             detail += f" ({size / 1e6 / seconds:.2f} MB of text per second)"
-        return Prepared(name, "built" if built else "kept", detail, seconds)
+        return Prepared(name, "built" if built else "kept", detail + scored, seconds)
     if isinstance(source, TokenBinSource):
-        return Prepared(name, "scanned", f"token-bin, {source.num_tokens:,} tokens", seconds)
-    return Prepared(name, "none", f"a {domain.source} source: read as it is, nothing to prepare", seconds)
+        return Prepared(name, "scanned", f"token-bin, {source.num_tokens:,} tokens{scored}", seconds)
+    return Prepared(name, "none", f"a {domain.source} source: read as it is{scored}", seconds)
+
+
+def _score(config: MixtureConfig, name: str, source: Source) -> str:
+    """Where the mixture file resamples by DSIR sidecars and names the estimator that makes them (``importance:
+    {estimator: ..., sidecars: ...}``), score the domain into its sidecar (resuming a partial one, keeping a
+    complete one). Returns what it did, for the report ("" where the file asks for nothing)."""
+    section = config.importance
+    if section is None or section.sidecars is None or section.estimator is None:
+        return ""
+    if section.domains and name not in section.domains:
+        return ""
+    meta = score_domain(estimator(config), name, source, section.sidecars, section.field)
+    return f"; DSIR scores of {meta['done']:,} documents in {section.sidecars}"
 
 
 ENGINES = ("local", "ray")

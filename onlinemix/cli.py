@@ -3,6 +3,7 @@
 ::
 
     onlinemix inspect CONFIG [--steps N]        sizes, weights and epochs after N steps
+    onlinemix prepare CONFIG [--workers N]      build every token cache (and DSIR sidecar) before training
     onlinemix verify CONFIG [--sampled]         check token caches and token-bin files against their checksums
     onlinemix sample CONFIG --batches N [...]   the exact batches training would see, as JSON lines
     onlinemix schedule show|export|plot LOG     a recorded weight schedule
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "worker process; a cache is written whole or not at all, so a killed run resumes where it stopped, and it "
         "is the same file whatever the number of workers. Caches go to the mixture's cache_dir or "
         "$ONLINEMIX_CACHE_DIR (shared storage lets every node read one prepared cache). Prints a line per domain; "
-        "exits 1 if any fails. DSIR scores are written by `onlinemix importance score`.",
+        "exits 1 if any fails. Where the file resamples by DSIR sidecars and names their estimator (importance: "
+        "{estimator, sidecars}), it scores each domain into its sidecar too.",
     )
     prepare_command.add_argument("config", help="the YAML mixture file")
     prepare_command.add_argument(

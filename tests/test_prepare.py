@@ -122,3 +122,37 @@ def test_each_worker_gets_its_share_of_the_cores_for_its_tokenizer(monkeypatch):
     assert tokenizer_threads(16)["RAYON_NUM_THREADS"] == "1"
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")  # the user's choice stands
     assert tokenizer_threads(2)["RAYON_NUM_THREADS"] == "3"
+
+
+def test_where_the_file_resamples_by_dsir_prepare_writes_the_sidecars_importance_score_writes(tmp_path, monkeypatch):
+    from conftest import write_jsonl
+
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "cache"))
+    words = {True: "matrix vector tensor gradient", False: "river meadow orchard harvest"}
+    write_jsonl(tmp_path / "science.jsonl", [f"{words[i % 3 == 0]} item {i}" for i in range(120)])
+    write_jsonl(tmp_path / "garden.jsonl", [f"{words[i % 4 == 0]} item {i}" for i in range(80)])
+    write_jsonl(tmp_path / "target.jsonl", [f"{words[True]} item {i}" for i in range(20)])
+    domains = [
+        {"name": name, "source": "jsonl", "path": f"{name}.jsonl", "samples": "documents"}
+        for name in ("science", "garden")
+    ]
+    base = {"seed": 7, "global_batch_size": 8, "seq_len": 32, "domains": domains}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    assert main(["importance", "fit", "--target", str(tmp_path / "target.jsonl"), "--config",
+                 str(tmp_path / "base.yaml"), "-o", str(tmp_path / "est.npz"), "--min-words", "2"]) == 0  # fmt: skip
+    assert main(["importance", "score", str(tmp_path / "est.npz"), "--config", str(tmp_path / "base.yaml"),
+                 "--out", str(tmp_path / "by-score")]) == 0  # fmt: skip
+    (tmp_path / "scores").mkdir()
+    config = tmp_path / "mixture.yaml"
+    config.write_text(yaml.safe_dump({**base, "importance": {"estimator": "est.npz", "sidecars": "scores"}}))
+    results = prepare(config, workers=2)  # the token caches: built when `importance score` opened the domains
+    assert [r.status for r in results] == ["kept", "kept"]
+    assert [r.detail.split("; ")[1] for r in results] == [f"DSIR scores of {n} documents in {tmp_path / 'scores'}"
+                                                          for n in (120, 80)]  # fmt: skip
+    for name in ("science", "garden"):
+        ours = np.load(tmp_path / "scores" / f"{name}.importance.npy")
+        assert np.array_equal(ours, np.load(tmp_path / "by-score" / f"{name}.importance.npy"))
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()}
+    assert [r.status for r in prepare(config, workers=1)] == ["kept", "kept"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()} == written  # complete: not rewritten
+    assert len(list(MixedDataset.from_config(config, num_batches=2))) == 2  # resampled by the sidecars
