@@ -17,7 +17,6 @@ not (yet: splitting a domain's files over workers is the next step).
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import time
@@ -31,7 +30,7 @@ from onlinemix.loaders.build import estimator, open_source
 from onlinemix.loaders.cache import LIMIT_ENV
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import CACHE_ENV
+from onlinemix.loaders.files import CACHE_ENV, InputError, expand_paths
 from onlinemix.loaders.importance.cli import score_domain
 from onlinemix.loaders.importance.estimator import ImportanceError
 from onlinemix.loaders.sources import Source, SourceError, TokenBinSource, TokenizedSource
@@ -122,16 +121,18 @@ def prepare(
     unknown = sorted(set(domains or []) - set(names))
     if unknown:
         raise ConfigError(f"prepare: {unknown[0]!r} is not a domain of {config_path} (it has {', '.join(names)})")
-    chosen = [name for name in names if domains is None or name in domains]
-    sizes = {d.name: _input_bytes(d.path) for d in config.domains}
-    workers = min(workers or os.cpu_count() or 1, len(chosen))
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    chosen = [name for name in names if domains is None or name in domains]
+    workers = min(workers or os.cpu_count() or 1, len(chosen))
+    # the largest first: the last worker to finish is not the one that started the largest domain last
+    sizes = {d.name: _input_bytes(d.path, Path(config_path).parent) for d in config.domains}
+    largest_first = sorted(chosen, key=lambda name: -sizes[name])
     path = str(Path(config_path).resolve())
     results: dict[str, Prepared] = {}
     with tqdm(total=len(chosen), desc="preparing", unit="domain") as bar:
         if engine == "ray":
-            results = _on_ray(path, sorted(chosen, key=lambda name: -sizes[name]), workers, bar)
+            results = _on_ray(path, largest_first, workers, bar)
         elif workers == 1:
             for name in chosen:
                 results[name] = prepare_domain(path, name)
@@ -140,30 +141,22 @@ def prepare(
             context = multiprocessing.get_context("spawn")
             threads = tokenizer_threads(workers)
             with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=(threads,)) as pool:
-                # the largest first: the last worker to finish is not the one that started the largest domain last
-                order = sorted(chosen, key=lambda name: -sizes[name])
-                futures = {pool.submit(prepare_domain, path, name): name for name in order}
+                futures = {pool.submit(prepare_domain, path, name): name for name in largest_first}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
                     bar.update()
     return [results[name] for name in chosen]
 
 
-def _input_bytes(path: Path | str | list[str] | None) -> int:
+def _input_bytes(path: Path | str | list[str] | None, base_dir: Path) -> int:
     """The size of a domain's input files as stored (0 where they cannot be listed here: the domain's own open
     then says why)."""
-    paths = path if isinstance(path, list) else [path]
-    total = 0
-    for item in paths:
-        if item is None:
-            continue
-        found = [Path(p) for p in glob.glob(str(item), recursive=True)] if glob.has_magic(str(item)) else [Path(item)]
-        for file in found:
-            if file.is_file():
-                total += file.stat().st_size
-            elif file.is_dir():
-                total += sum(p.stat().st_size for p in file.rglob("*") if p.is_file())
-    return total
+    if path is None:
+        return 0
+    try:
+        return sum(file.stat().st_size for file in expand_paths(path, base_dir, suffixes=("",)))  # every file
+    except InputError:
+        return 0
 
 
 def _on_ray(path: str, names: list[str], workers: int, bar: tqdm) -> dict[str, Prepared]:

@@ -35,7 +35,7 @@ from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.cli import add_importance
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.plan import PlanState, StreamEnded, fast_forward
-from onlinemix.loaders.prepare import prepare
+from onlinemix.loaders.prepare import ENGINES, prepare
 from onlinemix.loaders.sources import SourceError, TokenBinSource, TokenizedSource
 from onlinemix.mixing.schedule_log import ScheduleLog, ScheduleLogError, read_schedule, replay_schedule
 
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_command.add_argument("--domains", nargs="+", metavar="NAME", help="only these domains (default: all)")
     prepare_command.add_argument(
         "--engine",
-        choices=("local", "ray"),
+        choices=ENGINES,
         default="local",
         help="local: worker processes here (default); ray: a Ray task per domain, on the cluster at $RAY_ADDRESS or "
         "a local one (pip install 'onlinemix[ray]')",

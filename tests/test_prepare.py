@@ -58,8 +58,11 @@ def test_the_command_prints_each_domain_and_fails_naming_the_broken_one(tmp_path
 
 @pytest.mark.parametrize("workers", ["0", "-1"])
 def test_workers_must_be_positive(tmp_path, workers, capsys):
-    assert main(["prepare", str(make_example(tmp_path)), "--workers", workers]) != 0
+    config = make_example(tmp_path)
+    assert main(["prepare", str(config), "--workers", workers]) != 0
     assert "--workers must be >= " in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"workers must be >= 1, got {workers}"):
+        prepare(config, workers=int(workers))
 
 
 def test_a_prepared_cache_holds_the_documents_in_order(tmp_path, monkeypatch):

@@ -55,8 +55,8 @@ def neighbour_similarity(features: torch.Tensor, neighbours: int = 8) -> torch.T
 
 
 class ClusterBanditController(Controller):
-    """UCB over clusters with credit shared between neighbours, as a softmax mixture around a prior (see the
-    module docstring).
+    """A softmax mixture around a prior, from rewards pooled with neighbouring clusters (and an optional
+    upper-confidence bonus; see the module docstring).
 
     Args:
         initial: the prior ``μ`` over the clusters (e.g. DSIR's): the weights before any reward, and the base
