@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onlinemix.loaders.files import file_stamp, remove_stale_partials
+from onlinemix.loaders.storage import as_path
 
 log = logging.getLogger("onlinemix")
 LIMIT_ENV = "ONLINEMIX_CACHE_LIMIT"
@@ -88,9 +89,9 @@ def _stale(meta: dict) -> str | None:
     """Why an entry will never be read again, from what it recorded of its inputs (``stamps``: size and
     sampled digest, as the cache key has them); ``None`` when every input is as it was."""
     for path, stamp in meta.get("stamps", {}).items():
-        if not Path(path).is_file():
+        if not as_path(path).is_file():
             return f"input gone: {path}"
-        if file_stamp(Path(path)) != stamp:
+        if file_stamp(as_path(path)) != stamp:
             return f"input changed: {path}"
     for path, _ in meta.get("inputs", []):  # entries from before stamps were recorded: existence only
         if not Path(path).is_file():

@@ -39,6 +39,7 @@ import yaml
 from onlinemix.loaders.plan import SAMPLING_METHODS
 from onlinemix.loaders.sources import SOURCES
 from onlinemix.loaders.sources.tokenized import VERIFY
+from onlinemix.loaders.storage import as_path, is_url
 from onlinemix.simplex import check_weights
 
 TOP_KEYS = (
@@ -197,7 +198,7 @@ class MixtureConfig:
     sampling: str = "systematic"
     transform: str | None = None
     tokenizer: Any = None  # as written ("byte", a tokenizer.json path, {path, eot}); None: byte
-    cache_dir: Path | None = None  # where token caches and indexes go (files.cache_root)
+    cache_dir: Path | str | None = None  # where token caches go: a folder or a URL (files.token_cache_root)
     vocab_size: int | None = None  # token ids must be below it (None: the tokenizer's, where one is known)
     verify: str = "lengths"  # what opening a token cache or token-bin file checks (see VERIFY)
     mixing: dict[str, Any] = field(default_factory=dict)  # read by OnlineMixer.from_config, not here
@@ -264,7 +265,9 @@ class MixtureConfig:
             sampling=sampling,
             transform=_transform_spec(raw.get("transform"), "transform"),
             tokenizer=_tokenizer_spec(raw.get("tokenizer"), "tokenizer", Path(base_dir)),
-            cache_dir=None if raw.get("cache_dir") is None else Path(base_dir) / _string(raw["cache_dir"], "cache_dir"),
+            cache_dir=None
+            if raw.get("cache_dir") is None
+            else _place(_string(raw["cache_dir"], "cache_dir"), base_dir),
             vocab_size=None if raw.get("vocab_size") is None else _integer(raw["vocab_size"], "vocab_size", 1),
             verify=_choice(raw.get("verify", "lengths"), "verify", VERIFY),
             mixing=dict(mixing),
@@ -354,8 +357,13 @@ def _path_spec(value: Any, base_dir: Path, where: str) -> str | list[str]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(item, (str, Path)) and str(item) for item in items):
         raise ConfigError(f"{where}: path must be a file, folder or glob pattern, or a list of them; got {value!r}")
-    resolved = [str(base_dir / Path(str(item)).expanduser()) for item in items]
+    resolved = [str(_place(str(item), base_dir)) for item in items]
     return resolved if isinstance(value, list) else resolved[0]
+
+
+def _place(value: str, base_dir: str | Path) -> Path | str:
+    """A path of the mixture file: a URL (``s3://...``) as it is, a local path resolved against ``base_dir``."""
+    return value if is_url(value) else Path(base_dir) / as_path(value)
 
 
 def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:

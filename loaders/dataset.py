@@ -25,10 +25,11 @@ accept/reject rejected some, see ``loaders/importance/acceptance.py``).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from onlinemix.simplex import check_weights
 
 OUTPUTS = ("batches", "samples")
 PLAN_CHUNK = 64  # batches each worker plans per call: amortises the per-call cost (a few µs)
+PREFETCH_BATCHES = 8  # a worker's batches whose samples domains on object storage fetch ahead, as a group
 
 
 class MixedDataset(IterableDataset):
@@ -247,6 +249,20 @@ class MixedDataset(IterableDataset):
         arrays["index"][:] = indices
         return tensors
 
+    @functools.cached_property
+    def prefetching(self) -> bool:
+        """Whether a domain fetches ahead (one on object storage)."""
+        return any(source.prefetches for source in self.sources)
+
+    def prefetch(self, plans: Iterable[BatchPlan]) -> None:
+        """Tell the domains that fetch ahead which samples ``plans`` will read (their own threads fetch them)."""
+        plans = list(plans)
+        domains = np.concatenate([plan.domains for plan in plans])
+        indices = np.concatenate([plan.indices for plan in plans])
+        for domain, source in enumerate(self.sources):
+            if source.prefetches and domain not in self.acceptance:  # acceptance picks its samples at read time
+                source.prefetch(indices[domains == domain])
+
     @property
     def fields(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The per-sample shape and dtype of each field every domain produces (checked to agree)."""
@@ -362,6 +378,7 @@ class MixedIterator(Iterator[dict[str, Any]]):
         self.pending: collections.deque[BatchPlan] = collections.deque()
         self.chunk: tuple[int, np.ndarray] | None = None  # (first batch, cursors before each batch and after all)
         self.current: tuple[int, dict[str, torch.Tensor]] | None = None  # samples output: the batch being split
+        self.ahead = 0  # batches after the current one whose samples are being fetched ahead (see _prefetch)
 
     def __iter__(self) -> MixedIterator:
         return self
@@ -372,6 +389,8 @@ class MixedIterator(Iterator[dict[str, Any]]):
             if self.position.batch >= dataset.num_batches or not self._plan():
                 raise StopIteration
         plan = self.pending[0]
+        if dataset.prefetching and self.sample == 0:
+            self._prefetch()
         if dataset.output == "batches":
             self.pending.popleft()
             self.next = plan.batch + self.num_workers
@@ -384,6 +403,15 @@ class MixedIterator(Iterator[dict[str, Any]]):
             self.pending.popleft()
             self.next, self.sample, self.current = plan.batch + self.num_workers, 0, None
         return item
+
+    def _prefetch(self) -> None:
+        """At a new batch: once fewer than ``PREFETCH_BATCHES`` of the batches after it are on their way, ask
+        for the next ``2 x PREFETCH_BATCHES`` (those asked for already are skipped): the fetches come in groups
+        of batches, whose nearby ranges merge into fewer requests, while the group before is read."""
+        if self.ahead <= PREFETCH_BATCHES:
+            self.dataset.prefetch(itertools.islice(self.pending, 0, 2 * PREFETCH_BATCHES))
+            self.ahead = min(2 * PREFETCH_BATCHES, len(self.pending))
+        self.ahead -= 1
 
     def _plan(self) -> bool:
         """Plan the next chunk (a cost per call: amortised over ``PLAN_CHUNK`` batches per worker)."""

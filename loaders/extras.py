@@ -5,7 +5,10 @@ onlinemix itself needs torch, numpy, numba, pyyaml and tqdm. The rest is optiona
 - ``pip install 'onlinemix[formats]'``: MDS shards (mosaicml-streaming), WebDataset shards, Parquet
   (pyarrow), saved Hugging Face datasets (datasets), ``.zst`` files (zstandard);
 - ``pip install 'onlinemix[tokenizers]'``: Hugging Face ``tokenizer.json`` files;
-- ``pip install 'onlinemix[plot]'``: the CLI's and the benchmarks' plots (matplotlib).
+- ``pip install 'onlinemix[plot]'``: the CLI's and the benchmarks' plots (matplotlib);
+- ``pip install 'onlinemix[s3]'`` (or ``[gcs]``, ``[azure]``): domains and token caches in object storage
+  (fsspec and its backend: s3fs, gcsfs, adlfs);
+- ``pip install 'onlinemix[ray]'``: ``onlinemix prepare --engine ray``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ PACKAGES = {
     "tokenizers": ("tokenizers", "tokenizers"),
     "matplotlib": ("matplotlib", "plot"),
     "ray": ("ray", "ray"),
+    "fsspec": ("fsspec", "s3"),  # the s3, gcs and azure extras install it with their backend
 }
 
 

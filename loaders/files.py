@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from onlinemix.loaders.extras import require
+from onlinemix.loaders.storage import RemotePath, StorageError, as_path, is_url
 
 CACHE_ENV = "ONLINEMIX_CACHE_DIR"
 COMPRESSED = (".gz", ".zst")
@@ -47,13 +48,24 @@ class InputError(ValueError):
 
 
 def cache_root(configured: str | Path | None = None) -> Path:
-    """The folder caches go in: ``configured`` (the mixture's ``cache_dir``), ``$ONLINEMIX_CACHE_DIR``, or the
-    user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``) / ``onlinemix``."""
-    if configured:
-        return Path(configured).expanduser()
-    if os.environ.get(CACHE_ENV):
+    """The local folder caches go in: ``configured`` (the mixture's ``cache_dir``), ``$ONLINEMIX_CACHE_DIR``,
+    or the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``) / ``onlinemix``. A URL ``cache_dir``
+    holds token caches only (``token_cache_root``): the small per-file records (line indexes, scans) of a
+    machine stay in its local folder."""
+    if configured and not is_url(configured):
+        return as_path(str(configured))
+    if os.environ.get(CACHE_ENV) and not is_url(os.environ[CACHE_ENV]):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onlinemix"
+
+
+def token_cache_root(configured: str | Path | None = None) -> Path | RemotePath:
+    """Where token caches go: like ``cache_root``, but ``cache_dir`` (or ``$ONLINEMIX_CACHE_DIR``) may be a URL
+    (``s3://bucket/caches``): every node then reads the caches one of them prepared."""
+    for value in (configured, os.environ.get(CACHE_ENV)):
+        if value:
+            return as_path(str(value))
+    return cache_root()
 
 
 def cache_entry(root: Path, kind: str, key: Any) -> Path:
@@ -68,7 +80,27 @@ SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 32, 4 << 10  # ...and 32 blocks of 4 KiB s
 CHECKSUM_CHUNK = 16 << 20  # bytes per CRC-32 of chunk_checksums
 
 
-def content_digest(path: Path) -> str:
+def open_input(path: Path | RemotePath, buffering: int = -1) -> BinaryIO:
+    """A local file or an object at a URL, opened for binary reading (seekable either way). ``buffering``: as
+    ``open``'s; for an object, the bytes of each range request (default 8 MiB: a streaming read)."""
+    if isinstance(path, RemotePath):
+        return path.open("rb", buffering) if buffering > 0 else path.open("rb")
+    return open(path, "rb", buffering=buffering)
+
+
+def read_ranges(path: Path | RemotePath, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The byte ranges ``[start, stop)`` of a file: seeks on a local one, one batched request on a remote one."""
+    if isinstance(path, RemotePath):
+        return path.read_ranges([start for start, _ in ranges], [stop for _, stop in ranges])
+    with open(path, "rb") as file:
+        parts = []
+        for start, stop in ranges:
+            file.seek(start)
+            parts.append(file.read(stop - start))
+        return parts
+
+
+def content_digest(path: Path | RemotePath) -> str:
     """A digest of ``path``'s size and content (BLAKE2b, 128 bits), at a bounded cost per file.
 
     Files up to 256 KiB are hashed whole. Larger ones are hashed in samples: their first and last 64 KiB and
@@ -79,16 +111,14 @@ def content_digest(path: Path) -> str:
     """
     size = path.stat().st_size
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as file:
-        if size <= WHOLE_FILE_BYTES:
-            digest.update(file.read())
-        else:
-            last = size - SAMPLED_EDGE_BYTES
-            offsets = [0, *(int(x) for x in _spread(SAMPLED_EDGE_BYTES, last - SAMPLED_BLOCK_BYTES)), last]
-            for offset in offsets:
-                file.seek(offset)
-                edge = offset in (0, last)
-                digest.update(file.read(SAMPLED_EDGE_BYTES if edge else SAMPLED_BLOCK_BYTES))
+    if size <= WHOLE_FILE_BYTES:
+        ranges = [(0, size)]
+    else:
+        last = size - SAMPLED_EDGE_BYTES
+        inner = [int(x) for x in _spread(SAMPLED_EDGE_BYTES, last - SAMPLED_BLOCK_BYTES)]
+        ranges = [(0, SAMPLED_EDGE_BYTES), *((x, x + SAMPLED_BLOCK_BYTES) for x in inner), (last, size)]
+    for part in read_ranges(path, ranges) if size else []:
+        digest.update(part)
     return digest.hexdigest()
 
 
@@ -100,34 +130,35 @@ def _spread(low: int, high: int) -> list[int]:
     return sorted({low + round(i * step) for i in range(SAMPLED_BLOCKS)})
 
 
-def full_digest(path: Path) -> str:
+def full_digest(path: Path | RemotePath) -> str:
     """BLAKE2b (128 bits) of the whole file: what ``onlinemix verify`` compares with a cache's record."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as file:
+    with open_input(path) as file:
         while block := file.read(CHECKSUM_CHUNK):
             digest.update(block)
     return digest.hexdigest()
 
 
-def file_stamp(path: Path) -> list:
+def file_stamp(path: Path | RemotePath) -> list:
     """What a cache records of an input file to know it again: ``[size, content digest]``. Not its path: the
-    same bytes under another path (a copy on another node, a moved folder) are the same data."""
+    same bytes under another path (a copy on another node, a moved folder, an object in a bucket) are the
+    same data."""
     return [path.stat().st_size, content_digest(path)]
 
 
-def chunk_checksums(path: Path, chunks: Sequence[int] | None = None) -> list[int]:
+def chunk_checksums(path: Path | RemotePath, chunks: Sequence[int] | None = None) -> list[int]:
     """CRC-32 of each ``CHECKSUM_CHUNK``-byte chunk of ``path`` (or of the chunks numbered ``chunks`` only)."""
     size = path.stat().st_size
     numbers = range(-(-size // CHECKSUM_CHUNK)) if chunks is None else chunks
     sums = []
-    with open(path, "rb") as file:
+    with open_input(path) as file:
         for number in numbers:
             file.seek(number * CHECKSUM_CHUNK)
             sums.append(zlib.crc32(file.read(CHECKSUM_CHUNK)))
     return sums
 
 
-def bad_chunk(path: Path, expected: Sequence[int], how: str) -> int | None:
+def bad_chunk(path: Path | RemotePath, expected: Sequence[int], how: str) -> int | None:
     """The first chunk of ``path`` whose CRC-32 is not ``expected``'s (``how``: ``"full"`` checks every chunk,
     ``"sampled"`` the first, the last and one in the middle), or ``None`` when they all match."""
     if how == "full":
@@ -188,19 +219,25 @@ def writable_cache(root: Path) -> Path:
 # ----------------------------------------------------------------------------- inputs
 
 
-def expand_paths(spec: str | Path | Sequence[str | Path], base_dir: Path, suffixes: Sequence[str]) -> list[Path]:
+def expand_paths(
+    spec: str | Path | Sequence[str | Path], base_dir: Path, suffixes: Sequence[str]
+) -> list[Path | RemotePath]:
     """The files a domain's ``path`` names, sorted and without repeats.
 
     ``spec`` is a file, a folder (its files whose names end in one of ``suffixes``, recursively), a glob
-    pattern (``data/*.jsonl.gz``, ``shards/**/*.parquet``), or a list of those. Relative paths are
-    relative to ``base_dir``. Nothing found is an error naming what was looked for.
+    pattern (``data/*.jsonl.gz``, ``shards/**/*.parquet``), or a list of those; any of them may be a URL
+    (``s3://bucket/web/*.parquet``: ``RemotePath``s). Relative paths are relative to ``base_dir``. Nothing
+    found is an error naming what was looked for.
     """
-    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    items = [spec] if isinstance(spec, (str, Path, RemotePath)) else list(spec)
     if not items:
         raise InputError("path is an empty list")
-    files: list[Path] = []
+    files: list[Path | RemotePath] = []
     for item in items:
-        path = base_dir / Path(str(item)).expanduser()
+        if is_url(item):
+            files.extend(_expand_remote(RemotePath(str(item)), suffixes))
+            continue
+        path = base_dir / as_path(str(item))
         if any(char in str(item) for char in "*?["):
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
@@ -215,6 +252,23 @@ def expand_paths(spec: str | Path | Sequence[str | Path], base_dir: Path, suffix
             raise InputError(f"file not found: {path}")
         files.extend(found)
     return list(dict.fromkeys(files))
+
+
+def _expand_remote(path: RemotePath, suffixes: Sequence[str]) -> list[RemotePath]:
+    """``expand_paths`` for one URL: a glob pattern, a folder (a prefix with objects under it) or one object."""
+    if any(char in path.url for char in "*?["):
+        found = path.glob(path.url)
+        if not found:
+            raise InputError(f"no object matches {path}")
+        return found
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [file for file in path.files() if file.name.endswith(tuple(suffixes))]
+        if not found:
+            raise InputError(f"{path} is a folder with no {' / '.join(suffixes)} objects")
+        return found
+    raise InputError(f"no object at {path}")
 
 
 class _CountingReader(io.RawIOBase):
@@ -236,14 +290,14 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
-def open_binary(path: Path, progress: Callable[[int], None] | None = None) -> BinaryIO:
+def open_binary(path: Path | RemotePath, progress: Callable[[int], None] | None = None) -> BinaryIO:
     """``path`` opened for reading, decompressed when it ends in ``.gz`` or ``.zst``.
 
     ``progress(n)`` is called with the bytes read from disk as reading goes (compressed bytes, for a
     compressed file). Errors name the file: a file that claims a compression it does not have fails on
     its first read with a message that says so.
     """
-    raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - the caller closes what this returns
+    raw: BinaryIO = open_input(path)
     if progress is not None:
         raw = io.BufferedReader(_CountingReader(raw, progress), buffer_size=1 << 20)
     if path.name.endswith(".gz"):
@@ -258,7 +312,7 @@ def open_binary(path: Path, progress: Callable[[int], None] | None = None) -> Bi
     return raw
 
 
-def read_lines(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
+def read_lines(path: Path | RemotePath, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
     """``(line number, line)`` of a (possibly compressed) text file; a corrupt compressed file is an
     ``InputError`` naming it."""
     number = 0
@@ -267,12 +321,12 @@ def read_lines(path: Path, progress: Callable[[int], None] | None = None) -> Ite
             for number, line in enumerate(file, 1):
                 yield number, line
     except Exception as error:  # gzip.BadGzipFile (an OSError), EOFError, zstandard.ZstdError...
-        if isinstance(error, InputError):
-            raise
+        if isinstance(error, (InputError, StorageError)):
+            raise  # a storage error names its object itself
         raise InputError(f"{path}: cannot read it after line {number}: {error}") from None
 
 
-def stripped_name(path: Path) -> str:
+def stripped_name(path: Path | RemotePath) -> str:
     """A file's name without a compression suffix: ``docs.jsonl.gz`` -> ``docs.jsonl``."""
     for suffix in COMPRESSED:
         if path.name.endswith(suffix):
@@ -374,13 +428,14 @@ class FileHandles:
         self._pid = os.getpid()
         self._files: dict[Path, BinaryIO] = {}
 
-    def get(self, path: Path) -> BinaryIO:
+    def get(self, path: Path | RemotePath) -> BinaryIO:
         """The open handle of ``path``, opening it on first use."""
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
         file = self._files.get(path)
-        if file is None:
-            file = self._files[path] = open(path, "rb", buffering=self.buffering)  # noqa: SIM115 - kept open
+        if file is None:  # an object's records are read in 64 KiB requests, not a streaming read's 8 MiB
+            buffering = self.buffering if self.buffering > 0 or not isinstance(path, RemotePath) else 1 << 16
+            file = self._files[path] = open_input(path, buffering)
         return file
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from onlinemix.loaders.storage import RemotePath
 from onlinemix.loaders.transforms import Transform, collate
 
 
@@ -59,7 +60,7 @@ class Source(abc.ABC):
     shard_sizes: np.ndarray | None = None
 
     def __init__(self, path: str | Path, transform: Transform | None = None):
-        self.path = path if isinstance(path, str) else Path(path)  # how messages name the source
+        self.path = path if isinstance(path, (str, RemotePath)) else Path(path)  # how messages name the source
         self.transform = transform
 
     @abc.abstractmethod
@@ -99,6 +100,16 @@ class Source(abc.ABC):
         """Write the samples at ``indices`` into ``out[field][rows]`` (sources override this to skip copies)."""
         for name, values in self.read_batch(indices).items():
             out[name][rows] = values
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether ``prefetch`` does anything (the loader only works out what to fetch ahead for those that do)."""
+        return False
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Start fetching the samples at ``indices``, which the plan will read soon (sources on object
+        storage do; the default does nothing)."""
+        return None
 
     def signature(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Each output field's per-sample shape and dtype, from reading sample 0."""
@@ -143,9 +154,10 @@ class DocumentSource(Source):
     def input_bytes(self) -> int:
         """Bytes the documents are read from (for progress)."""
 
-    def input_files(self) -> list[Path]:
-        """The local files the documents are read from: a token cache records their full digests, which
-        ``onlinemix verify`` checks (default: the ``files`` a source keeps; none for a remote one)."""
+    def input_files(self) -> list[Path | RemotePath]:
+        """The files the documents are read from (default: the ``files`` a source keeps; none for an MDS
+        remote): a token cache records their stamps, and the full digests of the local ones, which
+        ``onlinemix verify`` checks (a remote one would be read a second time for it)."""
         return list(getattr(self, "files", []))
 
 

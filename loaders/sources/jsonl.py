@@ -29,9 +29,11 @@ from onlinemix.loaders.files import (
     cache_root,
     expand_paths,
     file_stamp,
+    open_input,
     read_lines,
 )
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
+from onlinemix.loaders.storage import RemotePath
 from onlinemix.loaders.transforms import Transform
 
 INDEX_VERSION = 2
@@ -44,14 +46,14 @@ def describe_paths(files: list[Path]) -> str:
     return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
 
 
-def scan_line_starts(path: Path) -> np.ndarray:
+def scan_line_starts(path: Path | RemotePath) -> np.ndarray:
     """Byte offsets of the non-empty lines of ``path``."""
     size = path.stat().st_size
     starts = []
     position = 0
     line_start = 0  # offset where the current (unfinished) line began
     with (
-        open(path, "rb") as file,
+        open_input(path) as file,
         tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing {path.name}", disable=size < _PROGRESS_FROM) as bar,
     ):
         while chunk := file.read(_CHUNK):
@@ -68,7 +70,7 @@ def scan_line_starts(path: Path) -> np.ndarray:
     return np.concatenate(starts) if starts else np.empty(0, dtype=np.uint64)
 
 
-def line_index(path: Path, cache_dir: str | Path | None) -> np.ndarray:
+def line_index(path: Path | RemotePath, cache_dir: str | Path | None) -> np.ndarray:
     """Line offsets of ``path``, from the cache when it matches the file, else scanned (and cached)."""
     cache = cache_entry(cache_root(cache_dir), "jsonl-lines", [INDEX_VERSION, file_stamp(path)]).with_suffix(".npy")
     if cache.exists():
@@ -167,7 +169,7 @@ class JsonlSource(DocumentSource):
 
     def describe(self, index: int) -> str:
         number, offset = self._locate(index)
-        with open(self.files[number], "rb") as file:  # slow, but only ever on the way to an error
+        with open_input(self.files[number]) as file:  # slow, but only ever on the way to an error
             line = file.read(offset).count(b"\n") + 1
         of = f" of {self.files[number].name}" if len(self.files) > 1 else ""
         return f"line {line}{of} (document {index})"

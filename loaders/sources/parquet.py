@@ -15,14 +15,21 @@ from typing import Any, ClassVar
 import numpy as np
 
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import expand_paths, file_stamp
+from onlinemix.loaders.files import expand_paths, file_stamp, open_input
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
 from onlinemix.loaders.sources.jsonl import describe_paths
+from onlinemix.loaders.storage import RemotePath, StorageError
 from onlinemix.loaders.transforms import Transform
 
 
 def _pyarrow_parquet():
     return require("pyarrow.parquet", "a parquet domain")
+
+
+def parquet_file(path: Path | RemotePath):
+    """``pyarrow.parquet.ParquetFile`` of a local file or an object at a URL (read in range requests)."""
+    pq = _pyarrow_parquet()
+    return pq.ParquetFile(open_input(path) if isinstance(path, RemotePath) else path)
 
 
 def column_values(values: list, where: str, column: str) -> Iterator[str | np.ndarray]:
@@ -49,11 +56,12 @@ class ParquetSource(DocumentSource):
         self.files = expand_paths(path, Path("."), self.suffixes)
         super().__init__(describe_paths(self.files), transform)
         self.column = column
-        pq = _pyarrow_parquet()
         rows = []
         for file in self.files:
             try:
-                metadata = pq.ParquetFile(file).metadata
+                metadata = parquet_file(file).metadata
+            except (StorageError, FileNotFoundError):
+                raise
             except Exception as error:
                 raise SourceError(f"{file}: not a Parquet file ({error})") from None
             names = metadata.schema.names
@@ -64,9 +72,8 @@ class ParquetSource(DocumentSource):
         self.starts = np.cumsum(self.rows) - self.rows
 
     def documents(self, progress=None) -> Iterator[str | np.ndarray]:
-        pq = _pyarrow_parquet()
         for file in self.files:
-            parquet = pq.ParquetFile(file)
+            parquet = parquet_file(file)
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group, columns=[self.column])
                 yield from column_values(table.column(0).to_pylist(), str(file), self.column)
@@ -74,10 +81,9 @@ class ParquetSource(DocumentSource):
                     progress(parquet.metadata.row_group(group).total_byte_size)
 
     def input_bytes(self) -> int:
-        pq = _pyarrow_parquet()
         total = 0
         for file in self.files:
-            metadata = pq.ParquetFile(file).metadata
+            metadata = parquet_file(file).metadata
             total += sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups))
         return total
 
@@ -102,7 +108,7 @@ class ParquetSource(DocumentSource):
     def _file(self, number: int):
         opened = self.__dict__.setdefault("_open_files", {})
         if number not in opened:
-            opened[number] = _pyarrow_parquet().ParquetFile(self.files[number])
+            opened[number] = parquet_file(self.files[number])
         return opened[number]
 
     def _group_of(self, number: int, row: int) -> tuple[list[int], int]:

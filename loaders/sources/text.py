@@ -13,6 +13,7 @@ from pathlib import Path
 from onlinemix.loaders.files import InputError, expand_paths, file_stamp, open_binary
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
 from onlinemix.loaders.sources.jsonl import describe_paths
+from onlinemix.loaders.storage import StorageError
 from onlinemix.loaders.transforms import Transform
 
 _TEXT = (".txt", ".md", ".rst", ".text")
@@ -37,6 +38,8 @@ class TextSource(DocumentSource):
         try:
             with open_binary(path, progress) as file:
                 data = file.read()
+        except StorageError:
+            raise
         except Exception as error:  # gzip / zstandard errors
             raise InputError(f"{path}: cannot read it: {error}") from None
         try:

@@ -6,6 +6,11 @@ tokens (the extra token is the last target). Window ``i`` starts at token
 share exactly their boundary token, so an epoch sees every token once as a
 target. A smaller stride gives overlapping windows (more samples, each seen
 in several contexts).
+
+The file may be an object at a URL (``s3://bucket/web.bin``): its windows are then read with range
+requests, one batched request per batch, fetched ahead of the plan in the background
+(``storage.RemoteWindows``), and a batch is byte for byte the one a local copy of the file gives.
+Its first scan (largest token id, checksums) reads it once, per machine.
 """
 
 from __future__ import annotations
@@ -13,13 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from onlinemix.loaders.files import atomic_write, bad_chunk, cache_entry, cache_root, chunk_checksums, file_stamp
+from onlinemix.loaders.files import (
+    CHECKSUM_CHUNK,
+    atomic_write,
+    bad_chunk,
+    cache_entry,
+    cache_root,
+    chunk_checksums,
+    file_stamp,
+)
 from onlinemix.loaders.sources.base import Source, SourceError
+from onlinemix.loaders.storage import RemotePath, RemoteWindows, as_path
 from onlinemix.loaders.transforms import TokenWindow, Transform
 
 DTYPES = ("uint16", "uint32", "int32", "int64")
@@ -44,13 +59,14 @@ class TokenBinSource(Source):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | RemotePath,
         seq_len: int,
         dtype: str = "uint16",
         stride: int | None = None,
         transform: Transform | None = None,
     ):
-        super().__init__(Path(path), transform or TokenWindow())
+        super().__init__(path, transform or TokenWindow())
+        self.path = as_path(path)
         if dtype not in DTYPES:
             raise ValueError(f"{path}: dtype must be one of {DTYPES}, got {dtype!r}")
         if seq_len < 1:
@@ -70,6 +86,8 @@ class TokenBinSource(Source):
         self._bytes = size
         window = seq_len + 1
         self._length = 0 if self.num_tokens < window else (self.num_tokens - window) // self.stride + 1
+        remote = isinstance(self.path, RemotePath)
+        self._remote = RemoteWindows(self.path, self.dtype, window, self.stride) if remote else None
 
     def __len__(self) -> int:
         return self._length
@@ -106,8 +124,18 @@ class TokenBinSource(Source):
 
     def windows(self, indices: np.ndarray) -> np.ndarray:
         """Windows at ``indices`` as one ``(n, seq_len + 1)`` int64 array (one gather, no Python loop)."""
+        if self._remote is not None:
+            return self._remote.read(self._check(indices)).astype(np.int64)
         self._check_size()
         return self._views[0][self._check(indices)].astype(np.int64)
+
+    @property
+    def prefetches(self) -> bool:
+        return self._remote is not None
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        if self._remote is not None:
+            self._remote.prefetch(indices)
 
     def _check_size(self) -> None:
         """A file truncated under a running loader would end the process with SIGBUS on the next read of a page
@@ -133,22 +161,39 @@ class TokenBinSource(Source):
         sampled blocks is found only there).
         """
         # The modification time too: a same-size edit between the sampled blocks of a touched file is scanned again.
-        cached, stamp = self._scan_record(cache_dir), [*file_stamp(self.path), self.path.stat().st_mtime_ns]
+        # (An object in a bucket has none that every backend gives: its stamp is its size and content digest.)
+        mtime = [] if self._remote is not None else [self.path.stat().st_mtime_ns]
+        cached, stamp = self._scan_record(cache_dir), [*file_stamp(self.path), *mtime]
         record = _read_json(cached)
         if record is not None and record.get("stamp") == stamp and record.get("dtype") == self.dtype.name:
             return record
         if record is not None and record.get("dtype") == self.dtype.name:
             log.warning("%s changed since it was first scanned (size, content or mtime): scanning it again", self.path)
-        largest = 0
-        for start in range(0, len(self.tokens), 1 << 26):
-            largest = max(largest, int(self.tokens[start : start + (1 << 26)].max()))
-        record = {"stamp": stamp, "dtype": self.dtype.name, "max": largest, "checksums": chunk_checksums(self.path)}
+        if self._remote is not None:
+            largest, checksums = self._scan_remote()
+        else:
+            largest = 0
+            for start in range(0, len(self.tokens), 1 << 26):
+                largest = max(largest, int(self.tokens[start : start + (1 << 26)].max()))
+            checksums = chunk_checksums(self.path)
+        record = {"stamp": stamp, "dtype": self.dtype.name, "max": largest, "checksums": checksums}
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(cached, lambda file: file.write(json.dumps(record).encode()))
         except OSError:
             pass  # an unwritable cache: scan again next time
         return record
+
+    def _scan_remote(self) -> tuple[int, list[int]]:
+        """``scan``'s largest id and chunk checksums of a remote file, in one streaming read."""
+        largest, checksums = 0, []
+        with self.path.open() as file:
+            while chunk := file.read(CHECKSUM_CHUNK):
+                checksums.append(zlib.crc32(chunk))
+                usable = len(chunk) - len(chunk) % self.dtype.itemsize  # CHECKSUM_CHUNK is a multiple of it
+                if usable:
+                    largest = max(largest, int(np.frombuffer(chunk[:usable], dtype=self.dtype).max()))
+        return largest, checksums
 
     def _scan_record(self, cache_dir: str | Path | None) -> Path:
         """Where ``scan`` keeps its result for this file: keyed by the file's path, checked by its stamp."""
@@ -194,6 +239,10 @@ class TokenBinSource(Source):
     def read_into(self, indices: np.ndarray, out: dict[str, np.ndarray], rows: np.ndarray | slice) -> None:
         if not isinstance(self.transform, TokenWindow):
             return super().read_into(indices, out, rows)
+        if self._remote is not None:
+            window = self._remote.read(indices)
+            out["input_ids"][rows], out["labels"][rows] = window[:, :-1], window[:, 1:]
+            return None
         # Gather straight from the memory map into the batch (the cast to int64 happens in the same pass).
         # No range check here: the plan only ever asks for indices below len(self).
         self._check_size()

@@ -25,10 +25,19 @@ every 16 MiB of ``tokens.bin`` and ``documents.npy``, and the full BLAKE2b diges
 (computed once, when the cache is built). Every open checks the files' lengths against the counts (a
 truncated cache is an error naming the file, not half a domain); ``verify: sampled`` or ``full`` in the
 mixture file also checks the checksums at open, and ``onlinemix verify`` checks all of it on demand.
+
+**A cache in object storage.** With a URL ``cache_dir`` (``s3://bucket/caches``) the entry is built in
+the local cache folder, then uploaded: ``tokens.bin`` and ``documents.npy`` first, ``meta.json`` last,
+so that a reader finds a complete entry or none. Readers fetch ``meta.json`` and ``documents.npy`` and
+read windows of ``tokens.bin`` with range requests (see ``TokenBinSource``). Processes of one machine
+build an entry once (a local lock); machines do not share a lock, so prepare the caches once
+(``onlinemix prepare``) before many nodes open them: two that build the same entry at once upload the
+same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -50,10 +59,12 @@ from onlinemix.loaders.files import (
     full_digest,
     locked,
     remove_stale_partials,
+    token_cache_root,
     writable_cache,
 )
 from onlinemix.loaders.sources.base import DocumentSource, Source, SourceError
 from onlinemix.loaders.sources.tokenbin import TokenBinSource
+from onlinemix.loaders.storage import RemotePath, StorageError, as_path, is_url
 from onlinemix.loaders.tokenizers import Tokenizer, token_dtype
 from onlinemix.loaders.transforms import IGNORE_INDEX
 
@@ -82,7 +93,7 @@ class TokenCache:
 
     built = False  # whether this process built it (``open()``), rather than finding it
 
-    def __init__(self, folder: Path, verify: str = "lengths"):
+    def __init__(self, folder: Path | RemotePath, verify: str = "lengths"):
         self.folder = folder
         self.meta = self._read_meta()
         self.dtype = np.dtype(self.meta["dtype"])
@@ -90,8 +101,13 @@ class TokenCache:
         size = self.tokens_path.stat().st_size if self.tokens_path.is_file() else None
         held = "is missing" if size is None else f"holds {size:,}"
         self._check(size == tokens, "tokens.bin", f"should hold {tokens:,} bytes, {held}")
-        try:
-            self.starts = np.load(folder / "documents.npy", mmap_mode="r")  # documents + 1 entries
+        try:  # documents + 1 entries
+            if isinstance(folder, RemotePath):
+                self.starts = np.load(io.BytesIO((folder / "documents.npy").read_bytes()))
+            else:
+                self.starts = np.load(folder / "documents.npy", mmap_mode="r")
+        except StorageError:
+            raise
         except (OSError, ValueError) as error:
             self._fail("documents.npy", f"cannot be read ({error})")
         documents = self.meta["documents"]
@@ -102,7 +118,8 @@ class TokenCache:
         )
         if verify != "lengths":
             self.verify(verify)
-        mark_used(folder)  # for onlinemix cache list / prune: least recently used first
+        if not isinstance(folder, RemotePath):
+            mark_used(folder)  # for onlinemix cache list / prune: least recently used first
 
     def _read_meta(self) -> dict:
         try:
@@ -110,6 +127,8 @@ class TokenCache:
             if isinstance(meta, dict) and all(key in meta for key in ("dtype", "documents", "tokens", "checksums")):
                 return meta
             problem = "lacks dtype, documents, tokens or checksums"
+        except StorageError:
+            raise
         except (OSError, ValueError) as error:
             problem = f"cannot be read ({error})"
         self._fail("meta.json", problem)
@@ -136,24 +155,29 @@ class TokenCache:
         edit that the sampled key did not see, or a file that is gone)."""
         stale = []
         for path, digest in self.meta.get("inputs", []):
-            if not Path(path).is_file() or full_digest(Path(path)) != digest:
+            if not as_path(path).is_file() or full_digest(as_path(path)) != digest:
                 stale.append(path)
         return stale
 
     @property
-    def tokens_path(self) -> Path:
+    def tokens_path(self) -> Path | RemotePath:
         """The cached token stream (``tokens.bin``)."""
         return self.folder / "tokens.bin"
 
     @classmethod
-    def open(cls, documents: DocumentSource, tokenizer: Tokenizer, root: Path, verify: str = "lengths") -> TokenCache:
-        """The cache of ``documents`` tokenized by ``tokenizer``, built first if there is none."""
+    def open(
+        cls, documents: DocumentSource, tokenizer: Tokenizer, root: Path | RemotePath, verify: str = "lengths"
+    ) -> TokenCache:
+        """The cache of ``documents`` tokenized by ``tokenizer`` under ``root`` (a folder or a URL), built
+        first if there is none."""
         if verify not in VERIFY:
             raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
         key = {"version": CACHE_VERSION, "source": documents.fingerprint(), "tokenizer": tokenizer.fingerprint()}
         folder = cache_entry(root, documents.kind, key)
         if (folder / "meta.json").exists():
             return cls(folder, verify)
+        if isinstance(folder, RemotePath):
+            return cls._build_remote(documents, tokenizer, folder, key, verify)
         writable_cache(root)
         built = False
         with locked(root / f".{folder.name}.lock"):
@@ -162,6 +186,28 @@ class TokenCache:
                 built = True
         remove_stale_partials(root)  # what builds killed before they finished left behind, this one's included
         enforce_limit(root, keep=folder)  # $ONLINEMIX_CACHE_LIMIT: least recently used entries go
+        cache = cls(folder, verify)
+        cache.built = built
+        return cache
+
+    @classmethod
+    def _build_remote(
+        cls, documents: DocumentSource, tokenizer: Tokenizer, folder: RemotePath, key: dict, verify: str
+    ) -> TokenCache:
+        """Build the entry in the local cache folder, upload it to ``folder`` (``meta.json`` last), open it there."""
+        local_root = writable_cache(cache_root())
+        local = local_root / f"upload-{folder.name}"
+        built = False
+        with locked(local_root / f".upload-{folder.name}.lock"):  # one build per machine
+            if not (folder / "meta.json").exists():
+                if not (local / "meta.json").exists():
+                    _build(documents, tokenizer, local, key)
+                log.info("uploading token cache %s to %s", local, folder)
+                for name in (*_FILES, "meta.json"):  # meta.json last: it is what says an entry is complete
+                    (folder / name).upload(local / name)
+                shutil.rmtree(local, ignore_errors=True)
+                built = True
+        remove_stale_partials(local_root)
         cache = cls(folder, verify)
         cache.built = built
         return cache
@@ -235,7 +281,9 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
             "documents": len(writer.lengths),
             "tokens": int(starts[-1]),
             "checksums": {name: chunk_checksums(temporary / name) for name in _FILES},
-            "inputs": [[str(path.resolve()), full_digest(path)] for path in documents.input_files()],
+            "inputs": [
+                [str(path.resolve()), full_digest(path)] for path in documents.input_files() if not is_url(path)
+            ],
             "stamps": {str(path.resolve()): file_stamp(path) for path in documents.input_files()},  # for staleness
             "characters": writer.characters,
         }
@@ -278,7 +326,7 @@ class TokenizedSource(Source):
             raise ValueError("stride is for packed samples (samples: packed)")
         super().__init__(documents.path)
         self.documents, self.tokenizer, self.seq_len, self.samples = documents, tokenizer, seq_len, samples
-        self.cache = TokenCache.open(documents, tokenizer, cache_root(cache_dir), verify)
+        self.cache = TokenCache.open(documents, tokenizer, token_cache_root(cache_dir), verify)
         lengths = np.diff(self.cache.starts)
         self.dropped_tokens = 0 if samples == "packed" else int(np.maximum(lengths - seq_len - 1, 0).sum())
         self.padded_samples = 0 if samples == "packed" else int((lengths < seq_len + 1).sum())
@@ -317,7 +365,19 @@ class TokenizedSource(Source):
             return self.tokenizer.decode(self.windows.record(index))
         if not 0 <= index < self._length:
             raise SourceError(f"{self.path}: document {index} out of range [0, {self._length})")
-        return self.tokenizer.decode(self._tokens[int(self.cache.starts[index]) : int(self.cache.starts[index + 1])])
+        starts = self.cache.starts
+        return self.tokenizer.decode(self._token_ranges(starts[index : index + 1], starts[index + 1 : index + 2])[0])
+
+    def _token_ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+        """Tokens ``[start, stop)`` of the cache for each pair: slices of a memory map, or (a cache at a URL)
+        one batched range request."""
+        path, dtype = self.cache.tokens_path, self.cache.dtype
+        if isinstance(path, RemotePath):
+            wanted = [(int(a), int(b)) for a, b in zip(starts, stops) if b > a]
+            item = dtype.itemsize
+            parts = iter(path.read_ranges([a * item for a, _ in wanted], [b * item for _, b in wanted]))
+            return [np.frombuffer(next(parts), dtype) if b > a else np.empty(0, dtype) for a, b in zip(starts, stops)]
+        return [self._tokens[int(a) : int(b)] for a, b in zip(starts, stops)]
 
     @property
     def _tokens(self) -> np.ndarray:
@@ -334,6 +394,11 @@ class TokenizedSource(Source):
         width = self.seq_len + 1
         starts = np.asarray(self.cache.starts[indices])
         lengths = np.minimum(np.asarray(self.cache.starts[indices + 1]) - starts, width)
+        if isinstance(self.cache.tokens_path, RemotePath):
+            window = np.full((len(indices), width), self.tokenizer.pad_id, dtype=np.int64)
+            for row, tokens in enumerate(self._token_ranges(starts, starts + lengths)):
+                window[row, : len(tokens)] = tokens
+            return window, lengths
         positions = np.arange(width)
         tokens = self._tokens
         gather = np.minimum(starts[:, None] + positions, max(len(tokens) - 1, 0))
@@ -347,6 +412,14 @@ class TokenizedSource(Source):
         labels = window[:, 1:].copy()
         labels[np.arange(1, self.seq_len + 1) >= lengths[:, None]] = IGNORE_INDEX
         return window[:, :-1], labels
+
+    @property
+    def prefetches(self) -> bool:
+        return self.samples == "packed" and self.windows.prefetches
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        if self.samples == "packed":
+            self.windows.prefetch(indices)
 
     def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         if self.samples == "packed":

@@ -1,0 +1,354 @@
+"""Object storage: domains and token caches at fsspec URLs (``s3://``, ``gs://``, ``az://``, ...).
+
+A domain's ``path`` and the mixture's ``cache_dir`` may be URLs. What reads them:
+
+- ``RemotePath``: the few things of ``pathlib.Path`` the sources use (``name``, ``stat().st_size``,
+  ``is_file``, ``/``, ``open``, ``read_bytes``), over an fsspec filesystem. ``file://`` URLs are plain paths.
+- ``RemoteFile``: a seekable binary file read with range requests, each retried (see below). Streaming
+  reads (tokenizing a JSONL, text or Parquet domain) go through it with a large buffer.
+- ``RemoteWindows``: windows of a token file read with one batched range request per batch (fsspec's
+  ``cat_ranges``, concurrent on S3/GCS/Azure), and fetched ahead in a background thread for the batches
+  the plan has already made (``prefetch``): the plan's order is known before the batch is read.
+
+**Credentials and endpoints** come from the environment as each backend reads it (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...) and from fsspec's own configuration
+(``~/.config/fsspec/*.json`` or ``FSSPEC_S3='{"anon": true}'``), never from the mixture file.
+
+**Errors.** A failed request is retried ``$ONLINEMIX_STORAGE_RETRIES`` times (default 5) after waiting
+``$ONLINEMIX_STORAGE_BACKOFF`` seconds (default 0.5), doubled each time; when it still fails, the error
+is one line naming the object and the byte range. A missing object or a refused permission is not
+retried. Nothing is ever skipped: a read returns every byte asked for, or raises.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import numpy as np
+
+from onlinemix.loaders.extras import require
+
+log = logging.getLogger("onlinemix")
+RETRIES_ENV, BACKOFF_ENV = "ONLINEMIX_STORAGE_RETRIES", "ONLINEMIX_STORAGE_BACKOFF"
+READ_BLOCK = 8 << 20  # bytes per range request of a streaming read
+MERGE_GAP = 256 << 10  # ranges of one batched read closer than this are fetched as one request...
+MERGE_BLOCK = 16 << 20  # ...of at most this many bytes
+PREFETCH_WINDOWS = 8192  # most windows a RemoteWindows holds fetched ahead of their read
+BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A request to object storage that failed after its retries: one line naming the object."""
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` is a URL of a filesystem other than the local one (``file://`` is local)."""
+    return isinstance(path, (str, RemotePath)) and "://" in str(path) and not str(path).startswith("file://")
+
+
+def as_path(path: str | Path | RemotePath) -> Path | RemotePath:
+    """``path`` as a ``RemotePath`` when it is a URL, else as a local ``Path`` (``file://`` stripped)."""
+    if isinstance(path, (Path, RemotePath)):
+        return path
+    if is_url(path):
+        return RemotePath(path)
+    return Path(path[len("file://") :] if path.startswith("file://") else path).expanduser()
+
+
+def retrying(what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried with exponential backoff on anything but a missing object or a refused permission;
+    a ``StorageError`` naming ``what`` when the retries are spent."""
+    attempts = 1 + int(os.environ.get(RETRIES_ENV, 5))
+    delay = float(os.environ.get(BACKOFF_ENV, 0.5))
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ImportError:
+            raise  # a missing backend: its message says what to install
+        except _PERMANENT as error:
+            raise type(error)(f"{what}: {error}") from None
+        except Exception as error:  # botocore, aiohttp and OS errors alike: the backends raise many kinds
+            if attempt + 1 == attempts:
+                raise StorageError(
+                    f"{what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                    f"(failed {attempts} times; the retries are {RETRIES_ENV}, the wait {BACKOFF_ENV})"
+                ) from None
+            log.warning("%s: %s; retrying in %.1f s", what, error, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class RemotePath:
+    """A file or folder at an fsspec URL, with the part of ``pathlib.Path``'s interface the sources use.
+
+    The filesystem is made on first use in each process (fsspec's instances do not survive a fork), and
+    not pickled: a ``RemotePath`` travels to DataLoader workers and Ray tasks as its URL."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.protocol = url.partition("://")[0]
+
+    @property
+    def fs(self):
+        """The fsspec filesystem of this URL's protocol (this process's own)."""
+        fsspec = require("fsspec", f"reading {self.url}")
+        try:
+            # fsspec keeps one instance per process and options. No listings cache: an object another node
+            # uploads (a token cache being prepared) is seen at the next look, not after a restart.
+            return fsspec.filesystem(self.protocol, use_listings_cache=False)
+        except (ImportError, ValueError) as error:
+            extra = BACKEND_EXTRAS.get(self.protocol)
+            hint = f": pip install 'onlinemix[{extra}]'" if extra else ""
+            raise ImportError(f"reading {self.url} needs fsspec's {self.protocol}:// backend ({error}){hint}") from None
+
+    # -- names ---------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return self.url < other.url
+
+    def __truediv__(self, name: str) -> RemotePath:
+        return RemotePath(f"{self.url}/{name}")
+
+    @property
+    def name(self) -> str:
+        """The last part of the URL (the object's file name)."""
+        return posixpath.basename(self.url)
+
+    @property
+    def parent(self) -> RemotePath:
+        """The URL one level up (the "folder" of the object)."""
+        return RemotePath(posixpath.dirname(self.url))
+
+    def resolve(self) -> RemotePath:
+        """Itself: a URL is absolute already."""
+        return self
+
+    # -- what is there -------------------------------------------------------------
+
+    def info(self) -> dict:
+        """The object's listing entry (``size``, ``type``, ...); ``FileNotFoundError`` when there is none."""
+        fs = self.fs
+        return retrying(self.url, lambda: fs.info(self.url))
+
+    def stat(self) -> SimpleNamespace:
+        """``st_size``, the object's size in bytes (as ``os.stat`` gives it for a local file)."""
+        return SimpleNamespace(st_size=int(self.info()["size"]))
+
+    def exists(self) -> bool:
+        """Whether an object (or a prefix with objects under it) is at this URL."""
+        fs = self.fs
+        return retrying(self.url, lambda: fs.exists(self.url))
+
+    def is_file(self) -> bool:
+        """Whether an object is at this URL."""
+        try:
+            return self.info()["type"] == "file"
+        except FileNotFoundError:
+            return False
+
+    def is_dir(self) -> bool:
+        """Whether this URL is a prefix with objects under it."""
+        try:
+            return self.info()["type"] == "directory"
+        except FileNotFoundError:
+            return False
+
+    def files(self) -> list[RemotePath]:
+        """Every file under this folder, recursively, sorted."""
+        fs = self.fs
+        found = retrying(self.url, lambda: fs.find(self.url))
+        return sorted(RemotePath(self.fs.unstrip_protocol(path)) for path in found)
+
+    def glob(self, pattern: str) -> list[RemotePath]:
+        """The files matching ``pattern`` (a URL with ``*``, ``?``, ``[...]`` or ``**``), sorted."""
+        fs = self.fs
+        found = retrying(pattern, lambda: fs.glob(pattern, detail=True))
+        return sorted(RemotePath(self.fs.unstrip_protocol(p)) for p, info in found.items() if info["type"] == "file")
+
+    # -- reading and writing --------------------------------------------------------
+
+    def open(self, mode: str = "rb", buffering: int = READ_BLOCK) -> io.BufferedReader:
+        """The object opened for reading (``mode`` ``"rb"`` only): seekable, read in range requests."""
+        if mode != "rb":
+            raise ValueError(f"{self.url}: remote files are opened for reading (rb) only, not {mode!r}")
+        return io.BufferedReader(RemoteFile(self), buffer_size=buffering)
+
+    def read_range(self, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of the object, all of them (a short answer is an error)."""
+        fs = self.fs
+        data = retrying(f"{self.url} bytes {start}-{stop}", lambda: fs.cat_file(self.url, start=start, end=stop))
+        if len(data) != stop - start:
+            raise StorageError(f"{self.url}: asked for bytes {start}-{stop}, got {len(data)} bytes")
+        return data
+
+    def read_ranges(self, starts: Sequence[int], stops: Sequence[int]) -> list[bytes]:
+        """Several byte ranges of the object in one batched call (concurrent requests where the backend can)."""
+        if not len(starts):
+            return []
+        fs, merge_offset_ranges = self.fs, require("fsspec.utils", f"reading {self.url}").merge_offset_ranges
+        # Ranges less than MERGE_GAP apart are fetched as one (a request costs more than the bytes between).
+        _, merged_starts, merged_stops = merge_offset_ranges(
+            [self.url] * len(starts), list(starts), list(stops), max_gap=MERGE_GAP, max_block=MERGE_BLOCK
+        )
+
+        def fetch() -> list[bytes]:
+            blocks = fs.cat_ranges([self.url] * len(merged_starts), merged_starts, merged_stops)
+            for block in blocks:
+                if isinstance(block, Exception):  # cat_ranges hands errors back per range: retry the lot
+                    raise block
+            return blocks
+
+        blocks = retrying(f"{self.url} ({len(merged_starts)} ranges from byte {merged_starts[0]})", fetch)
+        for block, start, stop in zip(blocks, merged_starts, merged_stops):
+            if len(block) != stop - start:
+                raise StorageError(f"{self.url}: asked for bytes {start}-{stop}, got {len(block)} bytes")
+        where = np.searchsorted(merged_starts, starts, side="right") - 1  # the merged block holding each range
+        return [
+            blocks[b][start - merged_starts[b] : stop - merged_starts[b]]
+            for b, start, stop in zip(where.tolist(), starts, stops)
+        ]
+
+    def read_bytes(self) -> bytes:
+        """The whole object."""
+        fs = self.fs
+        return retrying(self.url, lambda: fs.cat_file(self.url))
+
+    def read_text(self) -> str:
+        """The whole object, as UTF-8 text."""
+        return self.read_bytes().decode("utf-8")
+
+    def upload(self, local: Path) -> None:
+        """Copy the local file ``local`` to this URL (the object appears whole or not at all)."""
+        fs = self.fs
+        retrying(f"uploading {local} to {self.url}", lambda: fs.put_file(str(local), self.url))
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "protocol": self.protocol}
+
+
+class RemoteFile(io.RawIOBase):
+    """A seekable, read-only binary file over range requests (no read-ahead of its own: wrap it in a
+    ``BufferedReader``, as ``RemotePath.open`` does, for streaming)."""
+
+    def __init__(self, path: RemotePath):
+        self.path, self.size, self.position = path, path.stat().st_size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        """Fill ``buffer`` from the current position with one range request; 0 at the end of the object."""
+        stop = min(self.size, self.position + len(buffer))
+        if stop <= self.position:
+            return 0
+        data = self.path.read_range(self.position, stop)
+        buffer[: len(data)] = data
+        self.position = stop
+        return len(data)
+
+
+class RemoteWindows:
+    """Windows of ``width`` tokens of a token file at a URL, window ``i`` starting at token ``i * stride``.
+
+    ``read(indices)`` fetches the windows it does not hold yet in one batched range request; ``prefetch``
+    starts fetching windows the plan will read soon in a background thread (at most ``PREFETCH_WINDOWS``
+    held, the oldest dropped first). Either way a window's bytes are the file's: the batch is the one a
+    local copy of the file gives."""
+
+    def __init__(self, path: RemotePath, dtype: np.dtype, width: int, stride: int):
+        self.path, self.dtype, self.width, self.stride = path, np.dtype(dtype), width, stride
+        self._open_state: tuple[int, ThreadPoolExecutor, OrderedDict[int, Future]] | None = None
+
+    def _state(self) -> tuple[ThreadPoolExecutor, OrderedDict[int, Future]]:
+        state = self._open_state
+        if state is None or state[0] != os.getpid():  # a forked worker starts with no threads of its parent's
+            state = self._open_state = (os.getpid(), ThreadPoolExecutor(1, "onlinemix-prefetch"), OrderedDict())
+        return state[1], state[2]
+
+    def _fetch(self, indices: np.ndarray) -> np.ndarray:
+        item = self.dtype.itemsize
+        starts = (indices * self.stride * item).tolist()
+        stops = [start + self.width * item for start in starts]
+        parts = self.path.read_ranges(starts, stops)
+        return np.frombuffer(b"".join(parts), dtype=self.dtype).reshape(len(indices), self.width)
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Start fetching the windows at ``indices`` (those not held or on their way already)."""
+        pool, ahead = self._state()
+        wanted = np.unique(np.asarray(indices, dtype=np.int64))
+        wanted = wanted[[int(i) not in ahead for i in wanted]][:PREFETCH_WINDOWS]
+        if not len(wanted):
+            return
+        future = pool.submit(self._fetch, wanted)
+        for row, index in enumerate(wanted.tolist()):
+            ahead[index] = (future, row)
+        while len(ahead) > PREFETCH_WINDOWS:
+            ahead.popitem(last=False)
+
+    def in_flight(self) -> int:
+        """How many windows fetched ahead are still on their way."""
+        return sum(not future.done() for future, _ in self._state()[1].values())
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """The windows at ``indices`` as a ``(n, width)`` array of the file's dtype."""
+        _, ahead = self._state()
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.width), dtype=self.dtype)
+        missing = []
+        for row, index in enumerate(indices.tolist()):
+            held = ahead.pop(index, None)
+            if held is not None:
+                future, position = held
+                try:
+                    out[row] = future.result()[position]
+                    continue
+                except Exception:  # a failed fetch ahead is fetched again below, with its own retries
+                    pass
+            missing.append(row)
+        if missing:
+            out[missing] = self._fetch(indices[missing])
+        return out
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open_state": None}
+
+    def __del__(self) -> None:
+        state = getattr(self, "_open_state", None)
+        if state is not None and state[0] == os.getpid():
+            state[1].shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,249 @@
+"""Domains and token caches in object storage, against a real S3 API server on loopback (moto's server mode, in
+a process of its own that the tests kill): the batches are those of the same files on disk, always."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import write_jsonl, write_tokens
+from s3server import S3Server, filesystem, set_environment
+
+from onlinemix.loaders import MixedDataset
+from onlinemix.loaders.config import ConfigError
+from onlinemix.loaders.files import InputError, content_digest
+from onlinemix.loaders.prepare import prepare
+from onlinemix.loaders.sources import tokenized
+from onlinemix.loaders.storage import (
+    BACKOFF_ENV,
+    RETRIES_ENV,
+    RemotePath,
+    RemoteWindows,
+    StorageError,
+    retrying,
+)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    server = S3Server().start()
+    for name, value in server.environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(RETRIES_ENV, "2")
+    monkeypatch.setenv(BACKOFF_ENV, "0.05")
+    set_environment(server)
+    yield server
+    server.kill()
+
+
+def make_corpus(root: Path) -> Path:
+    """A token-bin file, a folder of JSONL files (one gzipped) and two Parquet files: the three kinds of reads
+    (range requests of windows, a streamed decompression, Parquet's own seeks)."""
+    data = root / "data"
+    write_tokens(data / "web.bin", (np.arange(40_000) * 7 + 3) % 256)
+    write_jsonl(data / "prose/a.jsonl", [f"prose {i}: " + "lorem ipsum " * (i % 9) for i in range(120)])
+    lines = "".join(json.dumps({"text": f"more prose {i} " * (i % 5 + 1)}) + "\n" for i in range(80))
+    (data / "prose/b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    for part in range(2):
+        texts = [f"wiki {part}.{i}: " + "dolor sit amet " * (i % 6) for i in range(100)]
+        (data / "wiki").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"text": texts}), data / f"wiki/part-{part}.parquet", row_group_size=37)
+    return data
+
+
+def mixture(root: Path, where: str, name: str, **extra) -> Path:
+    """The mixture over ``where`` (the local folder, or a bucket URL), as a file in ``root``."""
+    raw = {
+        "seed": 7,
+        "global_batch_size": 12,
+        "seq_len": 32,
+        "domains": [
+            {"name": "web", "source": "tokenbin", "path": f"{where}/web.bin", "weight": 0.4},
+            {"name": "prose", "source": "jsonl", "path": f"{where}/prose", "weight": 0.3},
+            {"name": "wiki", "source": "parquet", "path": f"{where}/wiki/*.parquet", "weight": 0.3},
+        ],
+        **extra,
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def batches(config: Path, count: int, state: dict | None = None) -> list[dict]:
+    dataset = MixedDataset.from_config(config, num_batches=count)
+    if state is not None:
+        dataset.load_state_dict(state)
+    return [{name: values.numpy().copy() for name, values in batch.items()} for batch in dataset]
+
+
+def assert_same(left: list[dict], right: list[dict]) -> None:
+    assert len(left) == len(right)
+    for a, b in zip(left, right):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_mixture_in_a_bucket_gives_exactly_the_batches_of_the_same_files_on_disk(s3, tmp_path, monkeypatch):
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    local = batches(mixture(tmp_path, str(data), "local.yaml"), 30)
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "other-cache"))  # nothing of the local run's is reused
+    remote_config = mixture(tmp_path, "s3://corpus", "remote.yaml")
+    assert_same(batches(remote_config, 30), local)
+    # the same bytes are the same data: the sources' identities (content digests) agree, so a checkpoint
+    # taken on the local copy resumes on the bucket's
+    local_identity = MixedDataset.from_config(mixture(tmp_path, str(data), "local.yaml")).identity()
+    assert MixedDataset.from_config(remote_config).identity() == local_identity
+    assert content_digest(RemotePath("s3://corpus/web.bin")) == content_digest(data / "web.bin")
+
+
+def test_token_caches_in_a_bucket_are_prepared_once_and_read_by_every_other_process(s3, tmp_path, monkeypatch):
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    local = batches(mixture(tmp_path, str(data), "local.yaml"), 20)
+    config = mixture(tmp_path, "s3://corpus", "shared.yaml", cache_dir="s3://caches/onlinemix")
+    filesystem().mkdir("caches")
+    results = prepare(config, workers=1)
+    assert [(r.domain, r.status) for r in results] == [("web", "scanned"), ("prose", "built"), ("wiki", "built")], [
+        r.detail for r in results
+    ]
+    entries = filesystem().ls("caches/onlinemix")
+    assert len(entries) == 2 and all(
+        {name.rpartition("/")[2] for name in filesystem().ls(entry)} == {"tokens.bin", "documents.npy", "meta.json"}
+        for entry in entries
+    )
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("a prepared mixture was tokenized again")
+
+    monkeypatch.setattr(tokenized, "_build", no_tokenizing)
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "another-node"))  # a node with an empty local cache
+    assert [r.status for r in prepare(config, workers=1)] == ["scanned", "kept", "kept"]
+    assert_same(batches(config, 20), local)  # read from the bucket's caches, window by window
+
+
+def test_a_dead_server_is_one_error_naming_the_object_and_the_run_resumes_exactly(s3, tmp_path, monkeypatch):
+    data = make_corpus(tmp_path)
+    local = batches(mixture(tmp_path, str(data), "local.yaml"), 40)
+    s3.upload(data, "corpus")
+    config = mixture(tmp_path, "s3://corpus", "remote.yaml")
+    dataset = MixedDataset.from_config(config, num_batches=40)
+    iterator = iter(dataset)
+    read = [next(iterator) for _ in range(10)]
+    state = iterator.state_dict()
+    s3.kill()
+    with pytest.raises(StorageError) as failure:  # the batches fetched ahead come first, then the error
+        for batch in iterator:
+            read.append(batch)
+    message = str(failure.value)
+    assert message.startswith("s3://corpus/web.bin (") and "failed 3 times" in message and "\n" not in message
+    assert_same([{k: v.numpy() for k, v in batch.items()} for batch in read], local[: len(read)])
+
+    s3.start()  # back, empty (moto keeps objects in memory): the data is uploaded again
+    s3.upload(data, "corpus")
+    resumed = MixedDataset.from_config(config, num_batches=40)
+    iterator = iter(resumed)
+    iterator.load_state_dict(state)
+    assert_same([{k: v.numpy() for k, v in batch.items()} for batch in iterator], local[10:])
+
+
+def test_windows_fetched_ahead_are_read_without_the_server(s3, tmp_path):
+    tokens = write_tokens(tmp_path / "t.bin", np.arange(5_000) % 1000)
+    s3.upload(tmp_path, "bucket")
+    windows = RemoteWindows(RemotePath("s3://bucket/t.bin"), np.dtype("uint16"), width=9, stride=8)
+    ahead = np.array([500, 3, 77, 3])
+    windows.prefetch(ahead)
+    np.testing.assert_array_equal(windows.read(np.array([10])), [(np.arange(80, 89) % 1000)])  # its own request
+    deadline = time.monotonic() + 30
+    while windows.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s3.kill()
+    expected = np.fromfile(tokens, dtype=np.uint16)
+    got = windows.read(ahead[:3])
+    np.testing.assert_array_equal(got, np.stack([expected[i * 8 : i * 8 + 9] for i in (500, 3, 77)]))
+    with pytest.raises(StorageError, match=r"^s3://bucket/t.bin \(1 ranges from byte 48\): "):
+        windows.read(np.array([3]))  # read once already: fetched again, and the server is gone
+
+
+def test_paths_that_name_nothing_are_errors_naming_them(s3, tmp_path):
+    make_corpus(tmp_path)
+    s3.upload(tmp_path / "data", "corpus")
+    config = mixture(tmp_path, "s3://corpus", "m.yaml")
+    raw = yaml.safe_load(config.read_text())
+    for path, message in [
+        ("s3://corpus/nothing/*.jsonl", "no object matches s3://corpus/nothing/\\*.jsonl"),
+        ("s3://corpus/absent.jsonl", "no object at s3://corpus/absent.jsonl"),
+        ("s3://corpus/wiki", "s3://corpus/wiki is a folder with no .jsonl / .jsonl.gz"),
+    ]:
+        raw["domains"][1]["path"] = path
+        config.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=f"domain 'prose': {message}"):
+            MixedDataset.from_config(config)
+    with pytest.raises(ImportError, match=r"reading nosuch://x/y\.bin needs fsspec's nosuch:// backend \(.*nosuch\)$"):
+        RemotePath("nosuch://x/y.bin").stat()
+    with pytest.raises(ImportError, match=r"gs:// backend \(.*\): pip install 'onlinemix\[gcs\]'$"):
+        RemotePath("gs://bucket/web.bin").stat()  # gcsfs is not installed here
+    with pytest.raises(InputError, match="no object at s3://corpus/absent"):
+        from onlinemix.loaders.files import expand_paths
+
+        expand_paths("s3://corpus/absent", Path("."), (".jsonl",))
+
+
+def test_records_through_a_transform_are_read_from_the_bucket_by_offset(s3, tmp_path):
+    data = make_corpus(tmp_path)
+    (data / "prose/b.jsonl.gz").unlink()  # records by index need an uncompressed file, on disk as in a bucket
+    s3.upload(data, "corpus")
+    shouted = []
+    for where in (str(data), "s3://corpus"):
+        config = mixture(tmp_path, where, "t.yaml")
+        raw = yaml.safe_load(config.read_text())
+        raw["seq_len"] = 128
+        raw["domains"] = [{**raw["domains"][1], "transform": "conftest:shout", "weight": 1.0}]
+        config.write_text(yaml.safe_dump(raw))
+        shouted.append(batches(config, 8))
+    assert_same(shouted[1], shouted[0])
+    assert bytes(shouted[0][0]["input_ids"][0][:6].astype(np.uint8)).decode() == "PROSE "
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    data = make_corpus(tmp_path)
+    assert_same(
+        batches(mixture(tmp_path, f"file://{data}", "file.yaml"), 5), batches(mixture(tmp_path, str(data), "l.yaml"), 5)
+    )
+
+
+def test_retries_back_off_and_give_up_in_one_line(monkeypatch):
+    monkeypatch.setenv(RETRIES_ENV, "3")
+    monkeypatch.setenv(BACKOFF_ENV, "0.01")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "data"
+
+    assert retrying("s3://b/k", flaky) == "data" and len(calls) == 3
+
+    def down():
+        raise TimeoutError("timed out\nsecond line")
+
+    with pytest.raises(StorageError, match=r"^s3://b/k: TimeoutError: timed out \(failed 4 times; the retries"):
+        retrying("s3://b/k", down)
+
+    def refused():
+        calls.append(1)
+        raise PermissionError("access denied")
+
+    calls.clear()
+    with pytest.raises(PermissionError, match="s3://b/k: access denied"):
+        retrying("s3://b/k", refused)
+    assert len(calls) == 1  # a refused permission is not retried
