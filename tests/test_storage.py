@@ -130,6 +130,31 @@ def test_token_caches_in_a_bucket_are_prepared_once_and_read_by_every_other_proc
     assert_same(batches(config, 20), local)  # read from the bucket's caches, window by window
 
 
+def read_rank(rank: int, world: int, config: str, cache: str) -> list:
+    """One gloo rank, a node of its own (an empty local cache folder), reading its slices of 4 batches."""
+    import os
+
+    os.environ["ONLINEMIX_CACHE_DIR"] = cache  # a spawned rank imports conftest, which sets a cache of its own
+    dataset = MixedDataset.from_config(config, num_batches=4, rank=rank, world_size=world)
+    return [batch["input_ids"].tolist() for batch in dataset]
+
+
+def test_ranks_on_several_nodes_read_the_caches_prepared_in_the_bucket(s3, tmp_path):
+    from conftest import run_ranks
+
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    filesystem().mkdir("caches")
+    config = mixture(tmp_path, "s3://corpus", "shared.yaml", cache_dir="s3://caches/onlinemix")
+    prepare(config, workers=1)
+    slices = run_ranks(2, tmp_path / "ranks", read_rank, config=str(config), cache=str(tmp_path / "node"))
+    local = mixture(tmp_path, str(data), "local.yaml")
+    for rank, got in enumerate(slices):
+        expected = MixedDataset.from_config(local, num_batches=4, rank=rank, world_size=2)
+        assert got == [batch["input_ids"].tolist() for batch in expected]
+    assert not list(tmp_path.glob("node/*jsonl-*"))  # no node tokenized anything: the bucket had it all
+
+
 def test_a_dead_server_is_one_error_naming_the_object_and_the_run_resumes_exactly(s3, tmp_path, monkeypatch):
     data = make_corpus(tmp_path)
     local = batches(mixture(tmp_path, str(data), "local.yaml"), 40)
