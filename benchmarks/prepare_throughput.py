@@ -7,6 +7,7 @@ one run:
 - the tokenizer's own ``encode_batch`` over one domain's documents, in one process: the ceiling per worker;
 - ``prepare`` with 1 and 2 local worker processes, and 2 Ray tasks on a local Ray cluster (``--skip-ray``
   leaves it out): MB of text per second, per worker against the tokenizer's own, and 2 workers against 1;
+- the same files as ONE domain (a folder of them), which prepare tokenizes file by file: 1 and 2 workers;
 - that every engine wrote byte-identical caches;
 - what a 1 TB corpus would take at the measured rate per worker, on a few worker counts.
 
@@ -102,6 +103,20 @@ def main() -> None:
             rates[engine, workers] = megabytes / seconds
             caches[engine, workers] = cache_bytes(cache)
         identical = all(c == caches["local", 1] for c in caches.values())
+        # the same files as one domain: a folder of them, tokenized file by file, then assembled
+        (folder / "one").mkdir()
+        for corpus in corpora:
+            os.link(corpus, folder / "one" / corpus.name)
+        single = folder / "single.yaml"
+        single.write_text(yaml.safe_dump({**mixture, "domains": [{"name": "all", "source": "jsonl", "path": "one"}]}))
+        one_domain, one_caches = {}, []
+        for workers in (1, 2):
+            os.environ["ONLINEMIX_CACHE_DIR"] = str(folder / f"cache-one-{workers}")
+            started = time.perf_counter()
+            assert prepare(single, workers=workers)[0].status == "built"
+            one_domain[workers] = megabytes / (time.perf_counter() - started)
+            one_caches.append(cache_bytes(folder / f"cache-one-{workers}"))
+        identical = identical and one_caches[0] == one_caches[1]
 
     print(f"\n{args.domains} domains x {args.mb:g} MB of stdlib source, a 4,096-token BPE tokenizer, one thread each")
     print(f"{'what':<34}{'MB/s':>8}{'per worker vs tokenizer':>26}{'vs 1 worker':>14}")
@@ -111,6 +126,9 @@ def main() -> None:
         scaling = rate / rates["local", 1]
         label = f"prepare --engine {engine} --workers {workers}"
         print(f"{label:<34}{rate:>8.2f}{per_worker:>25.2f}x{scaling:>13.2f}x")
+    for workers, rate in one_domain.items():
+        label = f"one domain of {args.domains} files, {workers} w."
+        print(f"{label:<34}{rate:>8.2f}{rate / workers / alone:>25.2f}x{rate / one_domain[1]:>13.2f}x")
     print(f"caches identical across engines and worker counts: {identical}")
     per_worker = rates["local", 1]
     for workers in (2, 64, 512):

@@ -77,6 +77,15 @@ def given_if_taken(cls: type, **values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key in parameters}
 
 
+def tokenized_documents(config: MixtureConfig, domain: DomainConfig) -> DocumentSource | None:
+    """The document source a domain's token cache is made from, not tokenized (``None`` for a domain that is not
+    tokenized: a token-bin file, records through a transform, a source that is not a ``DocumentSource``)."""
+    cls = source_class(domain)
+    if domain.transform or config.transform or not issubclass(cls, DocumentSource):
+        return None
+    return cls(domain.path, **{**given_if_taken(cls, cache_dir=config.cache_dir), **domain.options})
+
+
 def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
     """One domain's source: a token-bin file, a tokenized document source, records through a transform, or
     a class of your own (constructed with ``path`` when given, the domain's other keys, and ``seq_len`` when

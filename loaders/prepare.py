@@ -10,9 +10,14 @@ tokenize it twice). Where the mixture resamples by DSIR sidecars (``importance: 
 scores each domain into its sidecar too. A training run on the prepared mixture then opens every cache in
 milliseconds.
 
-Engines: ``local`` (processes on this machine) and ``ray`` (a Ray task per domain, on a cluster). The unit of
-work is a domain: a mixture of many domains (or clusters) spreads over many workers, one huge domain does
-not (yet: splitting a domain's files over workers is the next step).
+**Units of work.** A domain of several files whose documents are its files' documents in order (JSONL, text,
+Parquet) is tokenized file by file: one task per file writes that file's token cache (a *part*), then one task
+per domain concatenates its parts into the domain's cache — byte for byte the cache one process tokenizing
+the whole domain writes — and removes them. So one huge domain spreads over every worker, and a killed run
+resumes by file: the finished parts are kept. Any other domain is one task.
+
+Engines: ``local`` (processes on this machine) and ``ray`` (Ray tasks, on a cluster). Parts go where the
+domain's cache goes (``cache_dir``): on a cluster, storage every node sees (a shared filesystem or a bucket).
 """
 
 from __future__ import annotations
@@ -20,20 +25,23 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from onlinemix.loaders.build import estimator, open_source
+from onlinemix.loaders.build import estimator, open_source, tokenized_documents, tokenizer_of
 from onlinemix.loaders.cache import LIMIT_ENV
-from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import CACHE_ENV, InputError, expand_paths
+from onlinemix.loaders.files import CACHE_ENV, InputError, cache_entry, expand_paths, token_cache_root
 from onlinemix.loaders.importance.cli import score_domain
 from onlinemix.loaders.importance.estimator import ImportanceError
 from onlinemix.loaders.sources import Source, SourceError, TokenBinSource, TokenizedSource
+from onlinemix.loaders.sources.tokenized import TokenCache, cache_key, file_parts
 
 
 @dataclass
@@ -48,8 +56,34 @@ class Prepared:
     seconds: float
 
 
+def prepare_part(config_path: str, name: str, number: int) -> Prepared:
+    """Tokenize file ``number`` of domain ``name`` into its part (a token cache of that file alone), if it is not
+    there (in a worker process)."""
+    started = time.time()
+    config = MixtureConfig.load(config_path)
+    domain = next(d for d in config.domains if d.name == name)
+    try:
+        part = file_parts(tokenized_documents(config, domain))[number]
+        cache = TokenCache.open(part, tokenizer_of(config, domain), token_cache_root(config.cache_dir))
+    except (ConfigError, SourceError, OSError, ValueError) as error:
+        file = _file(config, domain, number)
+        detail = str(error) if file in str(error) else f"{file}: {error}"  # named once
+        return Prepared(name, "failed", detail, time.time() - started)
+    detail = f"{int(cache.meta['tokens']):,} tokens of {part.path}"
+    return Prepared(name, "built" if cache.built else "kept", detail, time.time() - started)
+
+
+def _file(config: MixtureConfig, domain: DomainConfig, number: int) -> str:
+    """How a message names file ``number`` of a domain (its path, when it can still be listed)."""
+    try:
+        return str(tokenized_documents(config, domain).files[number])
+    except Exception:
+        return f"file {number}"
+
+
 def prepare_domain(config_path: str, name: str) -> Prepared:
-    """Open domain ``name`` of the mixture file: this builds its cache if there is none (in a worker process)."""
+    """Open domain ``name`` of the mixture file: this builds its cache if there is none (in a worker process),
+    from its parts where ``prepare_part`` made them all."""
     started = time.time()
     config = MixtureConfig.load(config_path)
     domain = next(d for d in config.domains if d.name == name)
@@ -124,28 +158,47 @@ def prepare(
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     chosen = [name for name in names if domains is None or name in domains]
-    workers = min(workers or os.cpu_count() or 1, len(chosen))
-    # the largest first: the last worker to finish is not the one that started the largest domain last
-    sizes = {d.name: _input_bytes(d.path, Path(config_path).parent) for d in config.domains}
-    largest_first = sorted(chosen, key=lambda name: -sizes[name])
     path = str(Path(config_path).resolve())
-    results: dict[str, Prepared] = {}
-    with tqdm(total=len(chosen), desc="preparing", unit="domain") as bar:
-        if engine == "ray":
-            results = _on_ray(path, largest_first, workers, bar)
-        elif workers == 1:
-            for name in chosen:
-                results[name] = prepare_domain(path, name)
-                bar.update()
-        else:  # spawned, not forked: a worker starts clean of the parent's threads and open files
-            context = multiprocessing.get_context("spawn")
-            threads = tokenizer_threads(workers)
-            with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=(threads,)) as pool:
-                futures = {pool.submit(prepare_domain, path, name): name for name in largest_first}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-    return [results[name] for name in chosen]
+    parts = {name: _parts_to_make(config, name) for name in chosen}  # file sizes, for the domains split by file
+    # the largest first: the last worker to finish is not the one that started the largest task last
+    sizes = {d.name: _input_bytes(d.path, Path(config_path).parent) for d in config.domains}
+    whole = sorted((name for name in chosen if not parts[name]), key=lambda name: -sizes[name])
+    files = [(name, number) for name in chosen for number in range(len(parts[name]))]
+    files.sort(key=lambda task: -parts[task[0]][task[1]])
+    first_wave = [(name, number) for name, number in files] + [(name, None) for name in whole]
+    workers = min(workers or os.cpu_count() or 1, len(first_wave))
+    results: dict[tuple[str, int | None], Prepared] = {}
+    total = len(first_wave) + sum(bool(p) for p in parts.values())
+    with tqdm(total=total, desc="preparing", unit="task") as bar, _engine(engine, workers) as run:
+        results = run(path, first_wave, bar)
+        failed = {name: r for (name, number), r in results.items() if number is not None and r.status == "failed"}
+        split = [name for name in chosen if parts[name] and name not in failed]  # then their parts are assembled
+        results |= run(path, [(name, None) for name in sorted(split, key=lambda name: -sizes[name])], bar)
+        bar.update(len(failed))
+    for name, failure in failed.items():
+        seconds = sum(r.seconds for (domain, _), r in results.items() if domain == name)
+        results[name, None] = Prepared(name, "failed", failure.detail, seconds)
+    for name in chosen:
+        if parts[name] and results[name, None].status == "built":
+            results[name, None].detail += f" (from {len(parts[name])} files)"
+    return [results[name, None] for name in chosen]
+
+
+def _parts_to_make(config: MixtureConfig, name: str) -> list[int]:
+    """The sizes of the files a domain is tokenized from one by one: empty when it is tokenized whole (one file,
+    a format that is not a sequence of files, no tokenizing at all) or its cache is there already."""
+    domain = next(d for d in config.domains if d.name == name)
+    try:
+        documents = tokenized_documents(config, domain)
+        parts = file_parts(documents) if documents is not None else []
+        if not parts:
+            return []
+        key = cache_key(documents, tokenizer_of(config, domain))
+        if (cache_entry(token_cache_root(config.cache_dir), documents.kind, key) / "meta.json").exists():
+            return []
+        return [part.files[0].stat().st_size for part in parts]
+    except (ConfigError, SourceError, OSError, ValueError):
+        return []  # the domain's own task says what is wrong
 
 
 def _input_bytes(path: Path | str | list[str] | None, base_dir: Path) -> int:
@@ -159,9 +212,43 @@ def _input_bytes(path: Path | str | list[str] | None, base_dir: Path) -> int:
         return 0
 
 
-def _on_ray(path: str, names: list[str], workers: int, bar: tqdm) -> dict[str, Prepared]:
-    """One Ray task per domain, at most ``workers`` at a time. (Ray core tasks rather than Ray Data: the unit
-    of work is a whole domain whose output goes to storage, so there are no blocks to stream between them.)"""
+Task = tuple[str, "int | None"]  # (domain, file number): a part; (domain, None): the domain
+
+
+def run_task(path: str, task: Task) -> Prepared:
+    """One task, in whichever process the engine runs it."""
+    name, number = task
+    return prepare_domain(path, name) if number is None else prepare_part(path, name, number)
+
+
+@contextmanager
+def _engine(engine: str, workers: int) -> Iterator[Callable[[str, list[Task], tqdm], dict[Task, Prepared]]]:
+    """A function that runs a list of tasks on ``workers`` workers of ``engine`` and returns their results; the
+    workers (a process pool, a Ray cluster) live as long as the ``with`` block."""
+    if engine == "ray":
+        yield from _on_ray(workers)
+    elif workers == 1:
+        yield lambda path, tasks, bar: {task: _counted(run_task(path, task), bar) for task in tasks}
+    else:  # spawned, not forked: a worker starts clean of the parent's threads and open files
+        context = multiprocessing.get_context("spawn")
+        threads = tokenizer_threads(workers)
+        with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=(threads,)) as pool:
+
+            def run(path: str, tasks: list[Task], bar: tqdm) -> dict[Task, Prepared]:
+                futures = {pool.submit(run_task, path, task): task for task in tasks}
+                return {futures[future]: _counted(future.result(), bar) for future in as_completed(futures)}
+
+            yield run
+
+
+def _counted(result: Prepared, bar: tqdm) -> Prepared:
+    bar.update()
+    return result
+
+
+def _on_ray(workers: int) -> Iterator[Callable[[str, list[Task], tqdm], dict[Task, Prepared]]]:
+    """Ray tasks, at most ``workers`` at a time. (Ray core tasks rather than Ray Data: a task's output is a
+    cache on storage, so there are no blocks to stream between them.)"""
     ray = require("ray", "--engine ray")
     started_here = not ray.is_initialized()
     if started_here:  # joins $RAY_ADDRESS when it is set, else starts a local cluster of `workers` CPUs
@@ -169,17 +256,20 @@ def _on_ray(path: str, names: list[str], workers: int, bar: tqdm) -> dict[str, P
     try:
         env = {name: os.environ[name] for name in (CACHE_ENV, LIMIT_ENV) if os.environ.get(name)}
         env |= tokenizer_threads(1)  # one CPU per task: its tokenizer's thread pool too
-        task = ray.remote(prepare_domain).options(num_cpus=1, runtime_env={"env_vars": env})
-        results, pending, queue = {}, {}, list(names)
-        while queue or pending:
-            while queue and len(pending) < workers:
-                name = queue.pop(0)
-                pending[task.remote(path, name)] = name
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for reference in done:
-                results[pending.pop(reference)] = ray.get(reference)
-                bar.update()
-        return results
+        remote = ray.remote(run_task).options(num_cpus=1, runtime_env={"env_vars": env})
+
+        def run(path: str, tasks: list[Task], bar: tqdm) -> dict[Task, Prepared]:
+            results, pending, queue = {}, {}, list(tasks)
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    task = queue.pop(0)
+                    pending[remote.remote(path, task)] = task
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for reference in done:
+                    results[pending.pop(reference)] = _counted(ray.get(reference), bar)
+            return results
+
+        yield run
     finally:
         if started_here:
             ray.shutdown()

@@ -247,6 +247,11 @@ class RemotePath:
         fs = self.fs
         retrying(f"uploading {local} to {self.url}", lambda: fs.put_file(str(local), self.url))
 
+    def remove_tree(self) -> None:
+        """Delete every object under this prefix (a token cache entry)."""
+        fs = self.fs
+        retrying(f"removing {self.url}", lambda: fs.rm(self.url, recursive=True))
+
     def __getstate__(self) -> dict:
         return {"url": self.url, "protocol": self.protocol}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import make_example
+from conftest import make_example, write_jsonl
 
 from onlinemix.cli import main
 from onlinemix.loaders import MixedDataset
@@ -100,17 +101,69 @@ def test_ranks_opening_an_unprepared_mixture_at_once_tokenize_it_once(tmp_path):
     assert len({r["tokens"] for r in records}) == 1
 
 
+def make_split_example(root: Path) -> Path:
+    """The example mixture plus a domain of four JSONL files (one gzipped), which prepare tokenizes file by file."""
+    config = make_example(root)
+    for number in range(4):
+        texts = [f"file {number} document {i}: " + "sed ut perspiciatis " * (i % 5) for i in range(40 + number)]
+        write_jsonl(root / f"data/books/{number}.jsonl", texts)
+    gzipped = root / "data/books/3.jsonl"
+    gzipped.with_suffix(".jsonl.gz").write_bytes(gzip.compress(gzipped.read_bytes()))
+    gzipped.unlink()
+    raw = yaml.safe_load(config.read_text())
+    raw["domains"].append({"name": "books", "source": "jsonl", "path": "data/books", "weight": 0.1})
+    raw["domains"][0]["weight"] = 0.4
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config
+
+
+def jsonl_entries(root: Path) -> dict[str, dict[str, bytes]]:
+    return {p.name: cache_files(p) for p in sorted(root.iterdir()) if p.name.startswith("jsonl-")}
+
+
+def test_a_domain_of_many_files_is_tokenized_file_by_file_into_the_cache_one_process_writes(tmp_path, monkeypatch):
+    config = make_split_example(tmp_path)
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "first-open"))
+    MixedDataset.from_config(config)  # no prepare: each domain tokenized whole by its first open
+    expected = jsonl_entries(tmp_path / "first-open")
+    assert len(expected) == 2  # prose and books, nothing else
+    for workers in (1, 2):
+        monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / f"prepared{workers}"))
+        results = prepare(config, workers=workers)
+        assert [r.status for r in results] == ["scanned", "built", "scanned", "built"]
+        assert results[3].detail.endswith("(from 4 files)")
+        assert jsonl_entries(tmp_path / f"prepared{workers}") == expected  # the parts are gone, the caches equal
+
+
+def test_a_killed_or_failed_prepare_keeps_the_files_it_finished(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "cache"))
+    config = make_split_example(tmp_path)
+    broken = tmp_path / "data/books/2.jsonl"
+    good = broken.read_bytes()
+    broken.write_bytes(good + b"{not json\n")
+    books = prepare(config, workers=1, domains=["books"])[0]
+    assert books.status == "failed" and books.detail.startswith(f"{broken}: line 43 is not valid JSON")
+    assert len(jsonl_entries(tmp_path / "cache")) == 3  # the parts of the three good files, kept
+
+    tokenized_now = []
+    build = tokenized._build
+    monkeypatch.setattr(tokenized, "_build", lambda documents, *args: tokenized_now.append(documents.path) or build(
+        documents, *args))  # fmt: skip
+    broken.write_bytes(good)
+    assert prepare(config, workers=1, domains=["books"])[0].status == "built"
+    assert tokenized_now == [str(broken)]  # the repaired file alone; the domain is assembled from its parts
+
+
 def test_ray_writes_the_same_caches_as_local_processes(tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    config = make_example(tmp_path)
+    config = make_split_example(tmp_path)
     built = {}
     for engine in ("local", "ray"):
         monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / engine))
         results = prepare(config, workers=2, engine=engine)
-        assert [r.status for r in results] == ["scanned", "built", "scanned"], engine
-        entry = next(p for p in (tmp_path / engine).iterdir() if p.name.startswith("jsonl-"))
-        built[engine] = cache_files(entry)
-    assert built["ray"] == built["local"]
+        assert [r.status for r in results] == ["scanned", "built", "scanned", "built"], engine
+        built[engine] = jsonl_entries(tmp_path / engine)
+    assert built["ray"] == built["local"] and len(built["ray"]) == 2
     with pytest.raises(ValueError, match="engine must be one of local, ray"):
         prepare(config, engine="spark")
 

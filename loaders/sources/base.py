@@ -141,6 +141,9 @@ class DocumentSource(Source):
 
     options: ClassVar[dict[str, type | tuple[type, ...]]] = {}
     suffixes: ClassVar[tuple[str, ...]] = ()
+    # Whether ``documents()`` is each of ``self.files``' documents, file after file (so that a copy holding one
+    # of the files gives that file's share): ``onlinemix prepare`` then tokenizes the files on many workers.
+    per_file: ClassVar[bool] = False
 
     @abc.abstractmethod
     def documents(self, progress: Callable[[int], Any] | None = None) -> Iterator[str | np.ndarray]:

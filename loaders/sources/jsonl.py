@@ -102,6 +102,7 @@ def text_of(record: Any, field: str, where: str) -> str:
 class JsonlSource(DocumentSource):
     """Documents of JSONL files (see the module docstring)."""
 
+    per_file = True  # its documents are its files' documents, file after file (see tokenized.file_parts)
     kind = "jsonl"
     options: ClassVar[dict[str, type]] = {"field": str}
     suffixes = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")

@@ -37,6 +37,7 @@ same bytes.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -58,6 +59,7 @@ from onlinemix.loaders.files import (
     file_stamp,
     full_digest,
     locked,
+    open_input,
     remove_stale_partials,
     token_cache_root,
     writable_cache,
@@ -172,7 +174,7 @@ class TokenCache:
         first if there is none."""
         if verify not in VERIFY:
             raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
-        key = {"version": CACHE_VERSION, "source": documents.fingerprint(), "tokenizer": tokenizer.fingerprint()}
+        key = cache_key(documents, tokenizer)
         folder = cache_entry(root, documents.kind, key)
         if (folder / "meta.json").exists():
             return cls(folder, verify)
@@ -182,7 +184,7 @@ class TokenCache:
         built = False
         with locked(root / f".{folder.name}.lock"):
             if not (folder / "meta.json").exists():  # another process may have built it while this one waited
-                _build(documents, tokenizer, folder, key)
+                _build_or_assemble(documents, tokenizer, folder, key, root)
                 built = True
         remove_stale_partials(root)  # what builds killed before they finished left behind, this one's included
         enforce_limit(root, keep=folder)  # $ONLINEMIX_CACHE_LIMIT: least recently used entries go
@@ -201,7 +203,7 @@ class TokenCache:
         with locked(local_root / f".upload-{folder.name}.lock"):  # one build per machine
             if not (folder / "meta.json").exists():
                 if not (local / "meta.json").exists():
-                    _build(documents, tokenizer, local, key)
+                    _build_or_assemble(documents, tokenizer, local, key, folder.parent)
                 log.info("uploading token cache %s to %s", local, folder)
                 for name in (*_FILES, "meta.json"):  # meta.json last: it is what says an entry is complete
                     (folder / name).upload(local / name)
@@ -273,27 +275,96 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
             writer.flush()
             out.flush()
             os.fsync(out.fileno())
-        starts = np.concatenate([[0], np.cumsum(writer.lengths, dtype=np.int64)])
-        np.save(temporary / "documents.npy", starts)
-        meta = {
-            **key,
-            "dtype": dtype.name,
-            "documents": len(writer.lengths),
-            "tokens": int(starts[-1]),
-            "checksums": {name: chunk_checksums(temporary / name) for name in _FILES},
-            "inputs": [
-                [str(path.resolve()), full_digest(path)] for path in documents.input_files() if not is_url(path)
-            ],
-            "stamps": {str(path.resolve()): file_stamp(path) for path in documents.input_files()},  # for staleness
-            "characters": writer.characters,
-        }
-        (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(temporary, folder)
+        inputs = [[str(path.resolve()), full_digest(path)] for path in documents.input_files() if not is_url(path)]
+        stamps = {str(path.resolve()): file_stamp(path) for path in documents.input_files()}  # for staleness
+        _finish(temporary, folder, key, dtype, writer.lengths, inputs, stamps, writer.characters)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     log.info("%s: %d documents, %.1f million characters of text, %d tokens", documents.path, len(writer.lengths),
-             writer.characters / 1e6, int(starts[-1]))  # fmt: skip
+             writer.characters / 1e6, sum(writer.lengths))  # fmt: skip
+
+
+def _finish(
+    temporary: Path, folder: Path, key: dict, dtype: np.dtype, lengths: list[int], inputs: list, stamps: dict,
+    characters: int,
+) -> None:  # fmt: skip
+    """Write ``documents.npy`` and ``meta.json`` beside a complete ``tokens.bin`` in ``temporary``, then rename it
+    into place as ``folder`` (the one way an entry is finished, whether tokenized or assembled from parts)."""
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    np.save(temporary / "documents.npy", starts)
+    meta = {
+        **key,
+        "dtype": dtype.name,
+        "documents": len(lengths),
+        "tokens": int(starts[-1]),
+        "checksums": {name: chunk_checksums(temporary / name) for name in _FILES},
+        "inputs": inputs,
+        "stamps": stamps,
+        "characters": characters,
+    }
+    (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(temporary, folder)
+
+
+# ----------------------------------------------------------------------------- a domain from its files' parts
+
+
+def file_parts(documents: DocumentSource) -> list[DocumentSource]:
+    """The one-file sources whose token caches (*parts*) concatenate, in order, to ``documents``' own: one per
+    input file of a source of several files whose documents are its files' documents in order (JSONL, text,
+    Parquet: ``per_file``); empty for any other source. ``onlinemix prepare`` tokenizes the parts on many
+    workers (and keeps each finished one, so a killed run resumes by file), then assembles the domain's cache."""
+    files = getattr(documents, "files", [])
+    if not documents.per_file or len(files) < 2:
+        return []
+    parts = []
+    for file in files:
+        part = copy.copy(documents)
+        part.files, part.path = [file], str(file)
+        parts.append(part)
+    return parts
+
+
+def cache_key(documents: DocumentSource, tokenizer: Tokenizer) -> dict:
+    """What a token cache entry is keyed by: the documents' content and options, and the tokenizer."""
+    return {"version": CACHE_VERSION, "source": documents.fingerprint(), "tokenizer": tokenizer.fingerprint()}
+
+
+def _build_or_assemble(
+    documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: dict, root: Path | RemotePath
+) -> None:
+    """Build ``folder``: from its parts when every one is in ``root`` (``onlinemix prepare`` made them), else by
+    tokenizing the documents. Either way the files are the same, byte for byte."""
+    parts = [cache_entry(root, part.kind, cache_key(part, tokenizer)) for part in file_parts(documents)]
+    if not parts or not all((part / "meta.json").exists() for part in parts):
+        _build(documents, tokenizer, folder, key)
+        return
+    opened = [TokenCache(part) for part in parts]
+    log.info("assembling the token cache of %s from %d parts into %s", documents.path, len(parts), folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    try:
+        with open(temporary / "tokens.bin", "wb") as out:
+            for part in opened:
+                with open_input(part.tokens_path) as tokens:
+                    shutil.copyfileobj(tokens, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        lengths = np.concatenate([np.diff(part.starts) for part in opened]).tolist()
+        inputs = [entry for part in opened for entry in part.meta.get("inputs", [])]
+        stamps = {path: stamp for part in opened for path, stamp in part.meta.get("stamps", {}).items()}
+        characters = sum(int(part.meta.get("characters", 0)) for part in opened)
+        _finish(temporary, folder, key, opened[0].dtype, lengths, inputs, stamps, characters)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    for part in parts:  # the domain's cache holds them now
+        if isinstance(part, RemotePath):
+            part.remove_tree()
+        else:
+            shutil.rmtree(part, ignore_errors=True)
+            (part.parent / f".{part.name}.lock").unlink(missing_ok=True)
 
 
 class TokenizedSource(Source):
