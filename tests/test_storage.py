@@ -130,6 +130,25 @@ def test_token_caches_in_a_bucket_are_prepared_once_and_read_by_every_other_proc
     assert_same(batches(config, 20), local)  # read from the bucket's caches, window by window
 
 
+def test_ray_tasks_prepare_into_the_bucket_what_a_local_process_would(s3, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    filesystem().mkdir("caches")
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "local"))
+    MixedDataset.from_config(mixture(tmp_path, str(data), "local.yaml"))  # local caches, by first opens
+    local = sorted(p.parent.name for p in (tmp_path / "local").glob("*/meta.json"))
+    config = mixture(tmp_path, "s3://corpus", "shared.yaml", cache_dir="s3://caches/onlinemix")
+    results = prepare(config, workers=2, engine="ray")  # the cluster's tasks inherit the S3 endpoint from here
+    assert [r.status for r in results] == ["scanned", "built", "built"], [r.detail for r in results]
+    in_bucket = sorted(entry.rpartition("/")[2] for entry in filesystem().ls("caches/onlinemix"))
+    assert in_bucket == local and len(local) == 2  # the same keys (content, not place), the parts gone
+    for entry in in_bucket:  # byte for byte what a local first open wrote (meta.json names the files' places)
+        for name in ("tokens.bin", "documents.npy"):
+            remote = filesystem().cat_file(f"caches/onlinemix/{entry}/{name}")
+            assert remote == (tmp_path / "local" / entry / name).read_bytes()
+
+
 def read_rank(rank: int, world: int, config: str, cache: str) -> list:
     """One gloo rank, a node of its own (an empty local cache folder), reading its slices of 4 batches."""
     import os
