@@ -13,7 +13,8 @@ the plain loader.
 - onlinemix: ``MixedDataset`` (whole batches, ``DataLoader(batch_size=None)``),
              and its per-sample path (``DataLoader(batch_size=32)``);
 - webdataset ``RandomMix`` over one per-domain sample stream each;
-- torchdata ``nodes.MultiNodeWeightedSampler`` over the same streams.
+- torchdata ``nodes.MultiNodeWeightedSampler`` over the same streams;
+- in-process with a background thread: onlinemix's ``thread_prefetch`` and torchdata's ``Prefetcher`` node.
 
 Run: ``python benchmarks/loader_throughput.py [--batches 300] [--rounds 3]``
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from onlinemix.loaders import MixedDataset, MixedLoader, PlanSpec, StaticSchedule, TokenBinSource
 from onlinemix.loaders.plan import UNLIMITED
@@ -91,11 +92,11 @@ def plain_batches(paths: list[Path]) -> Iterable[dict]:
         }
 
 
-def onlinemix(paths: list[Path], workers: int, output: str = "batches") -> Iterable[dict]:
+def onlinemix(paths: list[Path], workers: int, output: str = "batches", thread: int = 0) -> Iterable[dict]:
     sources = [TokenBinSource(p, SEQ_LEN) for p in paths]
     spec = PlanSpec([len(s) for s in sources], [UNLIMITED] * 4, seed=0, global_batch_size=BATCH)
     dataset = MixedDataset(sources, ["d0", "d1", "d2", "d3"], spec, StaticSchedule(WEIGHTS), output=output)
-    return MixedLoader(dataset, num_workers=workers, prefetch_factor=4 if workers else None)
+    return MixedLoader(dataset, num_workers=workers, prefetch_factor=4 if workers else None, thread_prefetch=thread)
 
 
 class RandomMixDataset(IterableDataset):
@@ -131,6 +132,16 @@ def torchdata_mix(paths: list[Path], workers: int) -> Iterable[dict]:
     return DataLoader(NodesDataset(paths), batch_size=None, num_workers=workers)
 
 
+def torchdata_threaded(paths: list[Path]) -> Iterable[dict]:
+    """torchdata's own way to overlap loading without processes: its ``Prefetcher`` node (a thread)."""
+    from torchdata.nodes import Batcher, IterableWrapper, Loader, Mapper, MultiNodeWeightedSampler, Prefetcher
+
+    sources = {f"d{d}": IterableWrapper(WindowStream(p, seed=d)) for d, p in enumerate(paths)}
+    weights = {f"d{d}": float(w) for d, w in enumerate(WEIGHTS)}
+    batches = Mapper(Batcher(MultiNodeWeightedSampler(sources, weights), batch_size=BATCH), default_collate)
+    return Loader(Prefetcher(batches, prefetch_factor=4))
+
+
 def measure(make: Callable[[], Iterable[dict]], batches: int) -> float:
     iterator = iter(make())
     for _ in range(5):  # warm-up: worker start, page cache
@@ -153,6 +164,29 @@ def best_rates(loaders: dict[str, Callable[[], Iterable[dict]]], rounds: int, ba
     return best
 
 
+def overlapped(paths: list[Path], batches: int) -> tuple[float, float, float]:
+    """Seconds a step takes in process when the loop also waits on a "GPU step" as long as loading one batch
+    takes (a sleep: the training thread waits, holding no core and not the GIL), without and with
+    ``thread_prefetch``: what the thread is for. Returns (load, without, with) per step, best of 3."""
+
+    def per_step(make: Callable[[], Iterable[dict]], step: float) -> float:
+        best = float("inf")
+        for _ in range(3):
+            iterator = iter(make())
+            next(iterator)
+            started = time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+                if step:
+                    time.sleep(step)
+            best = min(best, (time.perf_counter() - started) / batches)
+            del iterator
+        return best
+
+    load = per_step(lambda: onlinemix(paths, 0), 0.0)
+    return load, per_step(lambda: onlinemix(paths, 0), load), per_step(lambda: onlinemix(paths, 0, thread=2), load)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=300, help="timed batches per loader and round")
@@ -167,7 +201,10 @@ def main() -> None:
             loaders[f"onlinemix per-sample | {workers}"] = lambda w=workers: onlinemix(paths, w, "samples")
             loaders[f"webdataset RandomMix | {workers}"] = lambda w=workers: webdataset_mix(paths, w)
             loaders[f"torchdata MultiNodeWeightedSampler | {workers}"] = lambda w=workers: torchdata_mix(paths, w)
+        loaders["onlinemix batches, thread_prefetch=4 | thread"] = lambda: onlinemix(paths, 0, thread=4)
+        loaders["torchdata MultiNodeWeightedSampler + Prefetcher | thread"] = lambda: torchdata_threaded(paths)
         best = best_rates(loaders, args.rounds, args.batches)
+        overlap = overlapped(paths, args.batches)
     print(
         f"seq_len {SEQ_LEN}, batch {BATCH}, 4 token-bin domains, weights {WEIGHTS.tolist()}, "
         f"best of {args.rounds} rounds x {args.batches} batches"
@@ -179,6 +216,11 @@ def main() -> None:
         if loader.startswith("plain") and workers == "2":
             continue  # the plain loader has no worker processes
         print(f"| {loader} | {workers} | {rate:,.0f} | {rate / plain:.2f}x |")
+    load, without, with_thread = overlap
+    print(
+        f"\nwith a GPU step in the loop as long as loading a batch ({load * 1e3:.2f} ms, a sleep): {without * 1e3:.2f} "
+        f"ms a step without a thread, {with_thread * 1e3:.2f} ms with thread_prefetch=2 ({without / with_thread:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

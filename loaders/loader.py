@@ -6,6 +6,11 @@ per ``iter()`` (``loader.dataloader``) and counts the batches it has handed to t
 so a run resumed from it continues with the very next batch, whatever ``num_workers`` either run used.
 Batches the DataLoader had prefetched but not yet handed out are simply made again.
 
+**A thread instead of processes.** ``MixedLoader(dataset, thread_prefetch=2)`` makes the next batches in a
+background thread of the training process (gathering from memory maps and the plan's numba kernels release
+the GIL), so loading overlaps training without worker processes and without moving batches between
+processes. The batches and the checkpoints are those of ``num_workers=0``: one thread makes them in order.
+
 **A stream, not epochs.** Each ``iter()`` continues where the loader stands, so ``for epoch in ...:
 for batch in loader:`` goes on through the stream; ``len(loader)`` is the number of batches left.
 Iterating a loader whose stream is over (``num_batches`` handed out, or every domain with weight at
@@ -14,6 +19,8 @@ its ``max_epochs``) is an error saying so, never a silently empty epoch.
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +39,54 @@ class StreamOver(RuntimeError):
     """``iter()`` of a loader whose stream has no batch left."""
 
 
+class ThreadPrefetch(Iterator):
+    """The items of ``iterator``, made up to ``depth`` ahead by a background thread, in the same order; an
+    exception in the thread is raised where its item would have come. ``close()`` (or dropping it) stops the
+    thread at its next item."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iterator,), name="onlinemix-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, iterator: Iterator) -> None:
+        try:
+            for item in iterator:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # handed to the consumer, raised there; then the stream ends
+            self._put(error) and self._put(self._END)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)  # every later call ends too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the item it is making, then ends)."""
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 # Identity keys with one value per domain, and what a mismatch message calls the value.
 class MixedLoader:
     """Iterate a ``MixedDataset`` through a stock ``DataLoader``, with ``state_dict`` / ``load_state_dict``.
@@ -41,6 +96,11 @@ class MixedLoader:
     ``persistent_workers=True`` the workers survive from one ``iter()`` to the
     next and still start where the loader stands (the start position lives in
     shared memory).
+
+    ``thread_prefetch``: with ``num_workers=0``, how many batches a background thread makes ahead of the
+    training loop (default 0: each batch is made when it is asked for). The trade-off against worker
+    processes: no process start-up and no copy of each batch between processes, but one core's worth of
+    loading, shared with the training thread's Python.
     """
 
     def __init__(
@@ -54,8 +114,17 @@ class MixedLoader:
         multiprocessing_context: Any = None,
         timeout: float = 0,
         worker_init_fn: Callable[[int], None] | None = None,
+        thread_prefetch: int = 0,
     ):
+        if not isinstance(thread_prefetch, int) or thread_prefetch < 0:
+            raise ValueError(f"thread_prefetch must be an integer >= 0, got {thread_prefetch!r}")
+        if thread_prefetch and num_workers:
+            raise ValueError(
+                f"thread_prefetch makes batches in a thread of this process; with num_workers={num_workers} the "
+                "worker processes make them (and prefetch_factor says how many ahead): choose one"
+            )
         self.dataset = dataset
+        self.thread_prefetch = thread_prefetch
         self._dataloader_kwargs = dict(
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -138,14 +207,20 @@ class MixedLoader:
             generator = torch.Generator().manual_seed(0)
             self._dataloader = DataLoader(self.dataset, generator=generator, **self._dataloader_kwargs)
         batches = iter(self._dataloader)
-        while True:
-            self._check_weights_can_arrive(self._position.batch + self._handed_out)
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self._handed_out += 1
-            yield batch
+        if self.thread_prefetch:
+            batches = ThreadPrefetch(batches, self.thread_prefetch)
+        try:
+            while True:
+                self._check_weights_can_arrive(self._position.batch + self._handed_out)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                self._handed_out += 1
+                yield batch
+        finally:  # a loop that breaks out (or an error) stops the thread too
+            if isinstance(batches, ThreadPrefetch):
+                batches.close()
 
     def _check_weights_can_arrive(self, batch: int) -> None:
         """Fail at once, naming the fix, when the next batch needs weights that no step will publish.
@@ -185,13 +260,15 @@ class MixedLoader:
         """With live weights, a worker can only make the batches whose weights are published: about
         ``lag x accumulation`` ahead of training. A DataLoader that prefetches more leaves workers waiting."""
         schedule, workers = self.dataset.schedule, self._dataloader_kwargs["num_workers"]
-        if not (workers and isinstance(schedule, VersionedSchedule) and isinstance(schedule.table, WeightsChannel)):
+        live = isinstance(schedule, VersionedSchedule) and isinstance(schedule.table, WeightsChannel)
+        if not (live and (workers or self.thread_prefetch)):
             return
         factor = self._dataloader_kwargs["prefetch_factor"] or 2  # the DataLoader's default
-        depth, ahead = workers * factor, schedule.lag * schedule.accumulation
+        depth, ahead = (workers * factor if workers else self.thread_prefetch), schedule.lag * schedule.accumulation
+        making = f"num_workers={workers} x prefetch_factor={factor}" if workers else "thread_prefetch"
         if depth > ahead:
             warnings.warn(
-                f"the DataLoader prefetches {depth} batches (num_workers={workers} x prefetch_factor={factor}) but the "
+                f"the DataLoader prefetches {depth} batches ({making}) but the "
                 f"weights of only about {ahead} batches ahead are published (lag {schedule.lag} x accumulation "
                 f"{schedule.accumulation}): workers will wait for training; a lag of at least "
                 f"{-(-depth // schedule.accumulation)} keeps them busy",

@@ -87,6 +87,41 @@ def test_resume_continues_exactly_with_other_worker_counts(example_dir, referenc
     assert pairs(resumed) == pairs(reference[stop:])
 
 
+@pytest.mark.parametrize("stop", [1, 7])
+def test_a_prefetching_thread_gives_the_batches_and_checkpoints_of_no_workers(example_dir, reference, stop):
+    import threading
+    import time
+
+    assert pairs(run(example_dir, thread_prefetch=3)) == pairs(reference)
+    loader = MixedLoader(MixedDataset.from_config(example_dir, num_batches=BATCHES), thread_prefetch=3)
+    for seen, _ in enumerate(loader, start=1):
+        if seen == stop:
+            break  # the thread has made batches beyond this one: they are not counted as handed out
+    deadline = time.monotonic() + 10
+    while any(t.name == "onlinemix-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "onlinemix-prefetch" for t in threading.enumerate())  # breaking out stopped it
+    resumed = MixedLoader(MixedDataset.from_config(example_dir, num_batches=BATCHES), thread_prefetch=2)
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert pairs(resumed) == pairs(reference[stop:])
+    assert pairs(loader) == pairs(reference[stop:])  # and the same loader continues where it stands
+
+
+def test_thread_prefetch_is_checked_and_its_errors_reach_the_loop(example_dir, tmp_path):
+    dataset = MixedDataset.from_config(example_dir, num_batches=BATCHES)
+    with pytest.raises(ValueError, match="with num_workers=2 the worker processes make them"):
+        MixedLoader(dataset, num_workers=2, thread_prefetch=2)
+    with pytest.raises(ValueError, match="thread_prefetch must be an integer >= 0, got -1"):
+        MixedLoader(dataset, thread_prefetch=-1)
+
+    def broken(indices, out, rows):
+        raise OSError("disk gone")
+
+    dataset.sources[0].read_into = broken
+    with pytest.raises(OSError, match="disk gone"):
+        next(iter(MixedLoader(dataset, thread_prefetch=2)))
+
+
 def test_persistent_workers_continue_where_the_loader_stands(example_dir, reference):
     dataset = MixedDataset.from_config(example_dir, num_batches=BATCHES)
     loader = MixedLoader(dataset, num_workers=2, persistent_workers=True, prefetch_factor=3, pin_memory=True)

@@ -106,12 +106,22 @@ def test_controller_on_cuda_publishes_without_host_syncs_and_its_log_replays(con
     assert [list(zip(b["domain"].tolist(), b["index"].tolist())) for b in MixedLoader(replay)] == seen
 
 
+def test_an_online_run_with_a_prefetching_thread_is_the_run_with_workers(config, recorded):
+    dataset = MixedDataset.from_config(config, num_batches=STEPS)
+    initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
+    mixer = OnlineMixer(ODMController(initial, reward_scale=0.5), dataset, lag=LAG)
+    assert train(mixer, MixedLoader(dataset, thread_prefetch=LAG)) == recorded[0]  # weights and batches alike
+    mixer.close()
+
+
 def test_a_prefetch_deeper_than_the_published_weights_is_warned_about(config):
     dataset, mixer, _ = build(config, None, workers=0)
     deep = MixedLoader(dataset, num_workers=1, prefetch_factor=3)  # 3 batches ahead, lag 2
     expected = r"prefetches 3 batches .*\(lag 2 x accumulation 1\).*a lag of at least 3 keeps them busy"
     with pytest.warns(UserWarning, match=expected):
         next(iter(deep))
+    with pytest.warns(UserWarning, match=r"prefetches 3 batches \(thread_prefetch\)"):
+        next(iter(MixedLoader(dataset, thread_prefetch=3)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         next(iter(MixedLoader(dataset, num_workers=1, prefetch_factor=2)))  # 2 ahead: within the lag, silent
