@@ -39,6 +39,12 @@ class StreamOver(RuntimeError):
     """``iter()`` of a loader whose stream has no batch left."""
 
 
+def as_is(batch: Any) -> Any:
+    """The DataLoader's ``collate_fn`` for whole batches: the batch as the dataset made it (module level, so that
+    spawned workers can unpickle it)."""
+    return batch
+
+
 class ThreadPrefetch(Iterator):
     """The items of ``iterator``, made up to ``depth`` ahead by a background thread, in the same order; an
     exception in the thread is raised where its item would have come. ``close()`` (or dropping it) stops the
@@ -135,6 +141,8 @@ class MixedLoader:
             worker_init_fn=worker_init_fn,
             batch_size=None if dataset.output == "batches" else dataset.local_batch_size,
         )
+        if dataset.output == "batches":  # a batch is a dict of tensors already: the DataLoader's default_convert
+            self._dataloader_kwargs["collate_fn"] = as_is  # would only copy the dict (~10 µs a batch)
         self._position = dataset.start_state()
         self._handed_out = 0  # batches yielded since _position was last brought up to date
         self._dataloader: DataLoader | None = None

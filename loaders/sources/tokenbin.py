@@ -140,10 +140,10 @@ class TokenBinSource(Source):
     def _check_size(self) -> None:
         """A file truncated under a running loader would end the process with SIGBUS on the next read of a page
         past its new end; checking its size first (one fstat, ~1 µs) makes that an error naming the file."""
-        descriptor = getattr(self, "_open_descriptor", None)
-        if descriptor is None or descriptor[0] != os.getpid():
-            descriptor = self._open_descriptor = (os.getpid(), os.open(self.path, os.O_RDONLY))
-        size = os.fstat(descriptor[1]).st_size
+        descriptor = self.__dict__.get("_open_descriptor")  # per process: dropped when the source is pickled
+        if descriptor is None:
+            descriptor = self._open_descriptor = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(descriptor).st_size
         if size < self._bytes:
             raise SourceError(
                 f"{self.path} shrank from {self._bytes:,} to {size:,} bytes while it was being read (truncated or "
