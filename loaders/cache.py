@@ -102,12 +102,17 @@ def _stale(meta: dict) -> str | None:
 def remove(entry: CacheEntry) -> bool:
     """Remove ``entry`` under its build lock (not waiting for it); ``False`` if it is being built or opened for
     a build right now."""
+    return remove_folder(entry.folder)
+
+
+def remove_folder(folder: Path) -> bool:
+    """Remove the entry folder ``folder`` and its lock file, as ``remove`` does."""
     from filelock import FileLock, Timeout
 
-    lock = entry.folder.parent / f".{entry.folder.name}.lock"
+    lock = folder.parent / f".{folder.name}.lock"
     try:
         with FileLock(lock, timeout=0):
-            shutil.rmtree(entry.folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
     except Timeout:
         return False
     lock.unlink(missing_ok=True)

@@ -165,7 +165,7 @@ def prepare(
     whole = sorted((name for name in chosen if not parts[name]), key=lambda name: -sizes[name])
     files = [(name, number) for name in chosen for number in range(len(parts[name]))]
     files.sort(key=lambda task: -parts[task[0]][task[1]])
-    first_wave = [(name, number) for name, number in files] + [(name, None) for name in whole]
+    first_wave: list[Task] = [*files, *((name, None) for name in whole)]
     workers = min(workers or os.cpu_count() or 1, len(first_wave))
     results: dict[tuple[str, int | None], Prepared] = {}
     total = len(first_wave) + sum(bool(p) for p in parts.values())

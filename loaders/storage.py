@@ -182,13 +182,13 @@ class RemotePath:
         """Every file under this folder, recursively, sorted."""
         fs = self.fs
         found = retrying(self.url, lambda: fs.find(self.url))
-        return sorted(RemotePath(self.fs.unstrip_protocol(path)) for path in found)
+        return sorted(RemotePath(fs.unstrip_protocol(path)) for path in found)
 
     def glob(self, pattern: str) -> list[RemotePath]:
         """The files matching ``pattern`` (a URL with ``*``, ``?``, ``[...]`` or ``**``), sorted."""
         fs = self.fs
         found = retrying(pattern, lambda: fs.glob(pattern, detail=True))
-        return sorted(RemotePath(self.fs.unstrip_protocol(p)) for p, info in found.items() if info["type"] == "file")
+        return sorted(RemotePath(fs.unstrip_protocol(p)) for p, info in found.items() if info["type"] == "file")
 
     # -- reading and writing --------------------------------------------------------
 
@@ -198,16 +198,9 @@ class RemotePath:
             raise ValueError(f"{self.url}: remote files are opened for reading (rb) only, not {mode!r}")
         return io.BufferedReader(RemoteFile(self), buffer_size=buffering)
 
-    def read_range(self, start: int, stop: int) -> bytes:
-        """Bytes ``[start, stop)`` of the object, all of them (a short answer is an error)."""
-        fs = self.fs
-        data = retrying(f"{self.url} bytes {start}-{stop}", lambda: fs.cat_file(self.url, start=start, end=stop))
-        if len(data) != stop - start:
-            raise StorageError(f"{self.url}: asked for bytes {start}-{stop}, got {len(data)} bytes")
-        return data
-
     def read_ranges(self, starts: Sequence[int], stops: Sequence[int]) -> list[bytes]:
-        """Several byte ranges of the object in one batched call (concurrent requests where the backend can)."""
+        """Byte ranges ``[start, stop)`` of the object in one batched call (concurrent requests where the backend
+        can), every byte of each (a short answer is an error)."""
         if not len(starts):
             return []
         fs, merge_offset_ranges = self.fs, require("fsspec.utils", f"reading {self.url}").merge_offset_ranges
@@ -252,9 +245,6 @@ class RemotePath:
         fs = self.fs
         retrying(f"removing {self.url}", lambda: fs.rm(self.url, recursive=True))
 
-    def __getstate__(self) -> dict:
-        return {"url": self.url, "protocol": self.protocol}
-
 
 class RemoteFile(io.RawIOBase):
     """A seekable, read-only binary file over range requests (no read-ahead of its own: wrap it in a
@@ -282,7 +272,7 @@ class RemoteFile(io.RawIOBase):
         stop = min(self.size, self.position + len(buffer))
         if stop <= self.position:
             return 0
-        data = self.path.read_range(self.position, stop)
+        data = self.path.read_ranges([self.position], [stop])[0]
         buffer[: len(data)] = data
         self.position = stop
         return len(data)
@@ -298,9 +288,10 @@ class RemoteWindows:
 
     def __init__(self, path: RemotePath, dtype: np.dtype, width: int, stride: int):
         self.path, self.dtype, self.width, self.stride = path, np.dtype(dtype), width, stride
-        self._open_state: tuple[int, ThreadPoolExecutor, OrderedDict[int, Future]] | None = None
+        # (pid, the fetching thread, window index -> (its fetch, its row in that fetch)), made in each process
+        self._open_state: tuple[int, ThreadPoolExecutor, OrderedDict[int, tuple[Future, int]]] | None = None
 
-    def _state(self) -> tuple[ThreadPoolExecutor, OrderedDict[int, Future]]:
+    def _state(self) -> tuple[ThreadPoolExecutor, OrderedDict[int, tuple[Future, int]]]:
         state = self._open_state
         if state is None or state[0] != os.getpid():  # a forked worker starts with no threads of its parent's
             state = self._open_state = (os.getpid(), ThreadPoolExecutor(1, "onlinemix-prefetch"), OrderedDict())
@@ -316,7 +307,9 @@ class RemoteWindows:
     def prefetch(self, indices: np.ndarray) -> None:
         """Start fetching the windows at ``indices`` (those not held or on their way already)."""
         pool, ahead = self._state()
-        wanted = np.unique(np.asarray(indices, dtype=np.int64))
+        indices = np.asarray(indices, dtype=np.int64)
+        _, first = np.unique(indices, return_index=True)
+        wanted = indices[np.sort(first)]  # each window once, in the plan's order: the soonest kept when capped
         wanted = wanted[[int(i) not in ahead for i in wanted]][:PREFETCH_WINDOWS]
         if not len(wanted):
             return

@@ -30,8 +30,8 @@ from onlinemix.loaders.files import (
     bad_chunk,
     cache_entry,
     cache_root,
-    chunk_checksums,
     file_stamp,
+    open_input,
 )
 from onlinemix.loaders.sources.base import Source, SourceError
 from onlinemix.loaders.storage import RemotePath, RemoteWindows, as_path
@@ -169,13 +169,7 @@ class TokenBinSource(Source):
             return record
         if record is not None and record.get("dtype") == self.dtype.name:
             log.warning("%s changed since it was first scanned (size, content or mtime): scanning it again", self.path)
-        if self._remote is not None:
-            largest, checksums = self._scan_remote()
-        else:
-            largest = 0
-            for start in range(0, len(self.tokens), 1 << 26):
-                largest = max(largest, int(self.tokens[start : start + (1 << 26)].max()))
-            checksums = chunk_checksums(self.path)
+        largest, checksums = self._scan_pass()
         record = {"stamp": stamp, "dtype": self.dtype.name, "max": largest, "checksums": checksums}
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -184,15 +178,15 @@ class TokenBinSource(Source):
             pass  # an unwritable cache: scan again next time
         return record
 
-    def _scan_remote(self) -> tuple[int, list[int]]:
-        """``scan``'s largest id and chunk checksums of a remote file, in one streaming read."""
+    def _scan_pass(self) -> tuple[int, list[int]]:
+        """``scan``'s largest id and the CRC-32 of every ``CHECKSUM_CHUNK`` (as ``files.chunk_checksums``), in one
+        read of the file, local or remote. Every chunk is whole tokens: the file's size is (checked at open), and
+        so is ``CHECKSUM_CHUNK``."""
         largest, checksums = 0, []
-        with self.path.open() as file:
+        with open_input(self.path) as file:
             while chunk := file.read(CHECKSUM_CHUNK):
                 checksums.append(zlib.crc32(chunk))
-                usable = len(chunk) - len(chunk) % self.dtype.itemsize  # CHECKSUM_CHUNK is a multiple of it
-                if usable:
-                    largest = max(largest, int(np.frombuffer(chunk[:usable], dtype=self.dtype).max()))
+                largest = max(largest, int(np.frombuffer(chunk, dtype=self.dtype).max()))
         return largest, checksums
 
     def _scan_record(self, cache_dir: str | Path | None) -> Path:

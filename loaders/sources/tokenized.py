@@ -44,13 +44,15 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 from tqdm import tqdm
 
-from onlinemix.loaders.cache import enforce_limit, mark_used
+from onlinemix.loaders.cache import enforce_limit, mark_used, remove_folder
 from onlinemix.loaders.files import (
     bad_chunk,
     cache_entry,
@@ -244,18 +246,29 @@ class _TokenWriter:
         self.pending, self.buffered = [], 0
 
 
+@contextmanager
+def _building(folder: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``folder`` to build an entry in (``_finish`` renames it into place),
+    removed whatever stops the build; a damaged earlier entry (``meta.json`` missing) is removed first."""
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: dict) -> None:
     """Tokenize every document into a temporary folder beside ``folder``, then rename it into place."""
     dtype = token_dtype(tokenizer.vocab_size)
     total = documents.input_bytes()
     log.info("tokenizing %s (%.1f MB of input files, as stored: compressed files count compressed) with %s into %s",
              documents.path, total / 1e6, tokenizer.name, folder)  # fmt: skip
-    shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier build (meta.json missing): start afresh
-    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     bar = tqdm(
         total=total, unit="B", unit_scale=True, desc=f"tokenizing {documents.path}", disable=total < _PROGRESS_FROM
     )
-    try:
+    with _building(folder) as temporary:
         with open(temporary / "tokens.bin", "wb") as out, bar:
             writer = _TokenWriter(out, dtype, tokenizer, str(documents.path))
             texts: list[str] = []
@@ -278,9 +291,6 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
         inputs = [[str(path.resolve()), full_digest(path)] for path in documents.input_files() if not is_url(path)]
         stamps = {str(path.resolve()): file_stamp(path) for path in documents.input_files()}  # for staleness
         _finish(temporary, folder, key, dtype, writer.lengths, inputs, stamps, writer.characters)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     log.info("%s: %d documents, %.1f million characters of text, %d tokens", documents.path, len(writer.lengths),
              writer.characters / 1e6, sum(writer.lengths))  # fmt: skip
 
@@ -342,9 +352,7 @@ def _build_or_assemble(
         return
     opened = [TokenCache(part) for part in parts]
     log.info("assembling the token cache of %s from %d parts into %s", documents.path, len(parts), folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
-    try:
+    with _building(folder) as temporary:
         with open(temporary / "tokens.bin", "wb") as out:
             for part in opened:
                 with open_input(part.tokens_path) as tokens:
@@ -356,15 +364,11 @@ def _build_or_assemble(
         stamps = {path: stamp for part in opened for path, stamp in part.meta.get("stamps", {}).items()}
         characters = sum(int(part.meta.get("characters", 0)) for part in opened)
         _finish(temporary, folder, key, opened[0].dtype, lengths, inputs, stamps, characters)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     for part in parts:  # the domain's cache holds them now
         if isinstance(part, RemotePath):
             part.remove_tree()
         else:
-            shutil.rmtree(part, ignore_errors=True)
-            (part.parent / f".{part.name}.lock").unlink(missing_ok=True)
+            remove_folder(part)
 
 
 class TokenizedSource(Source):
