@@ -158,8 +158,10 @@ class OnlineMixer:
             raise ValueError(f"sync={sync!r} needs torch.distributed to be initialised")
         self.controller, self.dataset, self.lag, self.nonfinite = controller, dataset, lag, nonfinite
         self.sync, self.group, self.check_every = sync, group, check_every
-        # the controller's repeat budget counts epochs by the samples each optimizer step draws
-        controller.count_epochs(dataset.spec.global_batch_size * accumulation, dataset.spec.sizes.tolist())
+        # the controller's repeat budget counts epochs by the samples each optimizer step draws (and, where the run's
+        # length is known, spreads each domain's budget over it)
+        steps = None if dataset.num_batches == UNLIMITED else max(dataset.num_batches // accumulation, 1)
+        controller.count_epochs(dataset.spec.global_batch_size * accumulation, dataset.spec.sizes.tolist(), steps)
         initial = controller.weights.detach().double().cpu().numpy()
         self.channel = WeightsChannel(initial, timeout=timeout)
         dataset.schedule = VersionedSchedule(self.channel, lag, accumulation)

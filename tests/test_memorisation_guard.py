@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_example, run_ranks
@@ -19,8 +20,15 @@ NAN = math.nan
 PRIOR = torch.tensor([0.5, 0.25, 0.25])
 
 
+def favouring(weights: list[float], **options) -> StaticController:
+    """A controller whose published weights are ``weights`` (above the prior where the guard may hold them)."""
+    c = StaticController(PRIOR, **options)
+    c.weights = torch.tensor(weights)
+    return c
+
+
 def test_held_out_losses_are_smoothed_and_their_lowest_kept_hand_computed():
-    c = StaticController(PRIOR, heldout_ema=0.5, heldout_tolerance=0.02)
+    c = favouring([0.6, 0.2, 0.2], heldout_ema=0.5, heldout_tolerance=0.02)
     c.observe_heldout(torch.tensor([2.0, NAN, 3.0]))  # the second domain not measured yet
     assert c.heldout[0] == 2.0 and math.isnan(c.heldout[1]) and c.heldout_best.tolist() == [2.0, math.inf, 3.0]
     c.observe_heldout(torch.tensor([2.1, 1.0, 2.9]))
@@ -33,8 +41,22 @@ def test_held_out_losses_are_smoothed_and_their_lowest_kept_hand_computed():
     assert c.heldout_best[0].item() == pytest.approx(1.9625) and c.memorised().tolist() == [False, False, False]
 
 
+def test_only_a_domain_drawn_above_its_start_counts_as_memorised():
+    # both held-out losses rise; domain 0 is drawn above its start (memorised), domain 1 below it (forgotten)
+    c = favouring([0.8, 0.1, 0.1], heldout_ema=0.0)
+    c.observe_heldout(torch.tensor([2.0, 2.0, 2.0]))
+    c.observe_heldout(torch.tensor([2.5, 2.5, 2.0]))
+    assert c.memorised().tolist() == [True, False, False]
+    # so what domain 0 gives up reaches domain 1 too (were 1 held as well, only domain 2 would take it)
+    assert c.guard(torch.tensor([0.8, 0.1, 0.1])).tolist() == pytest.approx([0.5, 0.25, 0.25])
+    at_start = favouring([0.5, 0.25, 0.25], heldout_ema=0.0)
+    at_start.observe_heldout(torch.tensor([2.0, 2.0, 2.0]))
+    at_start.observe_heldout(torch.tensor([2.5, 2.5, 2.5]))
+    assert at_start.memorised().tolist() == [False, False, False]
+
+
 def test_the_guard_caps_a_memorised_domain_at_its_start_and_gives_the_rest_to_the_others():
-    c = StaticController(PRIOR, heldout_ema=0.0)
+    c = favouring([0.7, 0.1, 0.2], heldout_ema=0.0)
     proposal = torch.tensor([0.7, 0.1, 0.2])
     assert torch.equal(c.guard(proposal), proposal)  # nothing measured: unchanged
     c.observe_heldout(torch.tensor([2.0, 2.0, 2.0]))
@@ -101,3 +123,26 @@ def test_ranks_average_their_held_out_losses(tmp_path):
     config = str(make_example(tmp_path))
     for record in run_ranks(2, tmp_path / "ranks", _rank_heldout, config=config):
         assert record[:2] == [1.5, 2.0] and math.isnan(record[2])  # (1 + 2) / 2, (0 + 4) / 2: the same on both
+
+
+def test_the_epoch_budget_caps_each_weight_by_what_the_run_can_draw_hand_computed():
+    c = StaticController(torch.full((3,), 1 / 3), repeat_budget=4)
+    # 10 samples a step over 100 steps; domains of 10, 100 and 1,000 samples: 4 epochs allow weights of
+    # 4 * size / 1,000 = 0.04, 0.4 and 4, raised to the starting weight where that is more: 1/3, 0.4, 1
+    c.count_epochs(10, [10, 100, 1000], steps=100)
+    assert c.epoch_cap.tolist() == pytest.approx([1 / 3, 0.4, 1.0])
+    # 0.8 -> 1/3 frees 0.4667 for domains 1 and 2 (3 : 1): domain 1 reaches 0.5, over its 0.4, and the 0.1
+    # above it goes to domain 2: 0.05 + 0.4667 / 4 + 0.1
+    guarded = c.guard(torch.tensor([0.8, 0.15, 0.05]))
+    assert guarded.tolist() == pytest.approx([1 / 3, 0.4, 0.05 + (0.8 - 1 / 3) / 4 + 0.1], abs=1e-6)
+
+
+def test_the_mixer_tells_the_controller_how_long_the_run_is(tmp_path):
+    config = make_example(tmp_path)
+    dataset = MixedDataset.from_config(config, num_batches=40)
+    mixer = OnlineMixer(ODMController(torch.full((3,), 1 / 3), repeat_budget=2.0), dataset, lag=1)
+    sizes = dataset.spec.sizes.astype(float)
+    expected = np.maximum(2.0 * sizes / (dataset.spec.global_batch_size * 40), 1 / 3).clip(max=1)
+    assert mixer.controller.epoch_cap.tolist() == pytest.approx(expected.tolist())
+    unlimited = OnlineMixer(ODMController(torch.full((3,), 1 / 3)), MixedDataset.from_config(config), lag=1)
+    assert unlimited.controller.epoch_cap is None  # an endless run: only the hold after the budget is spent

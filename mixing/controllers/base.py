@@ -21,6 +21,7 @@ from onlinemix.mixing.stats import DomainStats
 
 DEFAULT_REPEAT_BUDGET = 16.0  # epochs: see Controller's repeat_budget
 DEFAULT_TRUST_REGION = 0.5  # nats: see Controller's trust_region
+GUARD_PASSES = 4  # water-filling passes of Controller.guard (fixed: no branch on a value)
 
 
 def check_initial(initial: torch.Tensor) -> None:
@@ -63,17 +64,21 @@ class Controller:
             Smaller is safer and moves less; ``None`` trusts the signal all the way (DoReMi's excess losses
             went 4 nats from uniform in the quality suite's *many* scenario, and lost 0.11 nats on its
             target). Fixed and replayed weights (``static``, ``scheduled``) are never bounded.
-        heldout_tolerance: nats: a domain whose held-out loss (``observe_heldout()``, smoothed) has risen
-            more than this above its lowest is being memorised, and its weight is held at most at its starting
+        heldout_tolerance: nats: a domain drawn above its starting weight whose held-out loss
+            (``observe_heldout()``, smoothed) has risen more than this above its lowest is being memorised, and its weight is held at most at its starting
             weight (the rest goes to the other domains) until its held-out loss reaches a new lowest. Smaller reacts
             to smaller rises and to more noise; only active when the trainer calls ``observe_heldout()``.
         heldout_ema: how much of the smoothed held-out loss each ``observe_heldout()`` keeps (0: none):
             held-out losses of a few windows are noisy, and a guard that fires on noise moves weight for nothing.
-        repeat_budget: epochs: a domain drawn this many times over (by the published weights; counted once a
-            mixer tells the controller the domains' sizes) is held at most at its starting weight for the rest
-            of the run, like a memorised one. Repeated data loses its value after a few epochs and is
-            memorised after tens: a controller that chases a small domain's fast-falling training loss stops
-            at the budget, while a large domain is never near it. ``None``: no budget.
+        repeat_budget: epochs: how often a domain may be drawn over in the whole run. Where the run's length
+            is known (the mixer passes the dataset's ``num_batches``), no domain's weight goes above what draws it
+            this many times by the end: ``budget · size / (samples per step · steps)`` (or its starting weight,
+            where that is more: the user's prior is never cut), the rest going to the other domains. In any run,
+            a domain drawn this many times over (by the published weights) is held at most at its starting
+            weight for the rest of it, like a memorised one. Repeated data loses its value after a few epochs
+            and is memorised after tens: a controller that chases a small domain's fast-falling training loss
+            spreads its draws over the run instead of spending them in the first hundred steps, while a large
+            domain is never near the budget. ``None``: no budget.
         graph: replay ``observe()`` and ``step()`` as CUDA graphs (CUDA only):
             a few launches per call instead of tens, so the host spends
             microseconds per step whatever the controller does. Each new input
@@ -125,6 +130,7 @@ class Controller:
         self.holding = torch.zeros_like(self.initial, dtype=torch.bool)  # held for a rising held-out loss
         self.epochs = torch.zeros_like(self.initial)  # epochs drawn of each domain, by the published weights
         self.epoch_rate: torch.Tensor | None = None  # epochs a step adds per unit of weight (count_epochs())
+        self.epoch_cap: torch.Tensor | None = None  # the most weight the budget allows each domain (count_epochs())
         self.stats = DomainStats(self.num_domains, self.device, compile=compile)
         self.steps = 0
         self.domains: list[str] | None = None  # the domain names, where the controller knows them (from a log)
@@ -165,13 +171,18 @@ class Controller:
         whole, divergence = point(weights.new_ones(()))
         return torch.where(divergence <= self.trust_region, whole, point(low)[0])
 
-    def count_epochs(self, samples_per_step: float, sizes: Sequence[int]) -> None:
-        """Count the epochs each domain is drawn, for ``repeat_budget``: ``samples_per_step`` samples a step, and
-        each domain's size in samples (the mixer calls this with its dataset's)."""
+    def count_epochs(self, samples_per_step: float, sizes: Sequence[int], steps: int | None = None) -> None:
+        """Count the epochs each domain is drawn, for ``repeat_budget``: ``samples_per_step`` samples a step, each
+        domain's size in samples, and the run's length in steps where it is known (the mixer calls this with its
+        dataset's): then no weight goes above what spends the budget by the last step."""
         sizes = torch.as_tensor(list(sizes), dtype=torch.float32, device=self.device)
         if sizes.shape != self.initial.shape or not (sizes > 0).all():
             raise ValueError(f"need {self.num_domains} domain sizes > 0, got {sizes.tolist()}")
+        if steps is not None and not steps > 0:
+            raise ValueError(f"steps must be > 0 (or None: not known), got {steps}")
         self.epoch_rate = samples_per_step / sizes
+        if steps is not None and self.repeat_budget is not None:
+            self.epoch_cap = torch.maximum(self.repeat_budget / (self.epoch_rate * steps), self.initial).clamp(max=1)
 
     def memorised(self) -> torch.Tensor:
         """Which domains the guard holds (a boolean vector on the device): those past ``repeat_budget``
@@ -184,16 +195,23 @@ class Controller:
         return self.holding | (self.epochs >= self.repeat_budget)
 
     def guard(self, weights: torch.Tensor) -> torch.Tensor:
-        """``weights`` with every memorised domain held at most at its starting weight; what that takes away
-        goes to the other domains in proportion to their weights (or, where every weighted domain is memorised,
-        stays away: the vector is renormalised). Unchanged while no domain is memorised."""
+        """``weights`` with every memorised domain held at most at its starting weight and every domain at most
+        at its epoch budget's cap (``count_epochs``); what that takes away goes to the domains below their caps,
+        in proportion to their weights (or, where none can take it, stays away: the vector is renormalised).
+        Unchanged while no domain is memorised or over its cap."""
         weights = weights / weights.sum()
-        memorised = self.memorised()
-        capped = torch.where(memorised, torch.minimum(weights, self.initial), weights)
-        free = torch.where(memorised, 0.0, capped)
-        room = free.sum()
-        spread = torch.where(room > 0, (1 - capped.sum()) / room.clamp(min=1e-30), 0.0)
-        return capped + spread * free
+        cap = torch.where(self.memorised(), self.initial, 1.0)
+        if self.epoch_cap is not None:
+            cap = torch.minimum(cap, self.epoch_cap)
+        # Water-filling: what one pass gives a domain may take it over its own cap; a few passes settle it (the
+        # caps sum to at least 1 wherever the budget alone binds: each is at least the starting weight).
+        for _ in range(GUARD_PASSES):
+            capped = torch.minimum(weights, cap)
+            free = torch.where(capped < cap, capped, 0.0)
+            room = free.sum()
+            spread = torch.where(room > 0, (1 - capped.sum()) / room.clamp(min=1e-30), 0.0)
+            weights = capped + spread * free
+        return weights
 
     def next_weights(self) -> torch.Tensor:
         """``update()`` with the probability floor, checked on the device: a vector that is not a distribution
@@ -268,8 +286,9 @@ class Controller:
         A small domain drawn many epochs over has a training loss that keeps falling (the model memorises it)
         while its held-out loss rises; every controller that reads training loss (ADO's fits, ODM's rewards)
         would pour weight onto it. From the step after its smoothed held-out loss rises more than
-        ``heldout_tolerance`` above its lowest, its weight is held at most at its starting weight, until its
-        held-out loss reaches a new lowest.
+        ``heldout_tolerance`` above its lowest while it is drawn above its starting weight, its weight is held at
+        most at its starting weight, until its held-out loss reaches a new lowest. (The held-out loss of a domain
+        drawn at or below its start rises as the model forgets it: that is not memorisation.)
         Every rank must pass the same values (measure the same windows, or all-reduce them)."""
         losses = torch.as_tensor(losses, dtype=torch.float32, device=self.device)
         if losses.shape != self.initial.shape:
@@ -281,8 +300,12 @@ class Controller:
         # in place: a graphed step() reads these buffers
         self.heldout.copy_(torch.where(measured, smoothed, self.heldout))
         rising = self.heldout > self.heldout_best + self.heldout_tolerance  # NaN compares False: not measured yet
+        # Memorised: drawn above its starting weight while its held-out loss rises. A domain at or below its start
+        # whose held-out loss rises is being forgotten, not memorised: holding it would change nothing, and counting
+        # it would leave the memorised domain's excess nowhere to go (with every other domain "held", none is free).
+        favoured = self.weights > self.initial
         lowest = self.heldout <= self.heldout_best  # a new lowest (False for NaN)
-        self.holding.copy_(torch.where(lowest, False, self.holding | rising))
+        self.holding.copy_(torch.where(lowest, False, self.holding | (rising & favoured)))
         self.heldout_best.copy_(torch.where(lowest, self.heldout, self.heldout_best))
 
     def observe(self, losses: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None, **signals) -> None:
