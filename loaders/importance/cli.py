@@ -31,7 +31,9 @@ from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.convert import input_files, read_documents
 from onlinemix.loaders.extras import pyplot
 from onlinemix.loaders.help_format import DefaultsFormatter
+from onlinemix.loaders.importance.classifier import HashedClassifier
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
+from onlinemix.loaders.importance.scorers import SCORERS, Scorer, file_kind, load_scorer
 from onlinemix.loaders.importance.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
 from onlinemix.loaders.sources import Source
 
@@ -56,27 +58,49 @@ def fit(args: argparse.Namespace) -> None:
         source = sources[args.target_domain]
         target = domain_texts(source, np.arange(len(source)), args.field)
     else:
-        files = input_files(args.target, "*")
-        with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="target") as bar:
-            target = list(read_documents(files, args.field, bar))
+        target = _read_files(args.target, args.field, "target")
     raw = {}
     for name, source in tqdm(sources.items(), desc="raw domains", unit="domain"):
         size = len(source)
         indices = np.sort(rng.choice(size, min(args.raw_docs, size), replace=False))  # uniform over the domain
         raw[name] = domain_texts(source, indices, args.field)
     hasher = NgramHasher(args.buckets, args.ngrams, args.seed, args.hash)
-    estimator = ImportanceEstimator.fit(target, raw, hasher, args.alpha, args.min_words)
-    estimator.save(args.output)
-    print(f"wrote {args.output}: target {len(target)} documents, " + ", ".join(f"{n} {len(t)}" for n, t in raw.items()))
+    if args.scorer == "dsir":
+        if args.negative:
+            raise ImportanceError("--negative is for --scorer classifier (DSIR fits each domain's own distribution)")
+        estimator = ImportanceEstimator.fit(target, raw, hasher, args.alpha, args.min_words)
+        estimator.save(args.output)
+        print(
+            f"wrote {args.output}: target {len(target)} documents, "
+            + ", ".join(f"{n} {len(t)}" for n, t in raw.items())
+        )
+        return
+    # the classifier: the target's documents against the negatives given, or against the domains' sample
+    negative = (
+        _read_files(args.negative, args.field, "negative")
+        if args.negative
+        else [t for texts in raw.values() for t in texts]
+    )
+    classifier = HashedClassifier.fit(target, negative, hasher, args.l2, args.min_words)
+    classifier.save(args.output)
+    print(f"wrote {args.output}: a classifier of {len(target)} target documents against {len(negative)} others")
+
+
+def _read_files(paths: list[Path], field: str, what: str) -> list[str]:
+    """Every document of ``paths`` (files or folders: JSONL, text, ...), with a progress bar."""
+    files = input_files(paths, "*")
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=what) as bar:
+        return list(read_documents(files, field, bar))
 
 
 # -- score ----------------------------------------------------------------------------------------
 
 
-def score_domain(estimator: ImportanceEstimator, name: str, source: Source, folder: Path, field: str) -> dict:
-    """Score every document of one domain into its sidecar, resuming a partial one."""
+def score_domain(scorer: Scorer, name: str, source: Source, folder: Path, field: str) -> dict:
+    """Score every document of one domain into its sidecar, resuming a partial one (made by the same scorer of the
+    same source; anything else is scored afresh)."""
     weights_path, meta_path = sidecar_paths(folder, name)
-    expected = {"estimator": estimator.fingerprint(), "source": source_fingerprint(source, field), "field": field}
+    expected = {"estimator": scorer.fingerprint(), "source": source_fingerprint(source, field), "field": field}
     meta = json.loads(meta_path.read_text()) if meta_path.exists() and weights_path.exists() else None
     if meta is not None and {key: meta.get(key) for key in expected} == expected:
         weights = np.load(weights_path, mmap_mode="r+")
@@ -87,10 +111,10 @@ def score_domain(estimator: ImportanceEstimator, name: str, source: Source, fold
     with tqdm(total=size, initial=meta["done"], desc=name, unit="doc") as bar:
         while meta["done"] < size:
             indices = np.arange(meta["done"], min(size, meta["done"] + CHUNK))
-            scores, words = estimator.score(domain_texts(source, indices, field), name)
+            scores, words = scorer.score(domain_texts(source, indices, field), name)
             weights[indices] = scores
             weights.flush()
-            meta["short"] += int((words < estimator.min_words).sum())
+            meta["short"] += int((words < scorer.min_words).sum())
             meta["done"] = int(indices[-1]) + 1
             meta_path.write_text(json.dumps(meta))
             bar.update(len(indices))
@@ -99,10 +123,10 @@ def score_domain(estimator: ImportanceEstimator, name: str, source: Source, fold
 
 def score(args: argparse.Namespace) -> None:
     """``onlinemix importance score``."""
-    estimator = ImportanceEstimator.load(args.estimator)
+    scorer = load_scorer(args.estimator, args.scorer)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, source in _domains(MixtureConfig.load(args.config)).items():
-        meta = score_domain(estimator, name, source, args.out, args.field)
+        meta = score_domain(scorer, name, source, args.out, args.field)
         print(f"{name}: {meta['done']} documents scored ({meta['short']} short) -> {sidecar_paths(args.out, name)[0]}")
 
 
@@ -120,6 +144,8 @@ def effective_sample_size(log_weights: np.ndarray) -> float:
 
 def report(args: argparse.Namespace) -> None:
     """``onlinemix importance report``."""
+    if file_kind(args.estimator) != "dsir":
+        raise ImportanceError(f"{args.estimator}: report needs a DSIR estimator (it reads each domain's distribution)")
     estimator = ImportanceEstimator.load(args.estimator)
     rows, histograms = [], {}
     domains = _domains(MixtureConfig.load(args.config))
@@ -198,12 +224,18 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
 
     fit_parser = actions.add_parser(
         "fit",
-        help="fit target and raw n-gram distributions into an estimator file",
-        description="Count the hashed unigrams and bigrams of a target (files, or a domain of the mixture) and of "
-        "a uniform sample of every domain, and save both as an estimator file (.npz) for score, report and the "
-        "mixture file's importance: section.",
+        help="fit a scorer (DSIR's n-gram distributions, or a classifier) into a file",
+        description="Hash the unigrams and bigrams of a target (files, or a domain of the mixture) and of a uniform "
+        "sample of every domain. --scorer dsir (default) saves both distributions as an estimator file (.npz) for "
+        "score, report and the mixture file's importance: section; --scorer classifier fits logistic regression "
+        "of the target's documents against the domains' sample (or --negative files) and saves it for score.",
         formatter_class=DefaultsFormatter,
     )
+    fit_parser.add_argument(
+        "--scorer", choices=sorted(SCORERS), default="dsir", help="dsir: importance weights; classifier: log-odds"
+    )
+    fit_parser.add_argument("--negative", type=Path, nargs="+", help="classifier: negative examples (files or folders)")
+    fit_parser.add_argument("--l2", type=float, default=1e-4, help="classifier: L2 penalty (larger: smoother scores)")
     where = fit_parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", type=Path, nargs="+", help="target files (.jsonl: one document per line)")
     where.add_argument("--target-domain", help="use this domain of the config as the target")
@@ -220,13 +252,17 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
 
     score_parser = actions.add_parser(
         "score",
-        help="write a per-document log-weight sidecar for every domain",
-        description="Score every document of every domain with the estimator: <domain>.importance.npy (log "
-        "weights) and .json (what they were computed from) in --out. Progress is saved as it goes: a rerun "
+        help="write a per-document score sidecar for every domain",
+        description="Score every document of every domain with the scorer: <domain>.importance.npy (log "
+        "weights or log-odds) and .json (what they were computed from) in --out. Progress is saved as it goes: a rerun "
         "continues where an interrupted one stopped.",
         formatter_class=DefaultsFormatter,
     )
-    score_parser.add_argument("estimator", type=Path, help="the file importance fit wrote")
+    score_parser.add_argument("estimator", type=Path, help="the file importance fit wrote (any scorer)")
+    score_parser.add_argument(
+        "--scorer",
+        help="dsir, classifier or package.module:Class (whose Class.load(file) is a scorer); default: the file's kind",
+    )
     score_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains to score")
     score_parser.add_argument("--out", type=Path, default=Path("importance"), help="sidecar folder")
     score_parser.set_defaults(run=score)

@@ -1,0 +1,157 @@
+"""Per-document scorers: the hashed n-gram classifier, the one scoring interface (dsir, classifier,
+package.module:Class), and their sidecars read by the stream."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_jsonl
+
+from onlinemix import MixedDataset, MixedLoader
+from onlinemix.cli import main
+from onlinemix.loaders.build import build_sources
+from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.importance import HashedClassifier, ImportanceError, NgramHasher, load_scorer
+from onlinemix.loaders.importance.sidecars import load_sidecar, sidecar_paths
+
+GERMAN = ["der", "die", "das", "und", "ist", "nicht", "ein", "eine", "zu", "mit", "auf", "für", "von", "dem", "den",
+          "sich", "auch"]  # fmt: skip
+ENGLISH = ["the", "of", "and", "to", "in", "is", "it", "that", "for", "on", "with", "as", "was", "at", "by", "this",
+           "be", "not"]  # fmt: skip
+
+
+def sentences(words: list[str], n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, 12)) for _ in range(n)]
+
+
+def test_the_classifier_ranks_unseen_documents_of_the_positive_kind_first():
+    classifier = HashedClassifier.fit(sentences(GERMAN, 40, 0), sentences(ENGLISH, 200, 1))
+    german, english = sentences(GERMAN, 50, 2), sentences(ENGLISH, 50, 3)
+    scores, words = classifier.score(german + english + ["", "und"])
+    assert words.tolist() == [12] * 100 + [0, 1]
+    assert scores[:50].min() > scores[50:100].max()  # every unseen German sentence above every English one
+    assert scores[:50].mean() > 0 > scores[50:100].mean()  # classes weigh alike: the log-odds straddle 0
+    assert scores[100] == -np.inf and np.isfinite(scores[101])  # no words: not scorable
+
+
+def test_scores_are_the_log_odds_of_the_fitted_weights_by_hand():
+    hasher = NgramHasher(num_buckets=64, ngrams=1)
+    classifier = HashedClassifier.fit(["a a b"], ["c c b"], hasher, l2=0.1)
+    features = hasher.buckets(["a b b c"])
+    frequencies = np.bincount(features.unigrams, minlength=64) / 4
+    by_hand = frequencies @ classifier.weights + classifier.bias
+    assert classifier.score(["a b b c"])[0][0] == pytest.approx(by_hand)
+    # and those weights minimise the class-balanced, penalised logistic loss: its gradient is zero there
+    x = torch.tensor(
+        np.stack([np.bincount(hasher.buckets([t]).unigrams, minlength=64) / 3 for t in ["a a b", "c c b"]])
+    )
+    w = torch.tensor(classifier.weights, requires_grad=True)
+    b = torch.tensor(classifier.bias, requires_grad=True, dtype=torch.float64)
+    labels = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    logistic = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, labels, reduction="sum")
+    loss = 0.5 * logistic + 0.05 * (w * w).sum()  # each class weighs half; l2 / 2 = 0.05
+    loss.backward()
+    assert w.grad.abs().max() < 1e-5 and abs(b.grad) < 1e-5
+
+
+def test_the_classifier_file_round_trips_and_other_files_are_refused(tmp_path):
+    classifier = HashedClassifier.fit(sentences(GERMAN, 10, 0), sentences(ENGLISH, 10, 1))
+    classifier.save(tmp_path / "clf.npz")
+    loaded = load_scorer(tmp_path / "clf.npz")  # the kind read from the file
+    assert isinstance(loaded, HashedClassifier) and loaded.fingerprint() == classifier.fingerprint()
+    texts = sentences(GERMAN, 5, 7)
+    assert loaded.score(texts)[0].tolist() == classifier.score(texts)[0].tolist()
+    (tmp_path / "junk.npz").write_bytes(b"not a file")
+    with pytest.raises(ImportanceError, match=r"junk\.npz: not a scorer file"):
+        load_scorer(tmp_path / "junk.npz")
+    with pytest.raises(ImportanceError, match="unknown scorer 'nonsense'"):
+        load_scorer(tmp_path / "clf.npz", "nonsense")
+    with pytest.raises(ImportanceError, match="a classifier needs examples of both kinds: got 3 positive and 0"):
+        HashedClassifier.fit(["a", "b", "c"], [])
+
+
+def mixture(root) -> str:
+    write_jsonl(root / "german.jsonl", sentences(GERMAN, 60, 10))
+    write_jsonl(root / "mixed.jsonl", sentences(ENGLISH, 60, 11) + sentences(GERMAN, 20, 12) + ["", "!"])
+    write_jsonl(root / "target.jsonl", sentences(GERMAN, 30, 13))
+    domains = [
+        {"name": n, "source": "jsonl", "path": f"{n}.jsonl", "samples": "documents"} for n in ("german", "mixed")
+    ]
+    config = root / "mix.yaml"
+    config.write_text(yaml.safe_dump({"global_batch_size": 8, "seq_len": 64, "domains": domains}))
+    return str(config)
+
+
+def test_cli_fits_a_classifier_scores_sidecars_and_the_stream_draws_the_positive_kind(tmp_path, capsys):
+    config = mixture(tmp_path)
+    model, out = tmp_path / "clf.npz", tmp_path / "scores"
+    assert main(["importance", "fit", "--scorer", "classifier", "--target", str(tmp_path / "target.jsonl"),
+                 "--config", config, "-o", str(model), "--raw-docs", "40"]) == 0  # fmt: skip
+    assert HashedClassifier.load(model).documents == {"positive": 30, "negative": 80}
+    assert main(["importance", "score", str(model), "--config", config, "--out", str(out)]) == 0
+    assert "mixed: 82 documents scored (1 short)" in capsys.readouterr().out  # "" has no words
+    sources = dict(zip(["german", "mixed"], build_sources(MixtureConfig.load(config))))
+    scores = load_sidecar(out, "mixed", sources["mixed"])
+    assert scores[60:80].min() > scores[:60].max()  # the German documents of the mixed domain rank first
+    assert (
+        json.loads(sidecar_paths(out, "mixed")[1].read_text())["estimator"]
+        == HashedClassifier.load(model).fingerprint()
+    )
+
+    # The stream resamples by the classifier's scores like by DSIR's: with beta 4 and keep 0.25 an epoch of the mixed
+    # domain is its 20 best-scored documents, the German ones.
+    raw = yaml.safe_load((tmp_path / "mix.yaml").read_text())
+    raw["domains"] = [raw["domains"][1]]
+    raw["importance"] = {"sidecars": str(out), "beta": 4.0, "keep": 0.25}
+    resampled = tmp_path / "resampled.yaml"
+    resampled.write_text(yaml.safe_dump(raw))
+    drawn = [i for batch in MixedLoader(MixedDataset.from_config(resampled, num_batches=2), num_workers=0)
+             for i in batch["index"].tolist()]  # fmt: skip
+    assert len(drawn) == 16 and set(drawn) <= set(range(60, 80))
+
+    write_jsonl(tmp_path / "mixed.jsonl", sentences(ENGLISH, 82, 99))  # the source changed: its scores are refused
+    with pytest.raises(ImportanceError, match="does not match domain 'mixed'"):
+        load_sidecar(out, "mixed", build_sources(MixtureConfig.load(config))[1])
+
+
+USER_SCORER = """
+import numpy as np
+
+
+class LengthScorer:
+    \"\"\"A scorer of the user's: the log of the number of words (``load`` ignores the file's content).\"\"\"
+
+    min_words = 1
+
+    @classmethod
+    def load(cls, path):
+        return cls()
+
+    def fingerprint(self):
+        return "length-v1"
+
+    def score(self, texts, domain):
+        words = np.array([len(t.split()) for t in texts])
+        return np.where(words >= 1, np.log(np.maximum(words, 1)), -np.inf), words
+"""
+
+
+def test_a_scorer_of_the_users_own_by_module_and_class(tmp_path, monkeypatch):
+    config = mixture(tmp_path)
+    (tmp_path / "user_scorers.py").write_text(USER_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("user_scorers", None)
+    (tmp_path / "anything").write_text("")
+    out = tmp_path / "scores"
+    assert main(["importance", "score", str(tmp_path / "anything"), "--scorer", "user_scorers:LengthScorer",
+                 "--config", config, "--out", str(out)]) == 0  # fmt: skip
+    sources = build_sources(MixtureConfig.load(config))
+    assert load_sidecar(out, "german", sources[0]).tolist() == [np.log(12)] * 60
+    with pytest.raises(ImportanceError, match="scorer 'user_scorers:Missing'"):
+        load_scorer(tmp_path / "anything", "user_scorers:Missing")
