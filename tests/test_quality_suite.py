@@ -70,12 +70,13 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     assert run.main([*argv, "--workers", "1"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in summary.splitlines() if line.startswith("| ")}
-    for method in ("uniform", "proportional", "closest", "odm", "ado", "doremi", "dga", "importance", "doremi-target"):
+    for method in ("uniform", "proportional", "closest", "odm", "ado", "doremi", "dga", "importance", "classifier",
+                   "doremi-target"):  # fmt: skip
         assert method in rows, method
     # compute, in plain runs: a static run is one; DGA adds its alignment gradients and the guard's probes;
     # DoReMi adds a forward of its reference per step and the uniform run that made the reference
     compute = {method: float(row[6]) for method, row in rows.items() if method != "method"}
-    assert compute["uniform"] == compute["closest"] == 1.0
+    assert compute["uniform"] == compute["closest"] == compute["classifier"] == 1.0
     steps, batch, k = 12, data.GLOBAL_BATCH, 7  # one alignment (step 10: 32 windows a domain, 64 of the target)
     probes = 32 * k  # the guard: 32 windows a domain, a forward each, at step 10 (of 12)
     plain = steps * batch * 3
@@ -91,9 +92,9 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
                                      or "does not meet the 0.75x bar" in summary)  # fmt: skip
     assert (tmp_path / "targeted+specific.png").stat().st_size > 10_000
     runs = sorted((tmp_path / "runs" / "targeted+specific").rglob("*.json"))
-    # every method on both seeds (uniform, proportional, closest, odm, ado, doremi, dga, importance, doremi-target,
-    # bandit), the proxy workflow's short run and replay on both, the grid on seed 0, its best on seed 1
-    assert len(runs) == 10 * 2 + 2 * 2 + 6 + 1
+    # every method on both seeds (uniform, proportional, closest, odm, ado, doremi, dga, importance, classifier,
+    # doremi-target, bandit), the proxy workflow's short run and replay on both, the grid on seed 0, its best on seed 1
+    assert len(runs) == 11 * 2 + 2 * 2 + 6 + 1
     capsys.readouterr()
     assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
     assert "runs to train" not in capsys.readouterr().out

@@ -92,31 +92,41 @@ def _heldout_path(root: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------- planning
 
 
-def importance_setup(root: Path, scenario: suite.Scenario, out: Path) -> tuple[Path, dict[str, float]]:
-    """Fit DSIR on the specific set against the scenario's domains, score them, write the importance mixture.
+SELECTION_BETA = {"dsir": 1.0, "classifier": 4.0}  # log weights sum over a document's n-grams; log-odds do not
 
-    Returns the mixture file (uniform weights, each domain's epochs its best half by importance) and each
-    domain's divergence from the target (for ``closest``).
-    """
+
+def selection_setup(root: Path, scenario: suite.Scenario, out: Path, scorer: str = "dsir") -> Path:
+    """Fit ``scorer`` (DSIR, or the n-gram classifier) on the specific set against the scenario's domains, score
+    them, and write the mixture that resamples by it: uniform weights, each domain's epochs its best half by score
+    (Gumbel-top-k on ``beta · score``; the classifier's ``beta`` is larger because its log-odds span a few nats where
+    DSIR's log weights span tens to hundreds)."""
     import yaml
 
-    folder = out / "importance" / scenario.name
+    folder = out / "importance" / (scenario.name if scorer == "dsir" else f"{scenario.name}-{scorer}")
     config = root / scenario.config
-    estimator, sidecars, mixture = folder / "est.npz", folder / "sidecars", folder / "importance.yaml"
+    model = folder / ("est.npz" if scorer == "dsir" else f"{scorer}.npz")
+    sidecars, mixture = folder / "sidecars", folder / "importance.yaml"
     if not mixture.exists():
         folder.mkdir(parents=True, exist_ok=True)
         quiet = ["--raw-docs", "2000"]
-        onlinemix(["importance", "fit", "--target", str(root / "target/specific.jsonl"), "--config", str(config),
-                   "-o", str(estimator), *quiet])  # fmt: skip
-        onlinemix(["importance", "score", str(estimator), "--config", str(config), "--out", str(sidecars)])
+        onlinemix(["importance", "fit", "--scorer", scorer, "--target", str(root / "target/specific.jsonl"),
+                   "--config", str(config), "-o", str(model), *quiet])  # fmt: skip
+        onlinemix(["importance", "score", str(model), "--config", str(config), "--out", str(sidecars)])
         raw = yaml.safe_load(config.read_text())
         for domain in raw["domains"]:
             domain["path"] = str((root / domain["path"]).resolve())
             domain["weight"] = 1 / len(raw["domains"])
-        raw["importance"] = {"sidecars": str(sidecars.resolve()), "estimator": str(estimator.resolve()), "beta": 1.0,
-                             "keep": 0.5}  # fmt: skip
+        raw["importance"] = {"sidecars": str(sidecars.resolve()), "beta": SELECTION_BETA[scorer], "keep": 0.5}
+        if scorer == "dsir":
+            raw["importance"]["estimator"] = str(model.resolve())
         mixture.write_text(yaml.safe_dump(raw, sort_keys=False))
-    fitted = ImportanceEstimator.load(estimator)
+    return mixture
+
+
+def importance_setup(root: Path, scenario: suite.Scenario, out: Path) -> tuple[Path, dict[str, float]]:
+    """DSIR's mixture (``selection_setup``) and each domain's divergence from the target (for ``closest``)."""
+    mixture = selection_setup(root, scenario, out)
+    fitted = ImportanceEstimator.load(out / "importance" / scenario.name / "est.npz")
     return mixture, {name: fitted.divergence(name) for name in fitted.raw}
 
 
@@ -152,6 +162,9 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
                 if method == "importance":
                     task["method"], task["config"] = "uniform", str(importance)
                     task["label"] = "importance"
+                if method == "classifier":
+                    task["method"], task["label"] = "uniform", "classifier"
+                    task["config"] = str(selection_setup(root, scenario, args.out, "classifier"))
                 task["references"] = references
                 if method.endswith(suite.WITH_PRIOR) or (method == "bandit" and scenario.features is not None):
                     task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]

@@ -151,8 +151,9 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         )
 
     blind_and_dga = [*TARGET_BLIND, "dga"]
+    selection = ["importance", "classifier"]  # static: the stream resamples each domain by DSIR's or the classifier's
     large = with_specific("targeted+specific", "target/align.bin", (0.05, 0.1, 0.2, 0.4, 0.7, 0.85),
-                          ["closest", *blind_and_dga, "importance", "doremi-target", "bandit"])  # fmt: skip
+                          ["closest", *blind_and_dga, *selection, "doremi-target", "bandit"])  # fmt: skip
     small = with_specific("small-specific", "target/small-align.bin", (0.05, 0.25, 0.4, 0.7),
                           [*blind_and_dga, "ado" + UNGUARDED, "dga" + UNGUARDED])  # fmt: skip
     clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
@@ -202,7 +203,7 @@ WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clu
 PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
-TARGET_AWARE = ["dga", "importance", "doremi-target", "bandit"]  # what needs a sample of the target
+TARGET_AWARE = ["dga", "importance", "classifier", "doremi-target", "bandit"]  # what needs a sample of the target
 DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
 BANDIT_NEIGHBOURS = 8  # clusters that share credit (a cluster and its 7 nearest by DSIR n-grams)
