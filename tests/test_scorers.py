@@ -155,3 +155,71 @@ def test_a_scorer_of_the_users_own_by_module_and_class(tmp_path, monkeypatch):
     assert load_sidecar(out, "german", sources[0]).tolist() == [np.log(12)] * 60
     with pytest.raises(ImportanceError, match="scorer 'user_scorers:Missing'"):
         load_scorer(tmp_path / "anything", "user_scorers:Missing")
+
+
+def byte_tokenizer():
+    """A transformers tokenizer of single bytes (no merges) with a padding token: 257 ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocabulary["<pad>"] = len(vocabulary)
+    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>")
+
+
+def train_lm(model, tokenizer, texts: list[str], steps: int, seed: int):
+    """A few steps of next-token training on ``texts`` (batches of 16)."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for _ in range(steps):
+        batch = tokenizer([texts[i] for i in rng.integers(0, len(texts), 16)], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_color_filter_scores_rank_target_like_documents_first(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = byte_tokenizer()
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    prior = train_lm(transformers.GPT2LMHeadModel(config), tokenizer,
+                     sentences(GERMAN, 100, 0) + sentences(ENGLISH, 100, 1), steps=80, seed=0)  # fmt: skip
+    prior.save_pretrained(tmp_path / "prior")
+    conditional = train_lm(prior, tokenizer, sentences(GERMAN, 100, 2), steps=40, seed=1)  # the prior, fine-tuned
+    conditional.save_pretrained(tmp_path / "conditional")
+    for folder in ("prior", "conditional"):
+        tokenizer.save_pretrained(tmp_path / folder)
+    settings = {"format": "onlinemix-color-filter", "prior": "prior", "conditional": "conditional", "batch_size": 8}
+    (tmp_path / "cf.json").write_text(json.dumps(settings))
+
+    scorer = load_scorer(tmp_path / "cf.json")  # the kind read from the file
+    german, english = sentences(GERMAN, 30, 5), sentences(ENGLISH, 30, 6)
+    scores, words = scorer.score(german + english + [""])
+    assert words.tolist() == [12] * 60 + [0] and scores[60] == -np.inf
+    assert np.median(scores[:30]) > np.percentile(scores[30:60], 90)  # target-like documents rank first
+    assert scores[:30].mean() > 0 > scores[30:60].mean()  # the fine-tuned model predicts German better, English worse
+
+    # by hand for one document: the two saved models' summed next-token losses (``prior`` was fine-tuned in place)
+    ids = tokenizer(german[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        losses = [
+            model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            for model in (scorer.prior, scorer.conditional)
+        ]
+    assert scores[0] == pytest.approx(losses[0] - losses[1], rel=1e-4)
+    fingerprint = scorer.fingerprint()
+    train_lm(conditional, tokenizer, sentences(ENGLISH, 50, 7), steps=2, seed=2).save_pretrained(
+        tmp_path / "conditional"
+    )
+    assert load_scorer(tmp_path / "cf.json").fingerprint() != fingerprint  # another model: another scorer
+    (tmp_path / "bad.json").write_text(json.dumps({**settings, "conditional": "missing"}))
+    with pytest.raises(ImportanceError, match=r"the conditional model folder .*missing does not exist"):
+        load_scorer(tmp_path / "bad.json")

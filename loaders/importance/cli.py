@@ -232,7 +232,10 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsFormatter,
     )
     fit_parser.add_argument(
-        "--scorer", choices=sorted(SCORERS), default="dsir", help="dsir: importance weights; classifier: log-odds"
+        "--scorer",
+        choices=("dsir", "classifier"),
+        default="dsir",
+        help="dsir: importance weights; classifier: log-odds",
     )
     fit_parser.add_argument("--negative", type=Path, nargs="+", help="classifier: negative examples (files or folders)")
     fit_parser.add_argument("--l2", type=float, default=1e-4, help="classifier: L2 penalty (larger: smoother scores)")
@@ -261,7 +264,7 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     score_parser.add_argument("estimator", type=Path, help="the file importance fit wrote (any scorer)")
     score_parser.add_argument(
         "--scorer",
-        help="dsir, classifier or package.module:Class (whose Class.load(file) is a scorer); default: the file's kind",
+        help=f"{', '.join(SCORERS)} or package.module:Class (Class.load(file) is a scorer); default: the file's",
     )
     score_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains to score")
     score_parser.add_argument("--out", type=Path, default=Path("importance"), help="sidecar folder")

@@ -6,9 +6,11 @@ for documents worth more, ``-inf`` for those it cannot score; and each document'
 (``sidecars.py``), which the stream resamples (``importance:`` in the mixture file) by ``exp(beta · score)``: a
 score should be on the scale of a log density ratio.
 
-Built in: ``dsir`` (``ImportanceEstimator``: hashed n-gram distributions of the target and of each domain) and
-``classifier`` (``HashedClassifier``: logistic regression on hashed n-grams, PreSelect's kind). Anything else is
-``package.module:Class``, whose ``Class.load(path)`` returns a scorer.
+Built in: ``dsir`` (``ImportanceEstimator``: hashed n-gram distributions of the target and of each domain),
+``classifier`` (``HashedClassifier``: logistic regression on hashed n-grams, PreSelect's kind) and
+``color-filter`` (``ConditionalLossScorer``: the loss reduction of a causal LM fine-tuned on the target over the
+same LM before it, CoLoR-Filter's). Anything else is ``package.module:Class``, whose ``Class.load(path)`` returns
+a scorer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import numpy as np
 
 from onlinemix.loaders.importance.classifier import FORMAT as CLASSIFIER_FORMAT
 from onlinemix.loaders.importance.classifier import HashedClassifier
+from onlinemix.loaders.importance.color_filter import FORMAT as COLOR_FILTER_FORMAT
+from onlinemix.loaders.importance.color_filter import ConditionalLossScorer
 from onlinemix.loaders.importance.estimator import FORMAT as DSIR_FORMAT
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator
 
@@ -41,16 +45,19 @@ class Scorer(Protocol):
         ...
 
 
-SCORERS = {"dsir": ImportanceEstimator, "classifier": HashedClassifier}
-FORMATS = {DSIR_FORMAT: "dsir", CLASSIFIER_FORMAT: "classifier"}
+SCORERS = {"dsir": ImportanceEstimator, "classifier": HashedClassifier, "color-filter": ConditionalLossScorer}
+FORMATS = {DSIR_FORMAT: "dsir", CLASSIFIER_FORMAT: "classifier", COLOR_FILTER_FORMAT: "color-filter"}
 
 
 def file_kind(path: str | Path) -> str:
     """Which built-in scorer wrote ``path`` (read from the file's own ``meta``)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            found = json.loads(str(data["meta"])).get("format")
-    except (OSError, KeyError, ValueError) as error:
+        if Path(path).read_bytes()[:1] == b"{":  # a JSON file that names models (CoLoR-Filter's)
+            found = json.loads(Path(path).read_text()).get("format")
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                found = json.loads(str(data["meta"])).get("format")
+    except (OSError, KeyError, ValueError, AttributeError) as error:
         raise ImportanceError(f"{path}: not a scorer file of onlinemix ({error})") from None
     if found not in FORMATS:
         raise ImportanceError(f"{path}: unknown scorer format {found!r} (known: {sorted(FORMATS)})")

@@ -65,9 +65,10 @@ class Controller:
             went 4 nats from uniform in the quality suite's *many* scenario, and lost 0.11 nats on its
             target). Fixed and replayed weights (``static``, ``scheduled``) are never bounded.
         heldout_tolerance: nats: a domain drawn above its starting weight whose held-out loss
-            (``observe_heldout()``, smoothed) has risen more than this above its lowest is being memorised, and its weight is held at most at its starting
-            weight (the rest goes to the other domains) until its held-out loss reaches a new lowest. Smaller reacts
-            to smaller rises and to more noise; only active when the trainer calls ``observe_heldout()``.
+            (``observe_heldout()``, smoothed) has risen more than this above its lowest is being memorised, and its
+            weight is held at most at its starting weight (the rest goes to the other domains) until its held-out
+            loss reaches a new lowest. Smaller reacts to smaller rises and to more noise; only active when the
+            trainer calls ``observe_heldout()``.
         heldout_ema: how much of the smoothed held-out loss each ``observe_heldout()`` keeps (0: none):
             held-out losses of a few windows are noisy, and a guard that fires on noise moves weight for nothing.
         repeat_budget: epochs: how often a domain may be drawn over in the whole run. Where the run's length
