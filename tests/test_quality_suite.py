@@ -93,8 +93,9 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     assert (tmp_path / "targeted+specific.png").stat().st_size > 10_000
     runs = sorted((tmp_path / "runs" / "targeted+specific").rglob("*.json"))
     # every method on both seeds (uniform, proportional, closest, odm, ado, doremi, dga, importance, classifier,
-    # doremi-target, bandit), the proxy workflow's short run and replay on both, the grid on seed 0, its best on seed 1
-    assert len(runs) == 11 * 2 + 2 * 2 + 6 + 1
+    # doremi-target, bandit, bandit-unguarded), the proxy workflow's short run and replay on both, the grid on seed 0,
+    # its best on seed 1
+    assert len(runs) == 12 * 2 + 2 * 2 + 6 + 1
     capsys.readouterr()
     assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
     assert "runs to train" not in capsys.readouterr().out

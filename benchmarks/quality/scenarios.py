@@ -127,7 +127,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "targeted.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "closest", *TARGET_BLIND, *TARGET_AWARE, "bandit" + UNGUARDED],
+        methods=["uniform", "proportional", "closest", *TARGET_BLIND, *TARGET_AWARE],
         align="target/specific.bin",
         domain_heldout=own,
         proxy="dga",
@@ -152,8 +152,9 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
 
     blind_and_dga = [*TARGET_BLIND, "dga"]
     selection = ["importance", "classifier"]  # static: the stream resamples each domain by DSIR's or the classifier's
+    bandits = ["bandit", "bandit" + UNGUARDED]  # unguarded: neither the epoch budget nor the probes hold it
     large = with_specific("targeted+specific", "target/align.bin", (0.05, 0.1, 0.2, 0.4, 0.7, 0.85),
-                          ["closest", *blind_and_dga, *selection, "doremi-target", "bandit"])  # fmt: skip
+                          ["closest", *blind_and_dga, *selection, "doremi-target", *bandits])  # fmt: skip
     small = with_specific("small-specific", "target/small-align.bin", (0.05, 0.25, 0.4, 0.7),
                           [*blind_and_dga, "ado" + UNGUARDED, "dga" + UNGUARDED])  # fmt: skip
     clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
