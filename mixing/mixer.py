@@ -61,7 +61,7 @@ LOG_IN_CHECKPOINT = 64 << 20  # bytes: a schedule log up to this size travels in
 logger = logging.getLogger("onlinemix")
 SYNC = ("auto", "all_reduce", "broadcast", "none")
 # The mixing: keys the mixer takes; every other key of the section is the controller's.
-MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every", "repeat_warning")
+MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every", "repeat_warning", "steps")
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:
@@ -113,6 +113,9 @@ class OnlineMixer:
         repeat_warning: warn once when a domain without ``max_epochs`` has been
             drawn this many epochs over (``0``: never): a controller that keeps
             a small domain's weight high makes the model memorise it.
+        steps: the run's length in optimizer steps, for the repeat budget's cap on each weight
+            (``Controller.count_epochs``); default: the dataset's ``num_batches`` over ``accumulation``,
+            none for an endless dataset (then the budget only holds a domain once it is spent).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class OnlineMixer:
         group: dist.ProcessGroup | None = None,
         check_every: int = 100,
         repeat_warning: float = 10.0,
+        steps: int | None = None,
     ):
         if controller.num_domains != dataset.spec.num_domains:
             raise ValueError(f"controller has {controller.num_domains} domains, the dataset {dataset.spec.num_domains}")
@@ -160,7 +164,10 @@ class OnlineMixer:
         self.sync, self.group, self.check_every = sync, group, check_every
         # the controller's repeat budget counts epochs by the samples each optimizer step draws (and, where the run's
         # length is known, spreads each domain's budget over it)
-        steps = None if dataset.num_batches == UNLIMITED else max(dataset.num_batches // accumulation, 1)
+        if steps is not None:
+            _integer("steps", steps, 1)
+        elif dataset.num_batches != UNLIMITED:
+            steps = max(dataset.num_batches // accumulation, 1)
         controller.count_epochs(dataset.spec.global_batch_size * accumulation, dataset.spec.sizes.tolist(), steps)
         initial = controller.weights.detach().double().cpu().numpy()
         self.channel = WeightsChannel(initial, timeout=timeout)
@@ -202,7 +209,7 @@ class OnlineMixer:
 
             mixing:
               controller: odm       # static (default), scheduled, doremi, odm, ado, dga, bandit
-              lag: 16               # and accumulation, log, nonfinite, timeout, sync, check_every
+              lag: 16               # and accumulation, log, nonfinite, timeout, sync, check_every, steps
               alpha: 0.5            # every other key goes to the controller (min_prob, eta, warmup, ...)
 
         ``bandit`` also takes ``neighbours: N``: each domain shares credit with its ``N - 1`` nearest by the

@@ -146,3 +146,8 @@ def test_the_mixer_tells_the_controller_how_long_the_run_is(tmp_path):
     assert mixer.controller.epoch_cap.tolist() == pytest.approx(expected.tolist())
     unlimited = OnlineMixer(ODMController(torch.full((3,), 1 / 3)), MixedDataset.from_config(config), lag=1)
     assert unlimited.controller.epoch_cap is None  # an endless run: only the hold after the budget is spent
+    told = OnlineMixer(ODMController(torch.full((3,), 1 / 3), repeat_budget=2.0), MixedDataset.from_config(config),
+                       lag=1, steps=40)  # fmt: skip
+    assert told.controller.epoch_cap.tolist() == pytest.approx(expected.tolist())  # the trainer's own step count
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        OnlineMixer(ODMController(torch.full((3,), 1 / 3)), MixedDataset.from_config(config), lag=1, steps=0)
