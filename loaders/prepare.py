@@ -22,22 +22,17 @@ domain's cache goes (``cache_dir``): on a cluster, storage every node sees (a sh
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from onlinemix.loaders.build import estimator, open_source, tokenized_documents, tokenizer_of
-from onlinemix.loaders.cache import LIMIT_ENV
 from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
-from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import CACHE_ENV, InputError, cache_entry, expand_paths, token_cache_root
+from onlinemix.loaders.engines import ENGINES, engine_runner
+from onlinemix.loaders.files import InputError, cache_entry, expand_paths, token_cache_root
 from onlinemix.loaders.importance.cli import score_domain
 from onlinemix.loaders.importance.estimator import ImportanceError
 from onlinemix.loaders.sources import Source, SourceError, TokenBinSource, TokenizedSource
@@ -122,22 +117,6 @@ def _score(config: MixtureConfig, name: str, source: Source) -> str:
     return f"; DSIR scores of {meta['done']:,} documents in {section.sidecars}"
 
 
-ENGINES = ("local", "ray")
-
-
-def tokenizer_threads(workers: int) -> dict[str, str]:
-    """The environment that gives each of ``workers`` processes its share of the cores for a Hugging Face
-    tokenizer's thread pool (``encode_batch`` runs on all of them by default: ``workers`` processes would each
-    start one thread per core and fight over them). A value the user set is kept."""
-    share = str(max(1, (os.cpu_count() or 1) // workers))
-    return {name: os.environ.get(name, share) for name in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")}
-
-
-def _set_environment(values: dict[str, str]) -> None:
-    """A worker process's initializer (module level: spawn pickles it by name)."""
-    os.environ.update(values)
-
-
 def prepare(
     config_path: str | Path, workers: int | None = None, domains: list[str] | None = None, engine: str = "local"
 ) -> list[Prepared]:
@@ -169,11 +148,15 @@ def prepare(
     workers = min(workers or os.cpu_count() or 1, len(first_wave))
     results: dict[tuple[str, int | None], Prepared] = {}
     total = len(first_wave) + sum(bool(p) for p in parts.values())
-    with tqdm(total=total, desc="preparing", unit="task") as bar, _engine(engine, workers) as run:
-        results = run(path, first_wave, bar)
+    with tqdm(total=total, desc="preparing", unit="task") as bar, engine_runner(engine, workers, run_task) as run:
+
+        def wave(tasks: list[Task]) -> dict[Task, Prepared]:
+            return {task: result for (_, task), result in run([(path, task) for task in tasks], bar).items()}
+
+        results = wave(first_wave)
         failed = {name: r for (name, number), r in results.items() if number is not None and r.status == "failed"}
         split = [name for name in chosen if parts[name] and name not in failed]  # then their parts are assembled
-        results |= run(path, [(name, None) for name in sorted(split, key=lambda name: -sizes[name])], bar)
+        results |= wave([(name, None) for name in sorted(split, key=lambda name: -sizes[name])])
         bar.update(len(failed))
     for name, failure in failed.items():
         seconds = sum(r.seconds for (domain, _), r in results.items() if domain == name)
@@ -219,57 +202,3 @@ def run_task(path: str, task: Task) -> Prepared:
     """One task, in whichever process the engine runs it."""
     name, number = task
     return prepare_domain(path, name) if number is None else prepare_part(path, name, number)
-
-
-@contextmanager
-def _engine(engine: str, workers: int) -> Iterator[Callable[[str, list[Task], tqdm], dict[Task, Prepared]]]:
-    """A function that runs a list of tasks on ``workers`` workers of ``engine`` and returns their results; the
-    workers (a process pool, a Ray cluster) live as long as the ``with`` block."""
-    if engine == "ray":
-        yield from _on_ray(workers)
-    elif workers == 1:
-        yield lambda path, tasks, bar: {task: _counted(run_task(path, task), bar) for task in tasks}
-    else:  # spawned, not forked: a worker starts clean of the parent's threads and open files
-        context = multiprocessing.get_context("spawn")
-        threads = tokenizer_threads(workers)
-        with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=(threads,)) as pool:
-
-            def run(path: str, tasks: list[Task], bar: tqdm) -> dict[Task, Prepared]:
-                futures = {pool.submit(run_task, path, task): task for task in tasks}
-                return {futures[future]: _counted(future.result(), bar) for future in as_completed(futures)}
-
-            yield run
-
-
-def _counted(result: Prepared, bar: tqdm) -> Prepared:
-    bar.update()
-    return result
-
-
-def _on_ray(workers: int) -> Iterator[Callable[[str, list[Task], tqdm], dict[Task, Prepared]]]:
-    """Ray tasks, at most ``workers`` at a time. (Ray core tasks rather than Ray Data: a task's output is a
-    cache on storage, so there are no blocks to stream between them.)"""
-    ray = require("ray", "--engine ray")
-    started_here = not ray.is_initialized()
-    if started_here:  # joins $RAY_ADDRESS when it is set, else starts a local cluster of `workers` CPUs
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else workers, log_to_driver=False)
-    try:
-        env = {name: os.environ[name] for name in (CACHE_ENV, LIMIT_ENV) if os.environ.get(name)}
-        env |= tokenizer_threads(1)  # one CPU per task: its tokenizer's thread pool too
-        remote = ray.remote(run_task).options(num_cpus=1, runtime_env={"env_vars": env})
-
-        def run(path: str, tasks: list[Task], bar: tqdm) -> dict[Task, Prepared]:
-            results, pending, queue = {}, {}, list(tasks)
-            while queue or pending:
-                while queue and len(pending) < workers:
-                    task = queue.pop(0)
-                    pending[remote.remote(path, task)] = task
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for reference in done:
-                    results[pending.pop(reference)] = _counted(ray.get(reference), bar)
-            return results
-
-        yield run
-    finally:
-        if started_here:
-            ray.shutdown()

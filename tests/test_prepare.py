@@ -169,7 +169,7 @@ def test_ray_writes_the_same_caches_as_local_processes(tmp_path, monkeypatch):
 
 
 def test_each_worker_gets_its_share_of_the_cores_for_its_tokenizer(monkeypatch):
-    from onlinemix.loaders.prepare import tokenizer_threads
+    from onlinemix.loaders.engines import tokenizer_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)

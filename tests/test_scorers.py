@@ -223,3 +223,20 @@ def test_color_filter_scores_rank_target_like_documents_first(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**settings, "conditional": "missing"}))
     with pytest.raises(ImportanceError, match=r"the conditional model folder .*missing does not exist"):
         load_scorer(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_scoring_on_several_workers_writes_the_same_sidecars(tmp_path, engine, capsys):
+    if engine == "ray":
+        pytest.importorskip("ray")
+    config = mixture(tmp_path)
+    model = tmp_path / "clf.npz"
+    HashedClassifier.fit(sentences(GERMAN, 20, 0), sentences(ENGLISH, 20, 1)).save(model)
+    assert main(["importance", "score", str(model), "--config", config, "--out", str(tmp_path / "one")]) == 0
+    assert main(["importance", "score", str(model), "--config", config, "--out", str(tmp_path / "two"),
+                 "--workers", "2", "--engine", engine]) == 0  # fmt: skip
+    for name in ("german", "mixed"):
+        for one, two in zip(sidecar_paths(tmp_path / "one", name), sidecar_paths(tmp_path / "two", name)):
+            assert one.read_bytes() == two.read_bytes(), (name, one.name)
+    assert main(["importance", "score", str(model), "--config", config, "--workers", "0"]) != 0
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err

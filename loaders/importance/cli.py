@@ -29,6 +29,7 @@ from tqdm import tqdm
 from onlinemix.loaders.build import build_sources
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.convert import input_files, read_documents
+from onlinemix.loaders.engines import ENGINES, engine_runner
 from onlinemix.loaders.extras import pyplot
 from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.classifier import HashedClassifier
@@ -121,12 +122,33 @@ def score_domain(scorer: Scorer, name: str, source: Source, folder: Path, field:
     return meta
 
 
+def score_task(scorer_file: str, kind: str | None, config_path: str, name: str, out: str, field: str) -> dict:
+    """Score one domain into its sidecar (in whichever process the engine runs it); returns the sidecar's meta."""
+    scorer = load_scorer(scorer_file, kind)
+    source = _domains(MixtureConfig.load(config_path))[name]
+    return score_domain(scorer, name, source, Path(out), field)
+
+
 def score(args: argparse.Namespace) -> None:
-    """``onlinemix importance score``."""
-    scorer = load_scorer(args.estimator, args.scorer)
+    """``onlinemix importance score``: every domain, one at a time or ``--workers`` at a time on ``--engine``."""
+    if args.workers < 1:
+        raise ImportanceError(f"--workers must be >= 1, got {args.workers}")
+    names = MixtureConfig.load(args.config).names
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, source in _domains(MixtureConfig.load(args.config)).items():
-        meta = score_domain(scorer, name, source, args.out, args.field)
+    if args.workers == 1 and args.engine == "local":  # in this process, a progress bar per domain
+        scorer = load_scorer(args.estimator, args.scorer)
+        metas = {name: score_domain(scorer, name, source, args.out, args.field)
+                 for name, source in _domains(MixtureConfig.load(args.config)).items()}  # fmt: skip
+    else:  # each task loads the scorer and opens its domain itself; a bar counts the domains
+        paths = [str(Path(p).resolve()) for p in (args.estimator, args.config, args.out)]
+        tasks = [(paths[0], args.scorer, paths[1], name, paths[2], args.field) for name in names]
+        with (
+            tqdm(total=len(tasks), desc="scoring", unit="domain") as bar,
+            engine_runner(args.engine, min(args.workers, len(tasks)), score_task) as run,
+        ):
+            metas = {task[3]: meta for task, meta in run(tasks, bar).items()}
+    for name in names:
+        meta = metas[name]
         print(f"{name}: {meta['done']} documents scored ({meta['short']} short) -> {sidecar_paths(args.out, name)[0]}")
 
 
@@ -268,6 +290,10 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     )
     score_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains to score")
     score_parser.add_argument("--out", type=Path, default=Path("importance"), help="sidecar folder")
+    score_parser.add_argument("--workers", type=int, default=1, help="domains scored at once")
+    score_parser.add_argument(
+        "--engine", choices=ENGINES, default="local", help="local: worker processes here; ray: Ray tasks ($RAY_ADDRESS)"
+    )
     score_parser.set_defaults(run=score)
 
     report_parser = actions.add_parser(
