@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from onlinemix.loaders.importance.estimator import Features, ImportanceError, NgramHasher
+from onlinemix.loaders.importance.estimator import Features, ImportanceError, NgramHasher, read_versioned
 
 FORMAT = "onlinemix-classifier"
 VERSION = 1
@@ -118,17 +118,10 @@ class HashedClassifier:
     @classmethod
     def load(cls, path: str | Path) -> HashedClassifier:
         """Read a classifier written by ``save`` (its format version checked)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                weights, bias = data["weights"], float(data["bias"])
-        except (OSError, KeyError, ValueError) as error:
-            raise ImportanceError(f"{path}: not a classifier file ({error})") from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ImportanceError(
-                f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {FORMAT!r} {VERSION}"
-            )
-        return cls(NgramHasher(**meta["hasher"]), weights, bias, meta["l2"], meta["min_words"], meta["documents"])
+        meta, (weights, bias) = read_versioned(path, FORMAT, VERSION, ("weights", "bias"), "a classifier")
+        return cls(
+            NgramHasher(**meta["hasher"]), weights, float(bias), meta["l2"], meta["min_words"], meta["documents"]
+        )
 
 
 def _ngram_counts(features: Features) -> np.ndarray:

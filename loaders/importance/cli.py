@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from onlinemix.loaders.build import build_sources
+from onlinemix.loaders.build import build_sources, open_source
 from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.convert import input_files, read_documents
 from onlinemix.loaders.engines import ENGINES, engine_runner
@@ -123,9 +123,11 @@ def score_domain(scorer: Scorer, name: str, source: Source, folder: Path, field:
 
 
 def score_task(scorer_file: str, kind: str | None, config_path: str, name: str, out: str, field: str) -> dict:
-    """Score one domain into its sidecar (in whichever process the engine runs it); returns the sidecar's meta."""
+    """Score one domain into its sidecar (in whichever process the engine runs it: it opens only its own domain,
+    which ``score`` has checked and built first); returns the sidecar's meta."""
     scorer = load_scorer(scorer_file, kind)
-    source = _domains(MixtureConfig.load(config_path))[name]
+    config = MixtureConfig.load(config_path)
+    source = open_source(config, next(domain for domain in config.domains if domain.name == name))
     return score_domain(scorer, name, source, Path(out), field)
 
 
@@ -133,12 +135,12 @@ def score(args: argparse.Namespace) -> None:
     """``onlinemix importance score``: every domain, one at a time or ``--workers`` at a time on ``--engine``."""
     if args.workers < 1:
         raise ImportanceError(f"--workers must be >= 1, got {args.workers}")
-    names = MixtureConfig.load(args.config).names
+    sources = _domains(MixtureConfig.load(args.config))  # checked (and token caches built) once, here
+    names = list(sources)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.workers == 1 and args.engine == "local":  # in this process, a progress bar per domain
         scorer = load_scorer(args.estimator, args.scorer)
-        metas = {name: score_domain(scorer, name, source, args.out, args.field)
-                 for name, source in _domains(MixtureConfig.load(args.config)).items()}  # fmt: skip
+        metas = {name: score_domain(scorer, name, source, args.out, args.field) for name, source in sources.items()}
     else:  # each task loads the scorer and opens its domain itself; a bar counts the domains
         paths = [str(Path(p).resolve()) for p in (args.estimator, args.config, args.out)]
         tasks = [(paths[0], args.scorer, paths[1], name, paths[2], args.field) for name in names]

@@ -71,15 +71,15 @@ class ConditionalLossScorer:
             raise ImportanceError("the CoLoR-Filter scorer needs transformers: pip install transformers") from None
         device = torch.device(settings.get("device", "cpu"))
         folders = {key: path.parent / settings[key] for key in ("prior", "conditional")}
-        models, vocabularies = {}, {}
+        models, tokenizers = {}, {}
         for key, folder in folders.items():
             if not folder.is_dir():
                 raise ImportanceError(f"{path}: the {key} model folder {folder} does not exist")
             models[key] = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
-            vocabularies[key] = AutoTokenizer.from_pretrained(folder).get_vocab()
-        if vocabularies["prior"] != vocabularies["conditional"]:
+            tokenizers[key] = AutoTokenizer.from_pretrained(folder)
+        if tokenizers["prior"].get_vocab() != tokenizers["conditional"].get_vocab():
             raise ImportanceError(f"{path}: the two models have different tokenizers (the scores would not compare)")
-        tokenizer = AutoTokenizer.from_pretrained(folders["prior"])
+        tokenizer = tokenizers["prior"]
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings = {**settings, "digests": {key: _folder_digest(folder) for key, folder in folders.items()}}

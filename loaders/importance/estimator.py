@@ -318,16 +318,7 @@ class ImportanceEstimator:
     @classmethod
     def load(cls, path: str | Path) -> ImportanceEstimator:
         """Read an estimator written by ``save`` (its format version checked)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                target, raw = data["target"], data["raw"]
-        except (OSError, KeyError, ValueError) as error:
-            raise ImportanceError(f"{path}: not an importance estimator file ({error})") from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ImportanceError(
-                f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {FORMAT!r} {VERSION}"
-            )
+        meta, (target, raw) = read_versioned(path, FORMAT, VERSION, ("target", "raw"), "an importance estimator")
         return cls(
             NgramHasher(**meta["hasher"]),
             target,
@@ -336,3 +327,21 @@ class ImportanceEstimator:
             meta["min_words"],
             meta["documents"],
         )
+
+
+def read_versioned(
+    path: str | Path, format: str, version: int, arrays: Sequence[str], what: str
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The JSON ``meta`` and the named ``arrays`` of an ``.npz`` file of onlinemix's, its ``format`` and ``version``
+    checked (``what`` names the kind of file in the error)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            values = [data[name] for name in arrays]
+    except (OSError, KeyError, ValueError) as error:
+        raise ImportanceError(f"{path}: not {what} file ({error})") from None
+    if meta.get("format") != format or meta.get("version") != version:
+        raise ImportanceError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {format!r} {version}"
+        )
+    return meta, values

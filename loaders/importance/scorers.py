@@ -52,7 +52,9 @@ FORMATS = {DSIR_FORMAT: "dsir", CLASSIFIER_FORMAT: "classifier", COLOR_FILTER_FO
 def file_kind(path: str | Path) -> str:
     """Which built-in scorer wrote ``path`` (read from the file's own ``meta``)."""
     try:
-        if Path(path).read_bytes()[:1] == b"{":  # a JSON file that names models (CoLoR-Filter's)
+        with open(path, "rb") as file:
+            first = file.read(1)
+        if first == b"{":  # a JSON file that names models (CoLoR-Filter's)
             found = json.loads(Path(path).read_text()).get("format")
         else:
             with np.load(path, allow_pickle=False) as data:
