@@ -1,7 +1,8 @@
 """``MixedLoader``: a ``MixedDataset`` read through a stock ``DataLoader``, checkpointed and resumed exactly.
 
 ``MixedLoader`` is not itself a ``torch.utils.data.DataLoader`` (``isinstance`` is false): it makes one
-per ``iter()`` (``loader.dataloader``) and counts the batches it has handed to the training loop. Its
+per ``iter()`` where one is needed (``loader.dataloader``: worker processes, ``pin_memory``, per-sample output;
+in process it iterates the dataset itself) and counts the batches it has handed to the training loop. Its
 ``state_dict()`` is the plan position after the last of them — ``(batch, cursors)``, a few integers —
 so a run resumed from it continues with the very next batch, whatever ``num_workers`` either run used.
 Batches the DataLoader had prefetched but not yet handed out are simply made again.
@@ -154,8 +155,17 @@ class MixedLoader:
 
     @property
     def dataloader(self) -> DataLoader | None:
-        """The ``DataLoader`` of the current (or last) ``iter()``; ``None`` before the first."""
+        """The ``DataLoader`` of the current (or last) ``iter()``; ``None`` before the first, and in process.
+
+        In process (``num_workers=0``, whole batches, no ``pin_memory``) the loader iterates the dataset itself:
+        the batches are the same, without a DataLoader's per-batch bookkeeping.
+        """
         return self._dataloader
+
+    @property
+    def _in_process(self) -> bool:
+        kwargs = self._dataloader_kwargs
+        return not kwargs["num_workers"] and not kwargs["pin_memory"] and self.dataset.output == "batches"
 
     def __len__(self) -> int:
         """Batches left from the loader's position, where that is known.
@@ -208,13 +218,19 @@ class MixedLoader:
         position = self.position
         self._check_not_over(position)
         self.dataset.set_start(position)
-        if self._dataloader is None or not self._dataloader_kwargs["persistent_workers"]:
+        if self._in_process:
+            # Whole batches made here, not pinned: all a DataLoader would add is its per-batch bookkeeping
+            # (a profiler annotation, a fetcher, an identity collate: ~20 µs a batch, a fifth of making one).
             self._warn_if_prefetch_outruns_weights()
-            # Its own generator: creating the DataLoader's iterator draws worker seeds from it, and drawing from
-            # the global torch RNG instead would shift dropout and everything else a resumed run restores.
-            generator = torch.Generator().manual_seed(0)
-            self._dataloader = DataLoader(self.dataset, generator=generator, **self._dataloader_kwargs)
-        batches = iter(self._dataloader)
+            batches = iter(self.dataset)
+        else:
+            if self._dataloader is None or not self._dataloader_kwargs["persistent_workers"]:
+                self._warn_if_prefetch_outruns_weights()
+                # Its own generator: creating the DataLoader's iterator draws worker seeds from it, and drawing from
+                # the global torch RNG instead would shift dropout and everything else a resumed run restores.
+                generator = torch.Generator().manual_seed(0)
+                self._dataloader = DataLoader(self.dataset, generator=generator, **self._dataloader_kwargs)
+            batches = iter(self._dataloader)
         if self.thread_prefetch:
             batches = ThreadPrefetch(batches, self.thread_prefetch)
         try:

@@ -25,7 +25,10 @@ def test_len_batch_size_and_what_a_mixed_loader_is(example):
     assert not isinstance(loader, DataLoader) and loader.dataloader is None  # it makes one per iter()
     assert loader.batch_size == 32 and len(loader) == 7
     first = next(iter(loader))
-    assert len(loader) == 6 and isinstance(loader.dataloader, DataLoader)
+    assert len(loader) == 6 and loader.dataloader is None  # in process: it iterates the dataset itself
+    workers = MixedLoader(MixedDataset.from_config(example, num_batches=7), num_workers=1)
+    assert torch.equal(next(iter(workers))["input_ids"], first["input_ids"])
+    assert isinstance(workers.dataloader, DataLoader)
     assert first["input_ids"].shape == (32, 128)
     assert MixedLoader(MixedDataset.from_config(example, world_size=2, rank=1)).batch_size == 16
     with pytest.raises(TypeError, match="without num_batches streams on: it has no length"):

@@ -43,6 +43,23 @@ def test_tokenbin_stride_and_uint32(tmp_path):
     assert source.record(2).tolist() == list(range(100_006, 100_011))
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "int32", "int64"])
+def test_tokenbin_read_into_fills_scattered_rows_with_each_window_and_its_shift(tmp_path, dtype):
+    tokens = np.arange(7, 7 + 400) * (3 if dtype != "uint16" else 1)
+    source = TokenBinSource(write_tokens(tmp_path / "t.bin", tokens, dtype=dtype), seq_len=6, dtype=dtype, stride=5)
+    out = {"input_ids": np.full((5, 6), -1, np.int64), "labels": np.full((5, 6), -1, np.int64)}
+    source.read_into(np.array([3, 0, len(source) - 1]), out, np.array([4, 1, 2]))
+    for row, index in [(4, 3), (1, 0), (2, len(source) - 1)]:
+        start = 5 * index
+        assert out["input_ids"][row].tolist() == tokens[start : start + 6].tolist()
+        assert out["labels"][row].tolist() == tokens[start + 1 : start + 7].tolist()
+    assert (out["input_ids"][[0, 3]] == -1).all() and (out["labels"][[0, 3]] == -1).all()  # untouched rows
+    source.read_into(np.array([1, 2]), out, slice(3, 5))
+    assert out["input_ids"][3:, 0].tolist() == [tokens[5], tokens[10]]
+    with pytest.raises(ValueError, match="2 windows for 1 rows"):
+        source.read_into(np.array([1, 2]), out, slice(0, 1))
+
+
 def test_tokenbin_bad_inputs(tmp_path):
     path = tmp_path / "odd.bin"
     path.write_bytes(b"\x00" * 7)

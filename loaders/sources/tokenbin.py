@@ -34,6 +34,7 @@ from onlinemix.loaders.files import (
     open_input,
 )
 from onlinemix.loaders.sources.base import Source, SourceError
+from onlinemix.loaders.sources.gather import gather_windows
 from onlinemix.loaders.storage import RemotePath, RemoteWindows, as_path
 from onlinemix.loaders.transforms import TokenWindow, Transform
 
@@ -100,21 +101,16 @@ class TokenBinSource(Source):
             tokens = self._open_tokens = np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r"))
         return tokens
 
-    def _strided(self, offset: int, width: int) -> np.ndarray:
-        """Zero-copy ``(len, width)`` view whose row ``i`` starts at token ``i * stride + offset``."""
-        item = self.dtype.itemsize
-        return np.lib.stride_tricks.as_strided(
-            self.tokens[offset:], shape=(self._length, width), strides=(self.stride * item, item), writeable=False
-        )
-
     @property
-    def _views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Strided views of the windows, of their inputs and of their labels (made once per process)."""
-        views = getattr(self, "_open_views", None)
-        if views is None:
-            width = self.seq_len
-            views = self._open_views = (self._strided(0, width + 1), self._strided(0, width), self._strided(1, width))
-        return views
+    def _window_view(self) -> np.ndarray:
+        """Zero-copy ``(len, seq_len + 1)`` view of the file whose row ``i`` starts at token ``i * stride``."""
+        view = getattr(self, "_open_window_view", None)
+        if view is None:
+            item = self.dtype.itemsize
+            shape, strides = (self._length, self.seq_len + 1), (self.stride * item, item)
+            view = np.lib.stride_tricks.as_strided(self.tokens, shape=shape, strides=strides, writeable=False)
+            self._open_window_view = view
+        return view
 
     def _check(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
@@ -127,7 +123,7 @@ class TokenBinSource(Source):
         if self._remote is not None:
             return self._remote.read(self._check(indices)).astype(np.int64)
         self._check_size()
-        return self._views[0][self._check(indices)].astype(np.int64)
+        return self._window_view[self._check(indices)].astype(np.int64)
 
     @property
     def prefetches(self) -> bool:
@@ -140,10 +136,10 @@ class TokenBinSource(Source):
     def _check_size(self) -> None:
         """A file truncated under a running loader would end the process with SIGBUS on the next read of a page
         past its new end; checking its size first (one fstat, ~1 µs) makes that an error naming the file."""
-        descriptor = self.__dict__.get("_open_descriptor")  # per process: dropped when the source is pickled
-        if descriptor is None:
-            descriptor = self._open_descriptor = os.open(self.path, os.O_RDONLY)
-        size = os.fstat(descriptor).st_size
+        file = self.__dict__.get("_open_file")  # per process: dropped when the source is pickled
+        if file is None:  # a file object, not a bare descriptor: it is closed with the source
+            file = self._open_file = open(self.path, "rb", buffering=0)  # noqa: SIM115
+        size = os.fstat(file.fileno()).st_size
         if size < self._bytes:
             raise SourceError(
                 f"{self.path} shrank from {self._bytes:,} to {size:,} bytes while it was being read (truncated or "
@@ -237,9 +233,7 @@ class TokenBinSource(Source):
             window = self._remote.read(indices)
             out["input_ids"][rows], out["labels"][rows] = window[:, :-1], window[:, 1:]
             return None
-        # Gather straight from the memory map into the batch (the cast to int64 happens in the same pass).
+        # Copy straight from the memory map into the batch, one compiled pass (the cast to int64 included).
         # No range check here: the plan only ever asks for indices below len(self).
         self._check_size()
-        _, inputs, labels = self._views
-        out["input_ids"][rows] = inputs[indices]
-        out["labels"][rows] = labels[indices]
+        gather_windows(self.tokens, indices * self.stride, rows, out["input_ids"], out["labels"])
