@@ -20,6 +20,11 @@ weights channel. Methods (``--method``):
 The online methods start from the mixture file's weights (its domains' ``weight:``, or its weighting rule):
 they are the controller's prior.
 
+``--coreset K`` trains on mini-batch coresets: the loader draws pools of ``K`` times the file's batch size, the
+model scores each pool without gradients, and ``MiniBatchCoreset`` keeps the file's batch size of it (each
+domain's share of the pool kept, the samples that cover the pool's gradients best picked); the loss is weighted
+by how many pool samples each pick stands for (``--coreset-unweighted``: plain mean).
+
 Every weight version is logged (``--log``; ``onlinemix schedule show``); ``--resume`` continues from
 ``--checkpoint`` with the exact next batch and weights (the DGA batches are keyed by the step, so a
 resumed run draws the same ones). With ``heldout.yaml`` beside the config, the held-out loss of each
@@ -30,6 +35,7 @@ shows the training loss and the weights always.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -47,6 +53,7 @@ from onlinemix import (
     ClusterBanditController,
     DGAController,
     DoReMiController,
+    MiniBatchCoreset,
     MixedDataset,
     MixtureConfig,
     ODMController,
@@ -55,6 +62,7 @@ from onlinemix import (
     Source,
     StaticController,
     gradient_alignment,
+    output_gradients,
     per_sample_loss,
     save_checkpoint,
 )
@@ -104,11 +112,16 @@ class HeldOut:
 
 def build_mixing(args: argparse.Namespace, config: MixtureConfig) -> OnlineMixing:
     """The dataset, the method's controller wired to it through the weights channel, and the loader."""
-    dataset = MixedDataset.from_config(config, num_batches=args.steps)
     on_device = {"device": args.device, **({"graph": True} if args.graph else {})}
-    if args.method == "config":
-        mixer = OnlineMixer.from_config(config, dataset, lag=args.lag, log=args.log, **on_device)
-        return OnlineMixing(mixer, num_workers=args.workers)
+    if args.method == "config":  # the file's mixing: section, its coreset included (--coreset overrides it)
+        coreset = {"coreset": {"pool": args.coreset}} if args.coreset > 1 else {}
+        options = {"num_batches": args.steps}
+        return OnlineMixing.from_config(config, num_workers=args.workers, dataset_options=options, lag=args.lag,
+                                        log=args.log, **on_device, **coreset)  # fmt: skip
+    coreset = MiniBatchCoreset(config.global_batch_size, len(config.names)) if args.coreset > 1 else None
+    if coreset is not None:  # the loader's batches are the pools
+        config = dataclasses.replace(config, global_batch_size=config.global_batch_size * args.coreset)
+    dataset = MixedDataset.from_config(config, num_batches=args.steps)
     sizes = torch.tensor([float(len(source)) for source in dataset.sources])
     uniform = torch.full_like(sizes, 1 / len(sizes))
     start = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy()).float()  # the file's weights: the prior
@@ -122,7 +135,8 @@ def build_mixing(args: argparse.Namespace, config: MixtureConfig) -> OnlineMixin
         "dga": lambda: DGAController(start, eta=eta, ema=0.5, every=args.dga_every, min_prob=0.01, **on_device),
         "bandit": lambda: ClusterBanditController(start, warmup=args.warmup or 0, **on_device),
     }[args.method]()
-    return OnlineMixing(OnlineMixer(controller, dataset, lag=args.lag, log=args.log), num_workers=args.workers)
+    mixer = OnlineMixer(controller, dataset, lag=args.lag, log=args.log)
+    return OnlineMixing(mixer, coreset=coreset, num_workers=args.workers)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -160,10 +174,18 @@ def train(args: argparse.Namespace) -> dict:
     progress = tqdm(total=args.steps, initial=mixing.loader.position.batch, desc=args.method, unit="step")
     for batch in mixing:
         step = mixing.loader.position.batch  # this batch is step `step` (1-based) of the run
+        if mixing.coreset is not None:  # the batch is a pool: keep the part that stands for all of it
+            with torch.no_grad():
+                pool_logits = model(batch["input_ids"].to(args.device))
+                proxies = output_gradients(pool_logits, batch["labels"].to(args.device))
+            batch = mixing.select(batch, proxies)
         ids, labels = batch["input_ids"].to(args.device), batch["labels"].to(args.device)
         losses = per_sample_loss(model(ids), labels)
         optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        if "coreset_weight" in batch and not args.coreset_unweighted:
+            (losses * batch["coreset_weight"].to(args.device)).mean().backward()
+        else:
+            losses.mean().backward()
         optimizer.step()
         signals = {}
         if reference is not None:
@@ -243,6 +265,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="target", help="dga: the heldout.yaml set to align with")
     parser.add_argument("--dga-every", type=int, default=5, help="dga: steps between alignments (default 5)")
     parser.add_argument("--dga-samples", type=int, default=32, help="dga: samples per domain and target batch")
+    parser.add_argument(
+        "--coreset", type=int, default=1, help="train on a coreset of pools K times the batch (default 1: off)"
+    )
+    parser.add_argument(
+        "--coreset-unweighted", action="store_true", help="with --coreset: a plain mean, not weighted by coverage"
+    )
     parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out reports (default 50)")
     parser.add_argument("--eval-windows", type=int, default=512, help="windows per held-out set (default 512)")
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/tiny_gpt.pt"), help="written at the end")

@@ -220,6 +220,12 @@ class OnlineMixer:
         if not isinstance(config, MixtureConfig):
             config = MixtureConfig.load(config)
         section = {**config.mixing, **overrides}
+        if section.get("coreset") is not None:
+            raise ConfigError(
+                "mixing.coreset changes what the loader draws (pools): build with OnlineMixing.from_config, which "
+                "reads it, or pass coreset=None"
+            )
+        section.pop("coreset", None)
         name = section.pop("controller", "static")
         if name not in CONTROLLERS:
             raise ConfigError(f"mixing.controller must be one of {sorted(CONTROLLERS)}, got {name!r}")

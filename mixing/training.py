@@ -15,10 +15,19 @@ A nanoGPT-style script changes by a few lines::
 The controller comes from the config's ``mixing:`` section, or from keyword
 arguments (``controller="odm", warmup=10``), or build an ``OnlineMixer``
 yourself and pass it to ``OnlineMixing(mixer, ...)``.
+
+With ``mixing: {coreset: {pool: k}}`` the loader draws pools of ``k`` times the file's batch size and
+``select`` keeps the file's batch size of each (``MiniBatchCoreset``)::
+
+    for pool in mixing:
+        with torch.no_grad():
+            proxies = output_gradients(model(pool["input_ids"]), pool["labels"])
+        batch = mixing.select(pool, proxies)               # then train on batch as above
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.transforms import IGNORE_INDEX
+from onlinemix.mixing.coreset import CoresetError, MiniBatchCoreset
 from onlinemix.mixing.mixer import OnlineMixer
 
 
@@ -51,12 +61,15 @@ class OnlineMixing:
 
     Args:
         mixer: an ``OnlineMixer`` wired to its dataset.
+        coreset: a ``MiniBatchCoreset`` whose ``select`` keeps part of each batch (the loader's batches are
+            then pools); ``None`` (default): train on every batch.
         **loader_options: ``MixedLoader``'s (``num_workers``, ``pin_memory``, ...).
     """
 
-    def __init__(self, mixer: OnlineMixer, **loader_options: Any):
+    def __init__(self, mixer: OnlineMixer, coreset: MiniBatchCoreset | None = None, **loader_options: Any):
         self.mixer = mixer
         self.dataset: MixedDataset = mixer.dataset
+        self.coreset = coreset
         self.loader = MixedLoader(self.dataset, **loader_options)
 
     @classmethod
@@ -73,16 +86,25 @@ class OnlineMixing:
         """Dataset, mixer and loader from a mixture file.
 
         ``mixing`` overrides the file's ``mixing:`` section: ``controller``,
-        the mixer's keys (``lag``, ``accumulation``, ``log``, ...) and the
-        controller's knobs. ``dataset_options`` go to ``MixedDataset``
-        (``num_batches``, ``rank``, ``world_size``, ``replicas``),
-        ``loader_options`` to ``MixedLoader``.
+        the mixer's keys (``lag``, ``accumulation``, ``log``, ...), the
+        controller's knobs, and ``coreset: {pool: k}`` (the loader draws pools
+        of ``k`` times the file's ``global_batch_size``; ``select`` keeps that
+        batch size of each; ``coreset: None`` turns a file's off).
+        ``dataset_options`` go to ``MixedDataset`` (``num_batches``, ``rank``,
+        ``world_size``, ``replicas``), ``loader_options`` to ``MixedLoader``.
         """
         if not isinstance(config, MixtureConfig):
             config = MixtureConfig.load(config)
+        section = {**config.mixing, **mixing}
+        pool = _pool_factor(section.pop("coreset", None))
+        # The controller's section without the coreset; with one, the plan's batches are the pools.
+        config = dataclasses.replace(config, mixing={k: v for k, v in config.mixing.items() if k != "coreset"})
+        if pool > 1:
+            config = dataclasses.replace(config, global_batch_size=config.global_batch_size * pool)
         dataset = MixedDataset.from_config(config, **(dataset_options or {}))
-        mixer = OnlineMixer.from_config(config, dataset, device=device, **mixing)
-        return cls(mixer, num_workers=num_workers, **(loader_options or {}))
+        mixer = OnlineMixer.from_config(config, dataset, device=device, **section)
+        coreset = MiniBatchCoreset(dataset.local_batch_size // pool, len(dataset.names)) if pool > 1 else None
+        return cls(mixer, coreset=coreset, num_workers=num_workers, **(loader_options or {}))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.loader)
@@ -114,6 +136,12 @@ class OnlineMixing:
                 "they must match (one weight update per optimizer step)"
             )
 
+    def select(self, pool: Mapping[str, torch.Tensor], proxies: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The coreset of a pool the loader yielded, as the batch to train on (``MiniBatchCoreset.__call__``)."""
+        if self.coreset is None:
+            raise CoresetError("this mixing has no coreset: set mixing: {coreset: {pool: k}} in the mixture file")
+        return self.coreset(pool, proxies)
+
     def observe(
         self, losses: torch.Tensor, batch: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None, **signals: Any
     ) -> None:
@@ -143,13 +171,35 @@ class OnlineMixing:
         ``batch``: the next batch to train on, when the trainer fetched ahead
         of what it trained (default: right after the last batch handed out).
         """
-        return {"loader": self.loader.state_dict(batch), "mixer": self.mixer.state_dict()}
+        state = {"loader": self.loader.state_dict(batch), "mixer": self.mixer.state_dict()}
+        if self.coreset is not None:
+            state["coreset"] = self.coreset.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from ``state_dict``: the loader's position, the controller and the channel."""
+        """Resume from ``state_dict``: the loader's position, the controller, the channel and the coreset's record."""
+        if ("coreset" in state) != (self.coreset is not None):
+            has = "has" if "coreset" in state else "has no"
+            raise CoresetError(
+                f"the checkpoint {has} coreset and this mixing {'has no' if has == 'has' else 'has'} one"
+            )
         self.loader.load_state_dict(state["loader"])
         self.mixer.load_state_dict(state["mixer"])
+        if self.coreset is not None:
+            self.coreset.load_state_dict(state["coreset"])
 
     def close(self) -> None:
         """Publish what is pending and close the schedule log."""
         self.mixer.close()
+
+
+def _pool_factor(options: Any) -> int:
+    """``k`` of a ``coreset: {pool: k}`` setting (1: no coreset)."""
+    if options is None:
+        return 1
+    if not isinstance(options, Mapping) or set(options) != {"pool"}:
+        raise ConfigError(f"mixing.coreset must look like {{pool: k}} (k >= 2), got {options!r}")
+    pool = options["pool"]
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 2:
+        raise ConfigError(f"mixing.coreset.pool must be an integer >= 2 (pools of k batches), got {pool!r}")
+    return pool

@@ -35,6 +35,7 @@ from onlinemix.mixing.controllers import (
     gradient_alignment,
     neighbour_similarity,
 )
+from onlinemix.mixing.coreset import MiniBatchCoreset, output_gradients
 from onlinemix.mixing.mixer import MixingError, OnlineMixer
 from onlinemix.mixing.schedule_log import read_schedule, replay_schedule
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
@@ -49,6 +50,7 @@ __all__ = [
     "Controller",
     "DGAController",
     "DoReMiController",
+    "MiniBatchCoreset",
     "MixedDataset",
     "MixedLoader",
     "MixingError",
@@ -63,6 +65,7 @@ __all__ = [
     "__version__",
     "gradient_alignment",
     "neighbour_similarity",
+    "output_gradients",
     "per_sample_loss",
     "read_schedule",
     "replay_schedule",

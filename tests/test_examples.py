@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import write_jsonl, write_tokens
 
-from onlinemix import MixedDataset, MixedLoader, read_schedule, replay_schedule
+from onlinemix import ConfigError, MixedDataset, MixedLoader, OnlineMixer, read_schedule, replay_schedule
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -79,6 +79,22 @@ def test_a_preempted_dga_run_resumes_bit_for_bit_and_its_log_replays_it(mixture)
     dataset.schedule = replay_schedule(out / "dga.oms", dataset)
     replayed = [torch.stack([b["domain"], b["index"]], 1).tolist() for b in MixedLoader(dataset, num_workers=0)]
     assert replayed == whole["trained"]
+
+
+def test_coreset_training_keeps_the_batch_size_and_resumes_bit_for_bit(mixture):
+    whole = run(mixture, "odm", "--coreset=3", "--warmup=2", name="coreset")
+    assert [len(step) for step in whole["trained"]] == [8] * 6  # the file's batch size, from pools of 24
+    first = run(mixture, "odm", "--coreset=3", "--warmup=2", "--stop-after=3", name="coreset-parts")
+    rest = run(mixture, "odm", "--coreset=3", "--warmup=2", "--resume", name="coreset-parts")
+    assert first["trained"] + rest["trained"] == whole["trained"]
+    plain = run(mixture, "odm", "--warmup=2", name="plain")
+    assert plain["trained"] != whole["trained"]  # the coreset chose among more samples
+    checkpoint = torch.load(mixture.parent / "runs/coreset-parts.pt", weights_only=False)
+    assert checkpoint["mixing"]["coreset"]["slots"].shape == (6, 8)
+    raw = yaml.safe_load(mixture.read_text())
+    mixture.write_text(yaml.safe_dump({**raw, "mixing": {"coreset": {"pool": 2}}}))
+    with pytest.raises(ConfigError, match=r"mixing\.coreset changes what the loader draws"):
+        OnlineMixer.from_config(mixture, MixedDataset.from_config(mixture))
 
 
 def test_without_held_out_sets_the_example_still_shows_progress_loss_and_weights(mixture, capsys):

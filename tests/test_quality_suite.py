@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -66,12 +67,14 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     monkeypatch.setattr(train, "EVAL_WINDOWS", 16)
     monkeypatch.setattr(train, "WARMUP_STEPS", 2)
     monkeypatch.setattr(run, "REFERENCE_STEPS", 50)
+    monkeypatch.setattr(run, "PRIOR_STEPS", 6)
+    monkeypatch.setattr(run, "TUNING_STEPS", 3)
     argv = ["--out", str(tmp_path), "--scenarios", "targeted+specific", "--seeds", "2", "--steps", "12"]
     assert run.main([*argv, "--workers", "1"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in summary.splitlines() if line.startswith("| ")}
     for method in ("uniform", "proportional", "closest", "odm", "ado", "doremi", "dga", "importance", "classifier",
-                   "doremi-target"):  # fmt: skip
+                   "color-filter", "coreset", "doremi-target"):  # fmt: skip
         assert method in rows, method
     # compute, in plain runs: a static run is one; DGA adds its alignment gradients and the guard's probes;
     # DoReMi adds a forward of its reference per step and the uniform run that made the reference
@@ -87,15 +90,18 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
         round(1 + (steps * batch + probes) / plain + reference, 2), abs=0.006
     )
     assert compute["proxy-dga"] == 1.25  # the replay, and the proxy: a quarter of the steps, no alignment yet
+    assert compute["coreset"] == round(7 / 3, 2)  # each step: the pool's forward (4 batches), one training pass
+    setup = json.loads((tmp_path / "importance/targeted+specific-color-filter/setup-compute.json").read_text())
+    assert compute["color-filter"] == round(1 + setup["window_passes"] / (steps * batch * 3), 2) > 1.0
     assert "vs uniform (paired)" in summary and rows["uniform"][4] == "+0.0000 ± 0.0000"
     assert "the bar" in summary and ("meets the 0.75x bar" in summary or "0.75x bar is not met" in summary
                                      or "does not meet the 0.75x bar" in summary)  # fmt: skip
     assert (tmp_path / "targeted+specific.png").stat().st_size > 10_000
     runs = sorted((tmp_path / "runs" / "targeted+specific").rglob("*.json"))
     # every method on both seeds (uniform, proportional, closest, odm, ado, doremi, dga, importance, classifier,
-    # doremi-target, bandit, bandit-unguarded), the proxy workflow's short run and replay on both, the grid on seed 0,
-    # its best on seed 1
-    assert len(runs) == 12 * 2 + 2 * 2 + 6 + 1
+    # color-filter, coreset, doremi-target, bandit, bandit-unguarded), the proxy workflow's short run and replay on
+    # both, the grid on seed 0, its best on seed 1
+    assert len(runs) == 14 * 2 + 2 * 2 + 6 + 1
     capsys.readouterr()
     assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
     assert "runs to train" not in capsys.readouterr().out

@@ -157,48 +157,26 @@ def test_a_scorer_of_the_users_own_by_module_and_class(tmp_path, monkeypatch):
         load_scorer(tmp_path / "anything", "user_scorers:Missing")
 
 
-def byte_tokenizer():
-    """A transformers tokenizer of single bytes (no merges) with a padding token: 257 ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocabulary["<pad>"] = len(vocabulary)
-    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>")
-
-
-def train_lm(model, tokenizer, texts: list[str], steps: int, seed: int):
-    """A few steps of next-token training on ``texts`` (batches of 16)."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(steps):
-        batch = tokenizer([texts[i] for i in rng.integers(0, len(texts), 16)], return_tensors="pt", padding=True)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
-
-
-def test_color_filter_scores_rank_target_like_documents_first(tmp_path):
+def test_color_filter_scores_rank_target_like_documents_first(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    tokenizer = byte_tokenizer()
+    from onlinemix.loaders.importance.color_filter import byte_level_tokenizer, train_causal_lm
+
+    tokenizer = byte_level_tokenizer()
     config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2)
     torch.manual_seed(0)
-    prior = train_lm(transformers.GPT2LMHeadModel(config), tokenizer,
-                     sentences(GERMAN, 100, 0) + sentences(ENGLISH, 100, 1), steps=80, seed=0)  # fmt: skip
+    prior = train_causal_lm(transformers.GPT2LMHeadModel(config), tokenizer,
+                            sentences(GERMAN, 100, 0) + sentences(ENGLISH, 100, 1), steps=80, lr=3e-3)  # fmt: skip
     prior.save_pretrained(tmp_path / "prior")
-    conditional = train_lm(prior, tokenizer, sentences(GERMAN, 100, 2), steps=40, seed=1)  # the prior, fine-tuned
-    conditional.save_pretrained(tmp_path / "conditional")
-    for folder in ("prior", "conditional"):
-        tokenizer.save_pretrained(tmp_path / folder)
-    settings = {"format": "onlinemix-color-filter", "prior": "prior", "conditional": "conditional", "batch_size": 8}
-    (tmp_path / "cf.json").write_text(json.dumps(settings))
+    tokenizer.save_pretrained(tmp_path / "prior")
+    # The recipe, as a command: the prior fine-tuned on the target, saved beside cf.json, which names both.
+    write_jsonl(tmp_path / "german.jsonl", sentences(GERMAN, 100, 2))
+    fit = ["importance", "fit", "--scorer", "color-filter", "--prior", str(tmp_path / "prior"),
+           "--target", str(tmp_path / "german.jsonl"), "-o", str(tmp_path / "cf.json"), "--steps", "40",
+           "--lr", "3e-3"]  # fmt: skip
+    assert main(fit) == 0
+    assert "fine-tuned 40 steps on 100 target documents" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "cf.json").read_text())
+    assert settings["prior"] == "prior" and settings["conditional"] == "cf.conditional"
 
     scorer = load_scorer(tmp_path / "cf.json")  # the kind read from the file
     german, english = sentences(GERMAN, 30, 5), sentences(ENGLISH, 30, 6)
@@ -207,7 +185,7 @@ def test_color_filter_scores_rank_target_like_documents_first(tmp_path):
     assert np.median(scores[:30]) > np.percentile(scores[30:60], 90)  # target-like documents rank first
     assert scores[:30].mean() > 0 > scores[30:60].mean()  # the fine-tuned model predicts German better, English worse
 
-    # by hand for one document: the two saved models' summed next-token losses (``prior`` was fine-tuned in place)
+    # by hand for one document: the two saved models' summed next-token losses
     ids = tokenizer(german[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         losses = [
@@ -216,13 +194,17 @@ def test_color_filter_scores_rank_target_like_documents_first(tmp_path):
         ]
     assert scores[0] == pytest.approx(losses[0] - losses[1], rel=1e-4)
     fingerprint = scorer.fingerprint()
-    train_lm(conditional, tokenizer, sentences(ENGLISH, 50, 7), steps=2, seed=2).save_pretrained(
-        tmp_path / "conditional"
+    conditional = scorer.conditional
+    train_causal_lm(conditional, tokenizer, sentences(ENGLISH, 50, 7), steps=2, seed=2).save_pretrained(
+        tmp_path / "cf.conditional"
     )
     assert load_scorer(tmp_path / "cf.json").fingerprint() != fingerprint  # another model: another scorer
     (tmp_path / "bad.json").write_text(json.dumps({**settings, "conditional": "missing"}))
     with pytest.raises(ImportanceError, match=r"the conditional model folder .*missing does not exist"):
         load_scorer(tmp_path / "bad.json")
+    assert main(["importance", "fit", "--scorer", "color-filter", "--target", str(tmp_path / "german.jsonl"),
+                 "-o", str(tmp_path / "x.json")]) != 0  # fmt: skip
+    assert "needs --prior DIR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])

@@ -92,26 +92,41 @@ def _heldout_path(root: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------- planning
 
 
-SELECTION_BETA = {"dsir": 1.0, "classifier": 4.0}  # log weights sum over a document's n-grams; log-odds do not
+# log weights and CoLoR-Filter's loss reductions sum over a document's n-grams or tokens; the classifier's log-odds
+# do not
+SELECTION_BETA = {"dsir": 1.0, "classifier": 4.0, "color-filter": 1.0}
+# CoLoR-Filter's models: GPT-2s of the suite's small model size, the prior trained PRIOR_STEPS steps of 32 windows
+# drawn uniformly from the scenario's domains, then fine-tuned TUNING_STEPS steps of 16 pieces of the specific set
+PRIOR_STEPS, TUNING_STEPS, TUNING_TOKENS = 400, 30, 256  # tuning: about two passes over the specific set
 
 
 def selection_setup(root: Path, scenario: suite.Scenario, out: Path, scorer: str = "dsir") -> Path:
-    """Fit ``scorer`` (DSIR, or the n-gram classifier) on the specific set against the scenario's domains, score
-    them, and write the mixture that resamples by it: uniform weights, each domain's epochs its best half by score
-    (Gumbel-top-k on ``beta · score``; the classifier's ``beta`` is larger because its log-odds span a few nats where
-    DSIR's log weights span tens to hundreds)."""
+    """Fit ``scorer`` (DSIR, the n-gram classifier, CoLoR-Filter's models) on the specific set, score the scenario's
+    domains, and write the mixture that resamples by it: uniform weights, each domain's epochs its best half by
+    score (Gumbel-top-k on ``beta · score``; the classifier's ``beta`` is larger because its log-odds span a few
+    nats where DSIR's log weights span tens to hundreds)."""
     import yaml
 
     folder = out / "importance" / (scenario.name if scorer == "dsir" else f"{scenario.name}-{scorer}")
     config = root / scenario.config
-    model = folder / ("est.npz" if scorer == "dsir" else f"{scorer}.npz")
     sidecars, mixture = folder / "sidecars", folder / "importance.yaml"
     if not mixture.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        quiet = ["--raw-docs", "2000"]
-        onlinemix(["importance", "fit", "--scorer", scorer, "--target", str(root / "target/specific.jsonl"),
-                   "--config", str(config), "-o", str(model), *quiet])  # fmt: skip
-        onlinemix(["importance", "score", str(model), "--config", str(config), "--out", str(sidecars)])
+        if scorer == "color-filter":  # one pair of models for every scenario; a domain scored for one is kept
+            model = color_filter_models(root, out / "importance" / "color-filter")
+            reuse_sidecars(out / "importance", f"-{scorer}", sidecars, scenario_domains(config))
+        else:
+            model = folder / ("est.npz" if scorer == "dsir" else f"{scorer}.npz")
+            onlinemix(["importance", "fit", "--scorer", scorer, "--target", str(root / "target/specific.jsonl"),
+                       "--config", str(config), "-o", str(model), "--raw-docs", "2000"])  # fmt: skip
+        workers = ["--workers", str(os.cpu_count() or 1)] if scorer == "color-filter" else []
+        onlinemix(["importance", "score", str(model), "--config", str(config), "--out", str(sidecars), *workers])
+        if scorer == "color-filter":  # what the selection cost before any run: the models, and scoring every window
+            models = json.loads((model.parent / "models-compute.json").read_text())["window_passes"]
+            scored = [sidecars / f"{name}.importance.npy" for name in scenario_domains(config)]
+            windows = sum(len(np.load(path, mmap_mode="r")) for path in scored)
+            passes = models + 2 * trainer.FORWARD * windows
+            (folder / "setup-compute.json").write_text(json.dumps({"window_passes": passes}))
         raw = yaml.safe_load(config.read_text())
         for domain in raw["domains"]:
             domain["path"] = str((root / domain["path"]).resolve())
@@ -121,6 +136,67 @@ def selection_setup(root: Path, scenario: suite.Scenario, out: Path, scorer: str
             raw["importance"]["estimator"] = str(model.resolve())
         mixture.write_text(yaml.safe_dump(raw, sort_keys=False))
     return mixture
+
+
+def scenario_domains(config: Path) -> list[str]:
+    import yaml
+
+    return [domain["name"] for domain in yaml.safe_load(config.read_text())["domains"]]
+
+
+def reuse_sidecars(importance: Path, suffix: str, sidecars: Path, names: list[str]) -> None:
+    """Copy the sidecars of ``names`` another scenario has scored with the same scorer (``<scenario><suffix>``):
+    the scenarios share their general domains' files. ``score`` checks each copy's fingerprints (the scorer's and
+    the source's) and scores afresh any that does not match."""
+    import shutil
+
+    sidecars.mkdir(parents=True, exist_ok=True)
+    for other in sorted(importance.glob(f"*{suffix}/sidecars")):
+        for name in names:
+            for path in other.glob(f"{name}.importance.*"):
+                if other != sidecars and not (sidecars / path.name).exists():
+                    shutil.copy2(path, sidecars / path.name)
+
+
+def color_filter_models(root: Path, folder: Path) -> Path:
+    """CoLoR-Filter's pair of models, trained once for the suite: the prior, a byte-level GPT-2 of the suite's small
+    model size trained on windows drawn uniformly from the six general domains, and the same fine-tuned on the
+    specific set (``importance fit --scorer color-filter``). Returns the file naming both; writes
+    ``models-compute.json`` beside it (their training, in window passes)."""
+    import torch
+    import transformers
+
+    from onlinemix.loaders.build import build_sources
+    from onlinemix.loaders.config import MixtureConfig
+    from onlinemix.loaders.importance.color_filter import byte_level_tokenizer, train_causal_lm
+    from onlinemix.loaders.importance.sidecars import domain_texts
+
+    model = folder / "color-filter.json"
+    if model.exists():
+        return model
+    mixture = MixtureConfig.load(root / "general.yaml")
+    sources = build_sources(mixture)
+    generator = np.random.default_rng(0)
+    texts = []
+    for source in sources:  # as many windows of each domain as the prior trains on in all, at most
+        count = min(len(source), PRIOR_STEPS * suite_data.GLOBAL_BATCH // len(sources) + 1)
+        texts += domain_texts(source, generator.choice(len(source), count, replace=False), "text")
+    tokenizer = byte_level_tokenizer()
+    size = trainer.SIZES["small"]
+    gpt = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=TUNING_TOKENS, n_embd=size["width"],
+                                  n_layer=size["layers"], n_head=size["heads"])  # fmt: skip
+    torch.manual_seed(0)
+    prior = train_causal_lm(transformers.GPT2LMHeadModel(gpt), tokenizer, texts, PRIOR_STEPS,
+                            batch_size=suite_data.GLOBAL_BATCH, lr=3e-3, desc="CoLoR-Filter prior")  # fmt: skip
+    prior.save_pretrained(folder / "prior")
+    tokenizer.save_pretrained(folder / "prior")
+    onlinemix(["importance", "fit", "--scorer", "color-filter", "--prior", str(folder / "prior"), "--target",
+               str(root / "target/specific.jsonl"), "-o", str(model), "--steps", str(TUNING_STEPS), "--lr", "1e-3",
+               "--max-tokens", str(TUNING_TOKENS)])  # fmt: skip
+    tuning_windows = TUNING_STEPS * 16 * -(-TUNING_TOKENS // mixture.seq_len)  # 16 pieces a step, at most
+    passes = trainer.FORWARD_BACKWARD * (PRIOR_STEPS * suite_data.GLOBAL_BATCH + tuning_windows)
+    (folder / "models-compute.json").write_text(json.dumps({"window_passes": passes}))
+    return model
 
 
 def importance_setup(root: Path, scenario: suite.Scenario, out: Path) -> tuple[Path, dict[str, float]]:
@@ -162,9 +238,9 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
                 if method == "importance":
                     task["method"], task["config"] = "uniform", str(importance)
                     task["label"] = "importance"
-                if method == "classifier":
-                    task["method"], task["label"] = "uniform", "classifier"
-                    task["config"] = str(selection_setup(root, scenario, args.out, "classifier"))
+                if method in ("classifier", "color-filter"):
+                    task["method"], task["label"] = "uniform", method
+                    task["config"] = str(selection_setup(root, scenario, args.out, method))
                 task["references"] = references
                 if method.endswith(suite.WITH_PRIOR) or (method == "bandit" and scenario.features is not None):
                     task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]
@@ -283,6 +359,9 @@ def compute(out: Path, scenario: suite.Scenario, label: str, histories: list[dic
         return own + json.loads(references[0].read_text())["compute"] / plain
     if label.startswith("doremi"):  # its reference: the uniform mixture's model, a whole run
         return own + 1.0
+    if label == "color-filter":  # its two models, trained and run over every window first
+        setup = out / "importance" / f"{scenario.name}-color-filter" / "setup-compute.json"
+        return own + json.loads(setup.read_text())["window_passes"] / plain
     return own
 
 

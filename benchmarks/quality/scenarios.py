@@ -113,7 +113,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "general.yaml",
         objective=names,
         heldout=names,
-        methods=["uniform", "proportional", "odm", "doremi", "ado"],
+        methods=["uniform", "proportional", "odm", "doremi", "ado", "coreset"],
         domain_heldout=own,
         proxy="odm",
         grid={
@@ -127,7 +127,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         "targeted.yaml",
         objective=["target"],
         heldout=["target"],
-        methods=["uniform", "proportional", "closest", *TARGET_BLIND, *TARGET_AWARE],
+        methods=["uniform", "proportional", "closest", *TARGET_BLIND, *TARGET_AWARE, "coreset"],
         align="target/specific.bin",
         domain_heldout=own,
         proxy="dga",
@@ -151,7 +151,8 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         )
 
     blind_and_dga = [*TARGET_BLIND, "dga"]
-    selection = ["importance", "classifier"]  # static: the stream resamples each domain by DSIR's or the classifier's
+    # static: the stream resamples each domain by DSIR's or the classifier's; or each batch is a coreset of a pool
+    selection = ["importance", "classifier", "color-filter", "coreset"]
     bandits = ["bandit", "bandit" + UNGUARDED]  # unguarded: neither the epoch budget nor the probes hold it
     large = with_specific("targeted+specific", "target/align.bin", (0.05, 0.1, 0.2, 0.4, 0.7, 0.85),
                           ["closest", *blind_and_dga, *selection, "doremi-target", *bandits])  # fmt: skip
@@ -204,9 +205,17 @@ WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clu
 PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
-TARGET_AWARE = ["dga", "importance", "classifier", "doremi-target", "bandit"]  # what needs a sample of the target
+TARGET_AWARE = [
+    "dga",
+    "importance",
+    "classifier",
+    "color-filter",
+    "doremi-target",
+    "bandit",
+]  # what needs a sample of the target
 DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
+CORESET_POOL = 4  # mini-batch coresets: pools of 4 batches (CoLM's range is 2-4)
 BANDIT_NEIGHBOURS = 8  # clusters that share credit (a cluster and its 7 nearest by DSIR n-grams)
 
 
@@ -263,6 +272,8 @@ def method(
         if scenario.features is not None:
             similarity = neighbour_similarity(np.log1p(scenario.features), BANDIT_NEIGHBOURS)
         return Method(name, online(ClusterBanditController, similarity=similarity), reward=("target",), guarded=True)
+    if name == "coreset":  # the uniform mixture, each step's batch a CoLM-style coreset of a pool 4x as large
+        return Method(name, build(StaticController), pool=CORESET_POOL)
     if name == "dga":  # aligned with a sample of the target that is never trained on
         return Method(name, online(DGAController, **DGA_OPTIONS), align=scenario.align, guarded=True)
     raise ValueError(f"unknown method {name!r}")

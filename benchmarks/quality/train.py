@@ -24,11 +24,13 @@ from tiny_gpt import TinyGPT
 from onlinemix import (
     ByteTokenizer,
     Controller,
+    MiniBatchCoreset,
     MixedDataset,
     MixtureConfig,
     OnlineMixer,
     OnlineMixing,
     gradient_alignment,
+    output_gradients,
     per_sample_loss,
 )
 
@@ -52,7 +54,8 @@ class Method:
     ``guarded``: the memorisation guard's held-out probes are fed to the controller (online methods);
     ``reward``: models whose per-sample losses make each sample's reward, passed as ``observe(..., reward=...)``:
     ``(general, target)``: how much better the second predicts it (``loss_general - loss_target``, CoLoR-Filter's
-    score); ``(target,)``: how well it does (``-loss_target``).
+    score); ``(target,)``: how well it does (``-loss_target``); ``pool``: above 1, each step trains on a
+    mini-batch coreset (``MiniBatchCoreset``, loss weighted by coverage) of a pool ``pool`` times the batch.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Method:
     align_every: int = 10
     config: Path | None = None
     reward: tuple[str, ...] | None = None
+    pool: int = 1
 
 
 class HeldOut:
@@ -141,9 +145,11 @@ def train(
         torch.set_num_threads(1)  # the suite runs one process per core
     mixture = MixtureConfig.load(method.config or config)
     mixture.seed = seed  # the sample order varies with the seed, like the initialisation
+    coreset = MiniBatchCoreset(mixture.global_batch_size, len(mixture.names)) if method.pool > 1 else None
+    mixture.global_batch_size *= method.pool  # with a coreset, the loader's batches are the pools
     dataset = MixedDataset.from_config(mixture, num_batches=steps)
     mixer = OnlineMixer(method.controller(dataset, device), dataset, lag=1)
-    mixing = OnlineMixing(mixer, num_workers=0 if device == "cpu" else 2)
+    mixing = OnlineMixing(mixer, coreset=coreset, num_workers=0 if device == "cpu" else 2)
     model = new_model(mixture.seq_len, seed, size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
 
@@ -165,10 +171,15 @@ def train(
     for step, batch in enumerate(mixing):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps)
+        if coreset is not None:  # score the pool without gradients; train on its coreset
+            with torch.no_grad():
+                proxies = output_gradients(model(batch["input_ids"].to(device)), batch["labels"].to(device))
+            compute += FORWARD * len(proxies)
+            batch = mixing.select(batch, proxies)
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         losses = per_sample_loss(model(ids), labels)
         optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        (losses * batch["coreset_weight"].to(device) if coreset is not None else losses).mean().backward()
         optimizer.step()
         compute += FORWARD_BACKWARD * len(ids)
         signals = {}

@@ -1,4 +1,4 @@
-"""``onlinemix importance fit|score|report``: DSIR importance weights for a mixture's domains.
+"""``onlinemix importance fit|score|report``: per-document scores (DSIR, a classifier, CoLoR-Filter) for a mixture.
 
 ::
 
@@ -33,6 +33,7 @@ from onlinemix.loaders.engines import ENGINES, engine_runner
 from onlinemix.loaders.extras import pyplot
 from onlinemix.loaders.help_format import DefaultsFormatter
 from onlinemix.loaders.importance.classifier import HashedClassifier
+from onlinemix.loaders.importance.color_filter import fine_tune_conditional
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator, NgramHasher
 from onlinemix.loaders.importance.scorers import SCORERS, Scorer, file_kind, load_scorer
 from onlinemix.loaders.importance.sidecars import domain_texts, load_sidecar, sidecar_paths, source_fingerprint
@@ -50,6 +51,13 @@ def _domains(config: MixtureConfig) -> dict[str, Source]:
 
 def fit(args: argparse.Namespace) -> None:
     """``onlinemix importance fit``."""
+    if args.scorer == "color-filter":
+        fit_color_filter(args)
+        return
+    if args.prior:
+        raise ImportanceError("--prior is for --scorer color-filter (the model the target fine-tunes)")
+    if args.config is None:
+        raise ImportanceError(f"--scorer {args.scorer} needs --config: the mixture whose domains are the raw data")
     config = MixtureConfig.load(args.config)
     sources = _domains(config)
     rng = np.random.default_rng(args.seed)
@@ -85,6 +93,21 @@ def fit(args: argparse.Namespace) -> None:
     classifier = HashedClassifier.fit(target, negative, hasher, args.l2, args.min_words)
     classifier.save(args.output)
     print(f"wrote {args.output}: a classifier of {len(target)} target documents against {len(negative)} others")
+
+
+def fit_color_filter(args: argparse.Namespace) -> None:
+    """``fit --scorer color-filter``: the prior fine-tuned on the target (``color_filter.fine_tune_conditional``)."""
+    if args.prior is None:
+        raise ImportanceError(
+            "--scorer color-filter needs --prior DIR: a transformers causal LM trained on general data"
+        )
+    if args.target is None:
+        raise ImportanceError("--scorer color-filter fine-tunes on --target files (not --target-domain)")
+    target = _read_files(args.target, args.field, "target")
+    written = fine_tune_conditional(args.prior, target, args.output, steps=args.steps, lr=args.lr,
+                                    batch_size=args.batch_size, max_tokens=args.max_tokens, seed=args.seed,
+                                    device=args.device)  # fmt: skip
+    print(f"wrote {written}: {args.prior} fine-tuned {args.steps} steps on {len(target)} target documents")
 
 
 def _read_files(paths: list[Path], field: str, what: str) -> list[str]:
@@ -241,33 +264,41 @@ def add_importance(commands: argparse._SubParsersAction) -> None:
     """Add the ``importance`` subcommands to the ``onlinemix`` parser."""
     parser = commands.add_parser(
         "importance",
-        help="DSIR importance weights: fit an estimator, score domains, report",
+        help="per-document scores (DSIR, classifier, CoLoR-Filter): fit a scorer, score domains, report",
         description=__doc__.split("\n\n")[0],
     )
     actions = parser.add_subparsers(dest="importance_command", required=True, metavar="ACTION")
 
     fit_parser = actions.add_parser(
         "fit",
-        help="fit a scorer (DSIR's n-gram distributions, or a classifier) into a file",
+        help="fit a scorer (DSIR's n-gram distributions, a classifier, or CoLoR-Filter's pair of models)",
         description="Hash the unigrams and bigrams of a target (files, or a domain of the mixture) and of a uniform "
         "sample of every domain. --scorer dsir (default) saves both distributions as an estimator file (.npz) for "
         "score, report and the mixture file's importance: section; --scorer classifier fits logistic regression "
-        "of the target's documents against the domains' sample (or --negative files) and saves it for score.",
+        "of the target's documents against the domains' sample (or --negative files) and saves it for score; "
+        "--scorer color-filter fine-tunes the --prior model (a transformers checkpoint) on the target, saves it "
+        "beside -o and writes -o (.json) naming both, for score (CoLoR-Filter's conditional loss reduction).",
         formatter_class=DefaultsFormatter,
     )
     fit_parser.add_argument(
         "--scorer",
-        choices=("dsir", "classifier"),
+        choices=("dsir", "classifier", "color-filter"),
         default="dsir",
-        help="dsir: importance weights; classifier: log-odds",
+        help="dsir: importance weights; classifier: log-odds; color-filter: --prior fine-tuned on the target",
     )
+    fit_parser.add_argument("--prior", type=Path, help="color-filter: the prior model's folder (transformers)")
+    fit_parser.add_argument("--steps", type=int, default=200, help="color-filter: fine-tuning steps on the target")
+    fit_parser.add_argument("--lr", type=float, default=1e-3, help="color-filter: fine-tuning learning rate")
+    fit_parser.add_argument("--batch-size", type=int, default=16, help="color-filter: documents per step")
+    fit_parser.add_argument("--max-tokens", type=int, default=512, help="color-filter: tokens kept per document")
+    fit_parser.add_argument("--device", default="cpu", help="color-filter: where to fine-tune and score (cpu, cuda)")
     fit_parser.add_argument("--negative", type=Path, nargs="+", help="classifier: negative examples (files or folders)")
     fit_parser.add_argument("--l2", type=float, default=1e-4, help="classifier: L2 penalty (larger: smoother scores)")
     where = fit_parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", type=Path, nargs="+", help="target files (.jsonl: one document per line)")
     where.add_argument("--target-domain", help="use this domain of the config as the target")
-    fit_parser.add_argument("--config", type=Path, required=True, help="the mixture whose domains are the raw data")
-    fit_parser.add_argument("-o", "--output", type=Path, required=True, help="estimator file to write (.npz)")
+    fit_parser.add_argument("--config", type=Path, help="the mixture whose domains are the raw data (dsir, classifier)")
+    fit_parser.add_argument("-o", "--output", type=Path, required=True, help="the file to write (.npz; .json)")
     fit_parser.add_argument("--raw-docs", type=int, default=10_000, help="documents sampled per domain (uniformly)")
     fit_parser.add_argument("--buckets", type=int, default=10_000, help="hash buckets (more: fewer collisions)")
     fit_parser.add_argument("--ngrams", type=int, choices=(1, 2), default=2, help="2: unigrams and bigrams")
