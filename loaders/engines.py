@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -23,17 +26,38 @@ from onlinemix.loaders.files import CACHE_ENV
 ENGINES = ("local", "ray")
 
 
+THREAD_VARIABLES = ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS", "OMP_NUM_THREADS")
+
+
 def tokenizer_threads(workers: int) -> dict[str, str]:
     """The environment that gives each of ``workers`` processes its share of the cores for a Hugging Face
-    tokenizer's thread pool (``encode_batch`` runs on all of them by default: ``workers`` processes would each
-    start one thread per core and fight over them). A value the user set is kept."""
+    tokenizer's thread pool and torch's (``encode_batch`` and a model's matrix products run on all of them by
+    default: ``workers`` processes would each start one thread per core and fight over them). A value the user
+    set is kept."""
     share = str(max(1, (os.cpu_count() or 1) // workers))
-    return {name: os.environ.get(name, share) for name in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")}
+    return {name: os.environ.get(name, share) for name in THREAD_VARIABLES}
 
 
-def _set_environment(values: dict[str, str]) -> None:
-    """A worker process's initializer (module level: spawn pickles it by name)."""
+def _set_environment(values: dict[str, str], parent: int | None = None) -> None:
+    """A worker process's initializer (module level: spawn pickles it by name): its environment, its torch
+    threads (torch may be imported already, by the parent's main module), and a watch that ends the worker when
+    ``parent`` does — a pool's workers otherwise outlive a parent that was killed, and go on using the cores."""
     os.environ.update(values)
+    torch = sys.modules.get("torch")
+    if torch is not None and values.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(int(values["OMP_NUM_THREADS"]))
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="onlinemix-parent-watch").start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this process once ``parent`` is gone (it is then no longer this process's parent)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+PARENT_POLL_S = 0.5
 
 
 @contextmanager
@@ -53,7 +77,8 @@ def engine_runner(
     else:  # spawned, not forked: a worker starts clean of the parent's threads and open files
         context = multiprocessing.get_context("spawn")
         threads = tokenizer_threads(workers)
-        with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=(threads,)) as pool:
+        setup = (threads, os.getpid())
+        with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=setup) as pool:
 
             def run(tasks: list[tuple], bar: tqdm) -> dict[tuple, Any]:
                 futures = {pool.submit(function, *task): task for task in tasks}

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,10 +179,50 @@ def test_each_worker_gets_its_share_of_the_cores_for_its_tokenizer(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
     monkeypatch.delenv("RAYON_RS_NUM_CPUS", raising=False)
-    assert tokenizer_threads(2) == {"RAYON_NUM_THREADS": "4", "RAYON_RS_NUM_CPUS": "4"}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert tokenizer_threads(2) == {"RAYON_NUM_THREADS": "4", "RAYON_RS_NUM_CPUS": "4", "OMP_NUM_THREADS": "4"}
     assert tokenizer_threads(16)["RAYON_NUM_THREADS"] == "1"
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")  # the user's choice stands
     assert tokenizer_threads(2)["RAYON_NUM_THREADS"] == "3"
+
+
+PARENT = """
+import os, sys, time
+from tqdm import tqdm
+from onlinemix.loaders.engines import engine_runner
+with engine_runner("local", 2, time.sleep) as run:
+    print(os.getpid(), flush=True)
+    run([(60,), (60,)], tqdm(disable=True))
+"""
+
+
+def test_local_workers_end_when_their_parent_is_killed(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+
+    def workers() -> list[int]:
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [int(child) for child in children]
+
+    deadline = time.monotonic() + 60
+    while len(workers()) < 2 and time.monotonic() < deadline:  # the two workers (and the resource tracker)
+        time.sleep(0.2)
+    spawned = workers()
+    assert len(spawned) >= 2
+    os.kill(pid, signal.SIGKILL)  # as a job scheduler ends a job: no cleanup runs
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(child) for child in spawned) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(child) for child in spawned), "a worker outlived its killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return status != "Z"  # a zombie has exited; only its entry waits to be collected
 
 
 def test_where_the_file_resamples_by_dsir_prepare_writes_the_sidecars_importance_score_writes(tmp_path, monkeypatch):
