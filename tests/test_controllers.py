@@ -40,7 +40,7 @@ def test_ema_keeps_absent_domains():
 
 
 def test_doremi_update_hand_computed():
-    c = DoReMiController(UNIFORM3, eta=1.0, smoothing=0.1)
+    c = DoReMiController(UNIFORM3, eta=1.0, smoothing=0.1, trust_region=None)  # the update alone
     losses, reference = torch.tensor([3.0, 2.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 2.0, 4.0])
     c.observe(losses, torch.tensor([0, 0, 1, 2]), reference=reference)
     w = c.step()
@@ -49,10 +49,14 @@ def test_doremi_update_hand_computed():
     expected = 0.9 * alpha / alpha.sum() + 0.1 / 3
     assert torch.allclose(w, expected)
     assert torch.allclose(c.average, expected)
-    c.step()  # nothing observed: λ = 0, only smoothing moves the weights
-    second = 0.9 * expected + 0.1 / 3
+    c.step()  # nothing observed: each domain keeps its latest excess, λ = (1.5, 0, 0)
+    alpha = expected * torch.tensor([math.exp(1.5), 1.0, 1.0])
+    second = 0.9 * alpha / alpha.sum() + 0.1 / 3
     assert torch.allclose(c.weights, second)
     assert torch.allclose(c.average, (expected + second) / 2)
+    c.observe(torch.tensor([2.5]), torch.tensor([1]), reference=torch.tensor([2.0]))  # domain 1 alone: 0.5
+    alpha = second * torch.exp(torch.tensor([1.5, 0.5, 0.0]))
+    assert torch.allclose(c.step(), 0.9 * alpha / alpha.sum() + 0.1 / 3)
 
 
 def test_odm_exp3_update_hand_computed():

@@ -369,5 +369,6 @@ class Controller:
             self.holding = state["holding"].to(self.device, copy=True)
             self.epochs = state["epochs"].to(self.device, copy=True)
         for key in self.extra_state():
-            setattr(self, key, state[key].to(self.device, copy=True))
+            if key in state:  # a key added since the checkpoint was saved keeps its starting value
+                setattr(self, key, state[key].to(self.device, copy=True))
         self._graphs = None  # captured against the old tensors: capture again on next use

@@ -1,7 +1,8 @@
 """DoReMi (Xie et al., 2023): upweight domains where the model lags a reference model most.
 
 Each step, with ``λ_d`` the mean clipped excess loss ``max(0, loss - reference)``
-of domain ``d``'s samples since the last step (0 for a domain not seen)::
+of domain ``d``'s samples since the last step (for a domain with no sample
+since then: its latest such mean, 0 before its first)::
 
     α' = w_{t-1} · exp(η λ)         (exponentiated gradient, done in log space)
     w_t = (1 - c) · α' / Σ α' + c / k
@@ -11,6 +12,13 @@ mixture, to train a larger model with (e.g. as a static or replayed schedule).
 
 The reference loss is given per sample to ``observe(reference=...)``: a
 column precomputed by a reference model, or its output in the same step.
+
+Why a domain absent from a step keeps its latest excess (the paper's batches
+hold every domain, so it never says): counted as 0, it would gain nothing on
+the steps it is not drawn while the domains drawn gain, and a domain is
+drawn in proportion to its weight — the heavier, the more steps it gains on.
+With more domains than a batch has samples (hundreds of clusters), that
+feedback, not the excess losses, decided where the weight went.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class DoReMiController(Controller):
         self.eta, self.smoothing = eta, smoothing
         # float64: a float32 running sum would lose the weights' low digits after some 10^4 steps
         self.weight_sum = torch.zeros_like(self.weights, dtype=torch.float64)
+        self.excess = torch.zeros_like(self.weights)  # each domain's latest mean excess loss
 
     @property
     def average(self) -> torch.Tensor:
@@ -56,11 +65,12 @@ class DoReMiController(Controller):
         self.stats.add(self.with_importance(excess, signals), domains, mask)
 
     def update(self) -> torch.Tensor:
-        excess, _ = self.stats.take()
-        alpha = torch.softmax(torch.log(self.weights) + self.eta * excess, dim=0)
+        excess, present = self.stats.take()
+        self.excess = torch.where(present, excess, self.excess)
+        alpha = torch.softmax(torch.log(self.weights) + self.eta * self.excess, dim=0)
         weights = (1 - self.smoothing) * alpha + self.smoothing / self.num_domains
         self.weight_sum = self.weight_sum + weights  # a new tensor: a rejected update is rolled back
         return weights
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {"weight_sum": self.weight_sum}
+        return {"weight_sum": self.weight_sum, "excess": self.excess}
