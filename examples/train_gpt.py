@@ -118,10 +118,10 @@ def build_mixing(args: argparse.Namespace, config: MixtureConfig) -> OnlineMixin
         options = {"num_batches": args.steps}
         return OnlineMixing.from_config(config, num_workers=args.workers, dataset_options=options, lag=args.lag,
                                         log=args.log, **on_device, **coreset)  # fmt: skip
-    coreset = MiniBatchCoreset(config.global_batch_size, len(config.names)) if args.coreset > 1 else None
-    if coreset is not None:  # the loader's batches are the pools
-        config = dataclasses.replace(config, global_batch_size=config.global_batch_size * args.coreset)
+    # With --coreset the loader's batches are pools of K batches, and the coreset keeps one batch of each.
+    config = dataclasses.replace(config, global_batch_size=config.global_batch_size * args.coreset)
     dataset = MixedDataset.from_config(config, num_batches=args.steps)
+    coreset = MiniBatchCoreset.for_pools(dataset, args.coreset) if args.coreset > 1 else None
     sizes = torch.tensor([float(len(source)) for source in dataset.sources])
     uniform = torch.full_like(sizes, 1 / len(sizes))
     start = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy()).float()  # the file's weights: the prior

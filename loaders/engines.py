@@ -24,12 +24,11 @@ from onlinemix.loaders.extras import require
 from onlinemix.loaders.files import CACHE_ENV
 
 ENGINES = ("local", "ray")
+THREAD_VARIABLES = ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS", "OMP_NUM_THREADS")  # tokenizers' and torch's pools
+PARENT_POLL_S = 0.5  # how often a local worker checks that its parent is alive
 
 
-THREAD_VARIABLES = ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS", "OMP_NUM_THREADS")
-
-
-def tokenizer_threads(workers: int) -> dict[str, str]:
+def thread_shares(workers: int) -> dict[str, str]:
     """The environment that gives each of ``workers`` processes its share of the cores for a Hugging Face
     tokenizer's thread pool and torch's (``encode_batch`` and a model's matrix products run on all of them by
     default: ``workers`` processes would each start one thread per core and fight over them). A value the user
@@ -38,7 +37,7 @@ def tokenizer_threads(workers: int) -> dict[str, str]:
     return {name: os.environ.get(name, share) for name in THREAD_VARIABLES}
 
 
-def _set_environment(values: dict[str, str], parent: int | None = None) -> None:
+def _set_environment(values: dict[str, str], parent: int) -> None:
     """A worker process's initializer (module level: spawn pickles it by name): its environment, its torch
     threads (torch may be imported already, by the parent's main module), and a watch that ends the worker when
     ``parent`` does — a pool's workers otherwise outlive a parent that was killed, and go on using the cores."""
@@ -46,8 +45,7 @@ def _set_environment(values: dict[str, str], parent: int | None = None) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and values.get("OMP_NUM_THREADS", "").isdigit():
         torch.set_num_threads(int(values["OMP_NUM_THREADS"]))
-    if parent is not None:
-        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="onlinemix-parent-watch").start()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="onlinemix-parent-watch").start()
 
 
 def _exit_with(parent: int) -> None:
@@ -55,9 +53,6 @@ def _exit_with(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
     os._exit(1)
-
-
-PARENT_POLL_S = 0.5
 
 
 @contextmanager
@@ -76,7 +71,7 @@ def engine_runner(
         yield lambda tasks, bar: {task: _counted(function(*task), bar) for task in tasks}
     else:  # spawned, not forked: a worker starts clean of the parent's threads and open files
         context = multiprocessing.get_context("spawn")
-        threads = tokenizer_threads(workers)
+        threads = thread_shares(workers)
         setup = (threads, os.getpid())
         with ProcessPoolExecutor(workers, context, initializer=_set_environment, initargs=setup) as pool:
 
@@ -101,7 +96,7 @@ def _on_ray(workers: int, function: Callable[..., Any]) -> Iterator[Callable[[li
         ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else workers, log_to_driver=False)
     try:
         env = {name: os.environ[name] for name in (CACHE_ENV, LIMIT_ENV) if os.environ.get(name)}
-        env |= tokenizer_threads(1)  # one CPU per task: its tokenizer's thread pool too
+        env |= thread_shares(1)  # one CPU per task: its tokenizer's thread pool too
         remote = ray.remote(function).options(num_cpus=1, runtime_env={"env_vars": env})
 
         def run(tasks: list[tuple], bar: tqdm) -> dict[tuple, Any]:

@@ -82,7 +82,7 @@ def domain_quotas(domains: torch.Tensor, num_domains: int, batch_size: int) -> t
     integer arithmetic, on ``domains``' device.
     """
     pool = domains.numel()
-    counts = torch.bincount(domains, minlength=num_domains)[:num_domains]
+    counts = _count(domains, num_domains)
     scaled = counts * batch_size
     floors, remainders = scaled // pool, scaled % pool
     left = batch_size - floors.sum()
@@ -92,6 +92,12 @@ def domain_quotas(domains: torch.Tensor, num_domains: int, batch_size: int) -> t
     rank = torch.empty_like(ids)
     rank[torch.argsort(key, descending=True)] = ids
     return floors + (rank < left).to(floors.dtype)
+
+
+def _count(values: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of ``0 .. size - 1`` occurs in ``values`` (``bincount`` with a fixed length: ``bincount``
+    itself reads the largest value back to the host to size its output, a synchronisation on a GPU)."""
+    return torch.zeros(size, dtype=torch.int64, device=values.device).index_add_(0, values, torch.ones_like(values))
 
 
 def _selection_hash(domains: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -119,6 +125,14 @@ class MiniBatchCoreset:
         self._counts: list[torch.Tensor] = []  # per step: how many pool samples each pick stands for
         self._hashes: list[torch.Tensor] = []  # per step: _selection_hash of the picked samples
         self._replay: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def for_pools(cls, dataset: Any, pool: int) -> MiniBatchCoreset:
+        """The coreset of a dataset whose batches are pools of ``pool`` training batches: it keeps this rank's
+        share of one (``dataset.local_batch_size // pool``)."""
+        if dataset.local_batch_size % pool:
+            raise CoresetError(f"a batch of {dataset.local_batch_size} samples is not {pool} pools' worth")
+        return cls(dataset.local_batch_size // pool, len(dataset.names))
 
     # -- selection ---------------------------------------------------------------------------------------
 
@@ -158,7 +172,8 @@ class MiniBatchCoreset:
         device = proxies.device
         domains = domains.to(device, non_blocking=True)
         slots, counts = self._facility_location(domains, proxies)
-        self._record(slots, counts, domains, indices.to(device, non_blocking=True))
+        indices = indices.to(device, non_blocking=True)
+        self._record(slots, counts, _selection_hash(domains[slots], indices[slots]))
         return slots, self._weights(counts, size)
 
     def _facility_location(self, domains: torch.Tensor, proxies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,15 +199,16 @@ class MiniBatchCoreset:
         slots = torch.sort((~picked).to(torch.uint8), stable=True).indices[: self.batch_size]
         # Each pool sample stands behind its most similar pick of its own domain: the picks' weights.
         nearest = similarity.index_select(1, slots).argmax(dim=1)
-        return slots, torch.bincount(nearest, minlength=self.batch_size)
+        return slots, _count(nearest, self.batch_size)
 
     def _weights(self, counts: torch.Tensor, pool_size: int) -> torch.Tensor:
         return counts.to(torch.float32) * (self.batch_size / pool_size)
 
-    def _record(self, slots: torch.Tensor, counts: torch.Tensor, domains: torch.Tensor, indices: torch.Tensor) -> None:
+    def _record(self, slots: torch.Tensor, counts: torch.Tensor, picked: torch.Tensor) -> None:
+        """Keep one step's picks: slots, coverage counts and ``picked``, the ``_selection_hash`` of the samples."""
         self._slots.append(slots.to(torch.int32))
         self._counts.append(counts.to(torch.int32))
-        self._hashes.append(_selection_hash(domains[slots], indices[slots]))
+        self._hashes.append(picked)
 
     def _replayed(self, domains: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._replay is not None
@@ -203,12 +219,13 @@ class MiniBatchCoreset:
             )
         slots = torch.from_numpy(recorded["slots"][step].astype(np.int64)).to(domains.device)
         counts = torch.from_numpy(recorded["counts"][step].astype(np.int64)).to(domains.device)
-        if int(_selection_hash(domains[slots], indices[slots])) != int(recorded["hashes"][step]):
+        picked = _selection_hash(domains[slots], indices[slots])
+        if int(picked) != int(recorded["hashes"][step]):
             raise CoresetError(
                 f"step {step}: the pool is not the one the selection was recorded on (its samples at the recorded "
                 "slots differ): replay on the same mixture, seed and weight schedule"
             )
-        self._record(slots, counts, domains, indices)
+        self._record(slots, counts, picked)
         return slots, self._weights(counts, len(domains))
 
     # -- record, checkpoint, replay ------------------------------------------------------------------------

@@ -97,13 +97,11 @@ class OnlineMixing:
             config = MixtureConfig.load(config)
         section = {**config.mixing, **mixing}
         pool = _pool_factor(section.pop("coreset", None))
-        # The controller's section without the coreset; with one, the plan's batches are the pools.
-        config = dataclasses.replace(config, mixing={k: v for k, v in config.mixing.items() if k != "coreset"})
-        if pool > 1:
-            config = dataclasses.replace(config, global_batch_size=config.global_batch_size * pool)
+        # The mixer's section is the rest; with a coreset, the plan's batches are the pools.
+        config = dataclasses.replace(config, mixing=section, global_batch_size=config.global_batch_size * pool)
         dataset = MixedDataset.from_config(config, **(dataset_options or {}))
-        mixer = OnlineMixer.from_config(config, dataset, device=device, **section)
-        coreset = MiniBatchCoreset(dataset.local_batch_size // pool, len(dataset.names)) if pool > 1 else None
+        mixer = OnlineMixer.from_config(config, dataset, device=device)
+        coreset = MiniBatchCoreset.for_pools(dataset, pool) if pool > 1 else None
         return cls(mixer, coreset=coreset, num_workers=num_workers, **(loader_options or {}))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -179,10 +177,8 @@ class OnlineMixing:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict``: the loader's position, the controller, the channel and the coreset's record."""
         if ("coreset" in state) != (self.coreset is not None):
-            has = "has" if "coreset" in state else "has no"
-            raise CoresetError(
-                f"the checkpoint {has} coreset and this mixing {'has no' if has == 'has' else 'has'} one"
-            )
+            which = ("a", "none") if "coreset" in state else ("no", "one")
+            raise CoresetError(f"the checkpoint has {which[0]} coreset record and this mixing has {which[1]}")
         self.loader.load_state_dict(state["loader"])
         self.mixer.load_state_dict(state["mixer"])
         if self.coreset is not None:

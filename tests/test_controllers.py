@@ -57,6 +57,11 @@ def test_doremi_update_hand_computed():
     c.observe(torch.tensor([2.5]), torch.tensor([1]), reference=torch.tensor([2.0]))  # domain 1 alone: 0.5
     alpha = second * torch.exp(torch.tensor([1.5, 0.5, 0.0]))
     assert torch.allclose(c.step(), 0.9 * alpha / alpha.sum() + 0.1 / 3)
+    old = {key: value for key, value in c.state_dict().items() if key != "excess"}  # saved before it was kept
+    resumed = DoReMiController(UNIFORM3, eta=1.0, smoothing=0.1, trust_region=None)
+    with pytest.warns(UserWarning, match="no doremi state 'excess' .* starts from its initial value"):
+        resumed.load_state_dict(old)
+    assert torch.equal(resumed.excess, torch.zeros(3)) and torch.equal(resumed.weights, c.weights)
 
 
 def test_odm_exp3_update_hand_computed():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,11 @@ def test_bad_inputs_are_clear_errors():
         coreset(pool_of([0] * 8), None)
     with pytest.raises(CoresetError, match="batch_size must be an integer >= 1"):
         MiniBatchCoreset(0, num_domains=2)
+    with pytest.raises(CoresetError, match="a batch of 10 samples is not 4 pools' worth"):
+        MiniBatchCoreset.for_pools(SimpleNamespace(local_batch_size=10, names=["a", "b"]), 4)
+    assert MiniBatchCoreset.for_pools(SimpleNamespace(local_batch_size=12, names=["a", "b"]), 4).batch_size == 3
+    with pytest.raises(IndexError):  # a domain id past the mixture's is an error, never dropped
+        domain_quotas(torch.tensor([0, 1, 2]), 2, 2)
 
 
 def train(mixing: OnlineMixing, model: torch.nn.Module, optimizer, steps: int) -> list[list[int]]:

@@ -174,16 +174,16 @@ def test_ray_writes_the_same_caches_as_local_processes(tmp_path, monkeypatch):
 
 
 def test_each_worker_gets_its_share_of_the_cores_for_its_tokenizer(monkeypatch):
-    from onlinemix.loaders.engines import tokenizer_threads
+    from onlinemix.loaders.engines import thread_shares
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
     monkeypatch.delenv("RAYON_RS_NUM_CPUS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert tokenizer_threads(2) == {"RAYON_NUM_THREADS": "4", "RAYON_RS_NUM_CPUS": "4", "OMP_NUM_THREADS": "4"}
-    assert tokenizer_threads(16)["RAYON_NUM_THREADS"] == "1"
+    assert thread_shares(2) == {"RAYON_NUM_THREADS": "4", "RAYON_RS_NUM_CPUS": "4", "OMP_NUM_THREADS": "4"}
+    assert thread_shares(16)["RAYON_NUM_THREADS"] == "1"
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")  # the user's choice stands
-    assert tokenizer_threads(2)["RAYON_NUM_THREADS"] == "3"
+    assert thread_shares(2)["RAYON_NUM_THREADS"] == "3"
 
 
 PARENT = """

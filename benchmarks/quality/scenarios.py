@@ -205,14 +205,8 @@ WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clu
 PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
-TARGET_AWARE = [
-    "dga",
-    "importance",
-    "classifier",
-    "color-filter",
-    "doremi-target",
-    "bandit",
-]  # what needs a sample of the target
+# what needs a sample of the target
+TARGET_AWARE = ["dga", "importance", "classifier", "color-filter", "doremi-target", "bandit"]
 DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
 CORESET_POOL = 4  # mini-batch coresets: pools of 4 batches (CoLM's range is 2-4)

@@ -145,9 +145,9 @@ def train(
         torch.set_num_threads(1)  # the suite runs one process per core
     mixture = MixtureConfig.load(method.config or config)
     mixture.seed = seed  # the sample order varies with the seed, like the initialisation
-    coreset = MiniBatchCoreset(mixture.global_batch_size, len(mixture.names)) if method.pool > 1 else None
     mixture.global_batch_size *= method.pool  # with a coreset, the loader's batches are the pools
     dataset = MixedDataset.from_config(mixture, num_batches=steps)
+    coreset = MiniBatchCoreset.for_pools(dataset, method.pool) if method.pool > 1 else None
     mixer = OnlineMixer(method.controller(dataset, device), dataset, lag=1)
     mixing = OnlineMixing(mixer, coreset=coreset, num_workers=0 if device == "cpu" else 2)
     model = new_model(mixture.seq_len, seed, size, device)

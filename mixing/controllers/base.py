@@ -11,6 +11,7 @@ written into device scalars before each replay.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -369,6 +370,12 @@ class Controller:
             self.holding = state["holding"].to(self.device, copy=True)
             self.epochs = state["epochs"].to(self.device, copy=True)
         for key in self.extra_state():
-            if key in state:  # a key added since the checkpoint was saved keeps its starting value
-                setattr(self, key, state[key].to(self.device, copy=True))
+            if key not in state:  # state added since the checkpoint was saved: said, and kept at its start
+                warnings.warn(
+                    f"the checkpoint has no {self.name} state {key!r} (saved by an earlier version): it starts from "
+                    "its initial value",
+                    stacklevel=2,
+                )
+                continue
+            setattr(self, key, state[key].to(self.device, copy=True))
         self._graphs = None  # captured against the old tensors: capture again on next use
