@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,9 +150,12 @@ def test_ado_fits_each_domains_power_law_exactly():
     assert c.weights[0] > 0.75  # domain 0's loss still falls ~15x faster: 0.3 * 3 * 200^-0.3 vs 0.6 * 200^-0.6
 
 
-def test_ado_update_hand_computed():
+def test_ado_reference_update_hand_computed():
+    """With ``credit=True, shrinkage=False``: the authors' update, credit term included."""
     prior = torch.tensor([0.2, 0.8])
-    c = ADOController(torch.tensor([0.5, 0.5]), prior=prior, warmup=4, ignore=0, mix=0.25, history=0.5)
+    c = ADOController(
+        torch.tensor([0.5, 0.5]), prior=prior, warmup=4, ignore=0, mix=0.25, history=0.5, shrinkage=False, credit=True
+    )
     domains = torch.tensor([0, 1, 1, 1])  # shares 1/4, 3/4 every step
     for t in range(1, 5):
         c.observe(torch.tensor([2.0 + t**-0.5, 1.0 + 4 * t**-0.2])[domains], domains)
@@ -166,6 +170,59 @@ def test_ado_update_hand_computed():
     assert torch.allclose(c.preference, rho, rtol=1e-4)
     average = torch.lerp(torch.tensor([0.5, 0.5]), rho / rho.sum(), 1 / 5)  # the initial weights count 4 steps
     assert torch.allclose(w, torch.lerp(average, rho / rho.sum(), 0.25), rtol=1e-4)
+
+
+def test_ado_shrinks_each_slope_by_its_evidence_hand_computed():
+    """The default update: each fitted slope pulled toward the prior-weighted mean by τ² / (τ² + v), computed here
+    from the least-squares formulas in numpy (one exponent, so no choice of α)."""
+    alpha, steps = 0.5, 12
+    counts = np.array([1.0, 2.0, 5.0])  # samples of each domain a step
+    floors, scales, wobble = np.array([1.0, 2.0, 0.5]), np.array([3.0, 1.0, 2.0]), np.array([0.05, 0.2, 0.01])
+    prior = torch.tensor([0.5, 0.25, 0.25])
+    c = ADOController(torch.full((3,), 1 / 3), prior=prior, warmup=1, ignore=0, exponents=(alpha,))
+    domains = torch.tensor([0] + [1] * 2 + [2] * 5)
+    t = np.arange(1, steps + 1, dtype=np.float64)
+    losses = floors + scales * t[:, None] ** -alpha + wobble * (-1.0) ** t[:, None]  # (steps, 3)
+    for step in range(steps):
+        c.observe(torch.tensor(losses[step], dtype=torch.float32)[domains], domains)
+        c.step()
+    x = t**-alpha
+    slope, variance = np.zeros(3), np.zeros(3)
+    for d in range(3):
+        w, y = counts[d], losses[:, d]
+        X = np.stack([np.ones_like(x), x], axis=1)
+        (epsilon, beta), *_ = np.linalg.lstsq(X * np.sqrt(w), y * np.sqrt(w), rcond=None)
+        assert epsilon > 0 and beta > 0  # the unconstrained fit: no clamping in this test
+        residual = (w * (y - epsilon - beta * x) ** 2).sum()
+        beta_variance = residual / (steps - 2) / (w * ((x - x.mean()) ** 2).sum())
+        scale = alpha * steps**-alpha
+        slope[d], variance[d] = scale * beta, scale**2 * beta_variance
+    mu = prior.double().numpy()
+    mean = (mu * slope).sum()
+    true_spread = max((mu * (slope - mean) ** 2).sum() - (mu * variance).sum(), 0.0)
+    assert true_spread > 0
+    reliability = true_spread / (true_spread + variance)
+    shrunk = mean + reliability * (slope - mean)
+    torch.testing.assert_close(c.reliability, torch.tensor(reliability, dtype=torch.float32), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c.preference, prior * torch.tensor(shrunk, dtype=torch.float32), rtol=1e-4, atol=1e-6)
+    assert reliability[1] < reliability[0] < reliability[2]  # the noisiest, least-drawn domain trusted least
+
+
+def test_ado_counts_a_domain_without_enough_data_as_the_mean_slope():
+    """A domain drawn on fewer than three steps has no slope to trust: it gets the others' mean, not zero (with
+    ``shrinkage=False`` it is starved: β = 0 without data)."""
+    domains = torch.tensor([0, 1])  # domain 2 never drawn
+    for shrinkage, expected in ((True, True), (False, False)):
+        c = ADOController(torch.full((3,), 1 / 3), warmup=1, ignore=0, shrinkage=shrinkage)
+        for t in range(1, 30):
+            c.observe(torch.tensor([1.0 + 2.0 * t**-0.4, 1.5 + 1.0 * t**-0.3]), domains)
+            c.step()
+        assert c.observations.tolist() == [29.0, 29.0, 0.0]
+        slopes = c.slopes()
+        assert (slopes[2] > 0).item() is expected
+        if shrinkage:
+            torch.testing.assert_close(slopes[2], slopes[:2].mean())  # the prior is uniform over all three
+            assert c.reliability[2] == 0
 
 
 def test_ado_prefers_the_prior_when_no_loss_falls():
