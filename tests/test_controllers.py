@@ -233,6 +233,8 @@ def test_ado_prefers_the_prior_when_no_loss_falls():
     assert torch.allclose(c.weights, torch.tensor([0.9, 0.1]))
     with pytest.raises(ValueError, match="prior must be 2 non-negative weights"):
         ADOController(torch.tensor([0.5, 0.5]), prior=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="shrinkage and credit must be true or false, got 'no' and False"):
+        ADOController(torch.tensor([0.5, 0.5]), shrinkage="no")  # a YAML string is not a switch
 
 
 def test_bandit_update_hand_computed():

@@ -85,7 +85,7 @@ class ADOController(Controller):
         ignore: the first steps left out of the fit (default: half the warm-up).
         mix: ``π = (1 - mix) · π̄ + mix · ρ``: how much of each step's preference
             goes straight into the weights (the rest through the running mean).
-        history: decay of the EMA ``h`` of each step's domain shares.
+        history: decay of the EMA ``h`` of each step's domain shares (what ``credit`` reads).
         shrinkage: pull each fitted slope toward the mean by its uncertainty (see "Evidence" above).
         credit: multiply the preference by the reference's credit ``sqrt(h (1 - h))`` (see "Credit" above).
         exponents: the grid of exponents ``α`` the fit chooses from.
@@ -116,6 +116,8 @@ class ADOController(Controller):
             )
         if not exponents or any(not 0 < a < 10 for a in exponents):
             raise ValueError(f"exponents must be a non-empty list of numbers in (0, 10), got {exponents!r}")
+        if not isinstance(shrinkage, bool) or not isinstance(credit, bool):
+            raise ValueError(f"shrinkage and credit must be true or false, got {shrinkage!r} and {credit!r}")
         self.warmup, self.ignore, self.mix, self.history = warmup, ignore, mix, history
         self.shrinkage, self.credit = shrinkage, credit
         self.prior = self.initial if prior is None else torch.as_tensor(prior, dtype=torch.float32, device=self.device)
