@@ -137,7 +137,7 @@ def test_odm_warmup_holds_initial_weights():
 
 
 def test_ado_fits_each_domains_power_law_exactly():
-    c = ADOController(torch.tensor([0.5, 0.5]), warmup=20, ignore=10)
+    c = ADOController(torch.tensor([0.5, 0.5]), warmup=20, ignore=10, min_ratio=None)  # the update alone
     domains = torch.tensor([0] * 16 + [1] * 16)
     for t in range(1, 201):
         loss = torch.tensor([1.0 + 3.0 * t**-0.3, 2.0 + 1.0 * t**-0.6])
@@ -154,8 +154,9 @@ def test_ado_reference_update_hand_computed():
     """With ``credit=True, shrinkage=False``: the authors' update, credit term included."""
     prior = torch.tensor([0.2, 0.8])
     c = ADOController(
-        torch.tensor([0.5, 0.5]), prior=prior, warmup=4, ignore=0, mix=0.25, history=0.5, shrinkage=False, credit=True
-    )
+        torch.tensor([0.5, 0.5]), prior=prior, warmup=4, ignore=0, mix=0.25, history=0.5, shrinkage=False, credit=True,
+        min_ratio=None,
+    )  # fmt: skip
     domains = torch.tensor([0, 1, 1, 1])  # shares 1/4, 3/4 every step
     for t in range(1, 5):
         c.observe(torch.tensor([2.0 + t**-0.5, 1.0 + 4 * t**-0.2])[domains], domains)
@@ -226,7 +227,9 @@ def test_ado_counts_a_domain_without_enough_data_as_the_mean_slope():
 
 
 def test_ado_prefers_the_prior_when_no_loss_falls():
-    c = ADOController(torch.tensor([0.5, 0.5]), prior=torch.tensor([0.9, 0.1]), warmup=1, ignore=0, mix=1.0)
+    c = ADOController(
+        torch.tensor([0.5, 0.5]), prior=torch.tensor([0.9, 0.1]), warmup=1, ignore=0, mix=1.0, min_ratio=None
+    )
     for _ in range(5):
         c.observe(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))  # flat losses: β = 0 everywhere
         c.step()

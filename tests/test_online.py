@@ -286,8 +286,8 @@ def test_mixer_from_the_config_mixing_section(tmp_path):
     with pytest.raises(ConfigError, match=r"mixing.controller must be one of \['ado', 'bandit', 'dga', 'doremi'"):
         mixer_for({"controller": "quad"})
     knobs = (
-        "compile, graph, heldout_ema, heldout_tolerance, importance_gain, min_prob, repeat_budget, reward_scale, "
-        "trust_region, warmup, and the mixer lag, accumulation"
+        "compile, graph, heldout_ema, heldout_tolerance, importance_gain, min_prob, min_ratio, repeat_budget, "
+        "reward_scale, trust_region, warmup, and the mixer lag, accumulation"
     )
     with pytest.raises(
         ConfigError, match=rf"mixing \(odm controller\): unknown key 'eta'; the odm controller takes {knobs}"

@@ -10,7 +10,15 @@ import torch
 import yaml
 from conftest import make_example
 
-from onlinemix import DGAController, DoReMiController, MixedDataset, ODMController, OnlineMixer, ScheduledController
+from onlinemix import (
+    ADOController,
+    DGAController,
+    DoReMiController,
+    MixedDataset,
+    ODMController,
+    OnlineMixer,
+    ScheduledController,
+)
 from onlinemix.loaders.config import ConfigError
 from onlinemix.mixing.controllers.odm import exploration
 
@@ -115,15 +123,17 @@ def test_a_trust_region_must_be_positive(value):
 def test_the_trust_region_is_a_mixing_key_of_the_mixture_file(tmp_path):
     config = make_example(tmp_path)
     raw = yaml.safe_load(config.read_text())
-    raw["mixing"] = {"controller": "odm", "trust_region": 0.2, "reward_scale": 5.0}
+    raw["mixing"] = {"controller": "odm", "trust_region": 0.2, "min_ratio": 0.7, "reward_scale": 5.0}
     config.write_text(yaml.safe_dump(raw))
     dataset = MixedDataset.from_config(config)
     mixer = OnlineMixer.from_config(config, dataset)
-    assert mixer.controller.trust_region == 0.2
+    assert (mixer.controller.trust_region, mixer.controller.min_ratio) == (0.2, 0.7)
     for _ in range(20):
         mixer.controller.observe(torch.tensor([9.0, 1.0]), torch.tensor([2, 0]))
         mixer.controller.step()
     assert kl(mixer.controller.weights, PRIOR) <= 0.2 + 1e-5
+    # unbounded by min_ratio, domains 0 and 1 would end at 0.32 and 0.19: both are held at 0.7 of their start
+    torch.testing.assert_close(mixer.controller.weights[:2], 0.7 * PRIOR[:2])
     raw["mixing"]["trust_region"] = -1
     config.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"mixing \(odm controller\): trust_region must be"):
@@ -162,3 +172,46 @@ def test_dga_with_averaged_alignments_resumes_exactly():
 def test_dga_alignment_ema_must_be_in_0_1(value):
     with pytest.raises(ValueError, match=r"0 <= alignment_ema < 1; got 1.0, 0.9, 1, " + str(value)):
         DGAController(PRIOR, alignment_ema=value)
+
+
+class Proposing(ODMController):
+    """A controller whose every update proposes the same weights: what ``step()`` makes of them is the base's."""
+
+    def __init__(self, proposal: list[float], **options):
+        super().__init__(torch.full((4,), 0.25), **{"trust_region": None, **options})
+        self.proposal = torch.tensor(proposal)
+
+    def update(self) -> torch.Tensor:
+        return self.proposal
+
+
+@pytest.mark.parametrize(
+    ("proposal", "expected"),
+    [
+        ([0.7, 0.1, 0.1, 0.1], [0.4, 0.2, 0.2, 0.2]),  # bounds 0.2 each; the 0.2 left goes to the one above its own
+        ([0.5, 0.3, 0.15, 0.05], [0.35, 0.25, 0.2, 0.2]),  # excesses 0.3 and 0.1 share the 0.2 left 3:1
+        ([0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]),  # at or above every bound: unchanged
+    ],
+)
+def test_min_ratio_keeps_every_weight_above_its_share_of_the_start_hand_computed(proposal, expected):
+    c = Proposing(proposal, min_ratio=0.8)
+    c.observe(torch.tensor([1.0]), torch.tensor([0]))
+    torch.testing.assert_close(c.step(), torch.tensor(expected))
+    assert torch.equal(Proposing(proposal).step(), torch.tensor(proposal))  # no bound by default (but ADO's)
+
+
+def test_ado_keeps_nine_tenths_of_every_starting_weight_by_default():
+    bounded, free = ADOController(PRIOR, warmup=1, ignore=0), ADOController(PRIOR, warmup=1, ignore=0, min_ratio=None)
+    for t in range(1, 40):  # domain 0's loss falls fast, the others' are flat
+        for c in (bounded, free):
+            c.observe(torch.tensor([1.0 + 3.0 * t**-0.5, 2.0, 2.0]), torch.tensor([0, 1, 2]))
+            c.step()
+    assert free.weights[2] < 0.5 * PRIOR[2]
+    torch.testing.assert_close(bounded.weights[1:], 0.9 * PRIOR[1:])
+    assert bounded.min_ratio == 0.9
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, "most"])
+def test_min_ratio_must_be_a_fraction(value):
+    with pytest.raises(ValueError, match=rf"min_ratio must be a fraction in \(0, 1\) \(or None\), got {value!r}"):
+        ODMController(PRIOR, min_ratio=value)

@@ -189,8 +189,9 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
 
 
 def _without_guards(controller: Controller) -> Controller:
-    """``controller`` with neither a repeat budget nor a trust region (the probes are the trainer's to leave out)."""
-    controller.repeat_budget, controller.trust_region = None, None
+    """``controller`` with neither a repeat budget nor a trust region nor a minimum ratio (the probes are the
+    trainer's to leave out)."""
+    controller.repeat_budget, controller.trust_region, controller.min_ratio = None, None, None
     return controller
 
 
@@ -232,7 +233,7 @@ def method(
         prior = None if initial is None else torch.tensor(initial)
         return build(cls, uniform if prior is None else lambda dataset: prior, **options)
 
-    if name.endswith(UNGUARDED):  # the controller as it was: no probes, no repeat budget, no trust region
+    if name.endswith(UNGUARDED):  # the controller as it was: no probes, repeat budget, trust region, min ratio
         chosen = method(name.removesuffix(UNGUARDED), scenario, grid_weights, initial)
         chosen.name, chosen.guarded = name, False
         controller = chosen.controller

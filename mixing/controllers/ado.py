@@ -14,8 +14,9 @@ times a prior ``μ``::
     π    = (1 - mix) · π̄ + mix · ρ
 
 as the authors' reference code does (the fit on a step count shared by all
-domains, the running mean, ``mix = 0.1``), with two changes that keep it from
-doing harm where its evidence is thin ("Evidence" and "Credit" below).
+domains, the running mean, ``mix = 0.1``), with three changes that keep it from
+doing harm where its evidence is thin or its objective is not the user's ("Evidence",
+"Credit" and "Transfer" below).
 
 **The fit runs on the device, every step, in closed form.** For a fixed
 exponent ``α`` the law is linear in ``(ε, β)``, so least squares over the
@@ -57,6 +58,16 @@ slopes doubled in log terms, and with many domains ``h`` is a handful of
 draws, so the credit is noise. It is off by default (``credit=True`` restores
 it).
 
+**Transfer.** A domain's loss also falls with its neighbours' data. Clusters of
+the kind most of the mixture is made of ride on each other's samples; a
+minority kind (the suite's German manual pages, 8 clusters of 256) learns
+mostly from its own few, so its loss really does fall slower, ADO moves weight
+off it, and it falls slower still: what an objective on that kind loses, and
+ADO cannot see that objective. So by default no domain goes below nine tenths
+of its starting weight (``min_ratio``, the base class's bound: an objective
+whose loss goes with the log of the weight on its kind loses at most its
+sensitivity times ``ln(1/0.9) ≈ 0.105``); ``min_ratio=None`` lifts it.
+
 Steps before ``ignore`` are left out of the fit (the first steps fall faster
 than any power law of the rest); the weights stay at their initial values for
 ``warmup`` steps.
@@ -89,6 +100,7 @@ class ADOController(Controller):
         shrinkage: pull each fitted slope toward the mean by its uncertainty (see "Evidence" above).
         credit: multiply the preference by the reference's credit ``sqrt(h (1 - h))`` (see "Credit" above).
         exponents: the grid of exponents ``α`` the fit chooses from.
+        min_ratio: no weight below this fraction of its starting weight (see "Transfer" above; ``None``: none).
         **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
     """
 
@@ -105,9 +117,10 @@ class ADOController(Controller):
         exponents: Sequence[float] = DEFAULT_EXPONENTS,
         shrinkage: bool = True,
         credit: bool = False,
+        min_ratio: float | None = 0.9,
         **kwargs,
     ):
-        super().__init__(initial, **kwargs)
+        super().__init__(initial, min_ratio=min_ratio, **kwargs)
         ignore = warmup // 2 if ignore is None else ignore
         if warmup < 0 or not 0 <= ignore <= warmup or not 0 < mix <= 1 or not 0 <= history < 1:
             raise ValueError(

@@ -39,7 +39,7 @@ def check_initial(initial: torch.Tensor) -> None:
 
 
 class Controller:
-    """Base class. Subclasses implement ``update()``; ``step()`` applies the trust region, the memorisation guard
+    """Base class. Subclasses implement ``update()``; ``step()`` applies the trust region, the minimum ratio, the guard
     and the floor.
 
     Args:
@@ -65,6 +65,12 @@ class Controller:
             Smaller is safer and moves less; ``None`` trusts the signal all the way (DoReMi's excess losses
             went 4 nats from uniform in the quality suite's *many* scenario, and lost 0.11 nats on its
             target). Fixed and replayed weights (``static``, ``scheduled``) are never bounded.
+        min_ratio: no weight goes below this fraction of its starting weight (``None``: no bound; ADO's default
+            is 0.9). The KL bound above lets a controller take most of a small domain's weight for a small
+            divergence; this one bounds what any domain can lose, and with it the harm to an objective the
+            controller does not see (a held-out target whose loss goes with the log of the weight on its kind
+            loses at most its sensitivity times ``ln(1 / min_ratio)``). What it gives back to a domain comes from
+            the others in proportion to how far each is above its own bound.
         heldout_tolerance: nats: a domain drawn above its starting weight whose held-out loss
             (``observe_heldout()``, smoothed) has risen more than this above its lowest is being memorised, and its
             weight is held at most at its starting weight (the rest goes to the other domains) until its held-out
@@ -99,6 +105,7 @@ class Controller:
         compile: bool | str = False,
         importance_gain: float = 0.0,
         trust_region: float | None = DEFAULT_TRUST_REGION,
+        min_ratio: float | None = None,
         heldout_tolerance: float = 0.02,
         heldout_ema: float = 0.5,
         repeat_budget: float | None = DEFAULT_REPEAT_BUDGET,
@@ -113,6 +120,9 @@ class Controller:
         if trust_region is not None and not (isinstance(trust_region, (int, float)) and trust_region > 0):
             raise ValueError(f"trust_region must be a number of nats > 0 (or None), got {trust_region!r}")
         self.trust_region = trust_region
+        if min_ratio is not None and not (isinstance(min_ratio, (int, float)) and 0 < min_ratio < 1):
+            raise ValueError(f"min_ratio must be a fraction in (0, 1) (or None), got {min_ratio!r}")
+        self.min_ratio = min_ratio
         if not (heldout_tolerance >= 0 and 0 <= heldout_ema < 1):
             raise ValueError(
                 f"need heldout_tolerance >= 0 and 0 <= heldout_ema < 1, got {heldout_tolerance}, {heldout_ema}"
@@ -173,6 +183,17 @@ class Controller:
         whole, divergence = point(weights.new_ones(()))
         return torch.where(divergence <= self.trust_region, whole, point(low)[0])
 
+    def above_min_ratio(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` with every domain at least ``min_ratio`` times its starting weight: each keeps its bound
+        plus its share of what is left, in proportion to how far it was above its bound (unchanged where every
+        weight is already at or above it, or without a ``min_ratio``)."""
+        if self.min_ratio is None:
+            return weights
+        bound = self.min_ratio * self.initial
+        excess = (weights / weights.sum() - bound).clamp(min=0)
+        # Σ excess ≥ 1 - min_ratio > 0: what the weights hold above the bounds is at least what the bounds leave
+        return bound + (1 - self.min_ratio) * excess / excess.sum()
+
     def count_epochs(self, samples_per_step: float, sizes: Sequence[int], steps: int | None = None) -> None:
         """Count the epochs each domain is drawn, for ``repeat_budget``: ``samples_per_step`` samples a step, each
         domain's size in samples, and the run's length in steps where it is known (the mixer calls this with its
@@ -227,7 +248,7 @@ class Controller:
         before = self.extra_state()
         weights = self.update()
         if self.adaptive:  # fixed and replayed weights are the user's: neither bounded nor guarded
-            weights = self.guard(self.within_trust_region(weights))
+            weights = self.guard(self.above_min_ratio(self.within_trust_region(weights)))
         weights = self.floor(weights)
         total = weights.sum()
         good = torch.isfinite(total) & (weights >= 0).all() & (total > 0)  # a NaN or inf makes the sum non-finite
