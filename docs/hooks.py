@@ -16,7 +16,11 @@ TREE = ROOT / "build" / "api" / "onlinemix"
 def on_startup(**kwargs) -> None:
     TREE.mkdir(parents=True, exist_ok=True)
     links = {path.name: path for path in (ROOT / "onlinemix").iterdir() if path.suffix in (".py", ".typed")}
+    links |= {path.name: path for path in (ROOT / "onlinemix").iterdir() if (path / "__init__.py").exists()}
     links |= {"loaders": ROOT / "loaders", "mixing": ROOT / "mixing"}
+    for stale in TREE.iterdir():  # a module that became a package (or went away) leaves a dangling link
+        if stale.is_symlink() and stale.name not in links:
+            stale.unlink()
     for name, target in links.items():
         link = TREE / name
         if link.is_symlink() and link.resolve() == target:

@@ -13,20 +13,23 @@ calls it::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
-from onlinemix.loaders.files import InputError
 from onlinemix.loaders.importance.acceptance import OnlineAcceptance
 from onlinemix.loaders.importance.estimator import ImportanceError, ImportanceEstimator
 from onlinemix.loaders.importance.sidecars import load_sidecar, sidecar_paths
+from onlinemix.loaders.paths import InputError
 from onlinemix.loaders.plan import UNLIMITED, PlanSpec, ResampledOrder
 from onlinemix.loaders.sources import SOURCES, DocumentSource, Source, SourceError, TokenBinSource, TokenizedSource
+from onlinemix.loaders.sources.base import NothingToVerify
 from onlinemix.loaders.tokenizers import Tokenizer, load_tokenizer
 from onlinemix.loaders.transforms import ImportedTransform, TokenWindow
 from onlinemix.simplex import check_weights, temperature_weights
@@ -86,10 +89,11 @@ def tokenized_documents(config: MixtureConfig, domain: DomainConfig) -> Document
     return cls(domain.path, **{**given_if_taken(cls, cache_dir=config.cache_dir), **domain.options})
 
 
-def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
+def open_source(config: MixtureConfig, domain: DomainConfig, build: bool = True) -> Source:
     """One domain's source: a token-bin file, a tokenized document source, records through a transform, or
     a class of your own (constructed with ``path`` when given, the domain's other keys, and ``seq_len`` when
-    it takes one; a ``DocumentSource`` of yours is tokenized and packed like the built-in ones)."""
+    it takes one; a ``DocumentSource`` of yours is tokenized and packed like the built-in ones). ``build=False``:
+    a token cache that is not there is ``NothingToVerify``, not built."""
     cls = source_class(domain)
     spec = domain.transform or config.transform
     transform = ImportedTransform(spec) if spec else None
@@ -125,10 +129,11 @@ def open_source(config: MixtureConfig, domain: DomainConfig) -> Source:
                 domain.stride,
                 config.cache_dir,
                 config.verify,
+                build,
             )
         path = {} if domain.path is None else {"path": domain.path}
         return cls(**path, **{**given_if_taken(cls, seq_len=config.seq_len), **domain.options})
-    except ConfigError:
+    except (ConfigError, NothingToVerify):
         raise
     except FileNotFoundError as error:
         raise ConfigError(f"{where}: file not found: {error.filename or domain.path}") from None
@@ -164,12 +169,12 @@ def check_vocabulary(config: MixtureConfig, sources: list[Source]) -> None:
     for domain, source in zip(config.domains, sources):
         if not isinstance(source, TokenBinSource) or not isinstance(source.transform, TokenWindow):
             continue
+        largest = source.max_token(config.cache_dir)  # the first scan records the checksums verify compares with
         if config.verify != "lengths":
             try:
                 source.verify(config.verify, config.cache_dir)
             except SourceError as error:
                 raise ConfigError(f"domain {domain.name!r}: {error}") from None
-        largest = source.max_token(config.cache_dir)
         tokenizer = tokenizer_of(config, domain) if tokenizer_known else None
         source.tokenizer = tokenizer
         limit = config.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
@@ -235,13 +240,24 @@ def plan_spec(config: MixtureConfig, sources: list[Source]) -> PlanSpec:
 
 
 def estimator(config: MixtureConfig) -> ImportanceEstimator:
-    """The ``importance.estimator`` file, loaded."""
+    """The ``importance.estimator`` file, loaded once per process while it is unchanged (a dataset's build and its
+    mixer ask for it up to three times: the prior, the online acceptance, the bandit's neighbours)."""
     if config.importance is None or config.importance.estimator is None:
         raise ConfigError("importance: this needs an estimator (importance.estimator: FILE)")
+    path = Path(config.importance.estimator)
     try:
-        return ImportanceEstimator.load(config.importance.estimator)
+        stat = path.stat()
+        return _load_estimator(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except FileNotFoundError:
+        raise ConfigError(f"importance.estimator: file not found: {path}") from None
     except ImportanceError as error:
         raise ConfigError(f"importance.estimator: {error}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_estimator(path: str, size: int, mtime_ns: int) -> ImportanceEstimator:
+    """The estimator at ``path`` (its size and modification time in the key: a rewritten file is read again)."""
+    return ImportanceEstimator.load(path)
 
 
 def domain_features(config: MixtureConfig) -> np.ndarray:

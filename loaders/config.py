@@ -36,10 +36,10 @@ from typing import Any
 
 import yaml
 
+from onlinemix.loaders.checksums import VERIFY
 from onlinemix.loaders.plan import SAMPLING_METHODS
 from onlinemix.loaders.sources import SOURCES
-from onlinemix.loaders.sources.tokenized import VERIFY
-from onlinemix.loaders.storage import as_path, is_url
+from onlinemix.loaders.storage import resolve
 from onlinemix.simplex import check_weights
 
 TOP_KEYS = (
@@ -211,6 +211,11 @@ class MixtureConfig:
         return [domain.name for domain in self.domains]
 
     @classmethod
+    def of(cls, config: MixtureConfig | str | Path) -> MixtureConfig:
+        """``config`` itself, or the mixture file it names, loaded (what every ``from_config`` accepts)."""
+        return config if isinstance(config, MixtureConfig) else cls.load(config)
+
+    @classmethod
     def load(cls, path: str | Path) -> MixtureConfig:
         """Read and validate a mixture file (nothing is opened)."""
         path = Path(path)
@@ -267,7 +272,7 @@ class MixtureConfig:
             tokenizer=_tokenizer_spec(raw.get("tokenizer"), "tokenizer", Path(base_dir)),
             cache_dir=None
             if raw.get("cache_dir") is None
-            else _place(_string(raw["cache_dir"], "cache_dir"), base_dir),
+            else resolve(_string(raw["cache_dir"], "cache_dir"), base_dir),
             vocab_size=None if raw.get("vocab_size") is None else _integer(raw["vocab_size"], "vocab_size", 1),
             verify=_choice(raw.get("verify", "lengths"), "verify", VERIFY),
             mixing=dict(mixing),
@@ -357,13 +362,8 @@ def _path_spec(value: Any, base_dir: Path, where: str) -> str | list[str]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(item, (str, Path)) and str(item) for item in items):
         raise ConfigError(f"{where}: path must be a file, folder or glob pattern, or a list of them; got {value!r}")
-    resolved = [str(_place(str(item), base_dir)) for item in items]
+    resolved = [str(resolve(str(item), base_dir)) for item in items]
     return resolved if isinstance(value, list) else resolved[0]
-
-
-def _place(value: str, base_dir: str | Path) -> Path | str:
-    """A path of the mixture file: a URL (``s3://...``) as it is, a local path resolved against ``base_dir``."""
-    return value if is_url(value) else Path(base_dir) / as_path(value)
 
 
 def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:

@@ -26,7 +26,6 @@ complete: an interrupted conversion leaves no output that looks complete.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from onlinemix.loaders.atomic import atomic_output
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import atomic_output, stripped_name
+from onlinemix.loaders.paths import stripped_name
 from onlinemix.loaders.sources.jsonl import JsonlSource
 from onlinemix.loaders.sources.text import TextSource
 from onlinemix.loaders.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, token_dtype
@@ -257,24 +257,3 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise ConvertError(f"size must be positive, got {text!r}")
     return value
-
-
-def run(args: Any) -> None:
-    """The ``onlinemix convert`` command."""
-    started = time.perf_counter()
-    summary = convert(
-        args.inputs,
-        args.output,
-        args.to,
-        text_field=args.field,
-        glob=args.glob,
-        tokenizer=args.tokenizer,
-        eot=args.eot,
-        pack=args.pack,
-        shard_bytes=parse_size(args.shard_size),
-        compression=args.compression,
-        keep_text=args.keep_text,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    print(summary.describe(Path(args.output), args.to, time.perf_counter() - started))

@@ -135,8 +135,7 @@ class MixedDataset(IterableDataset):
         The dataset's ``tokenizer`` is the mixture's (``None`` when it only has token-bin domains and names
         no tokenizer: their vocabulary is unknown).
         """
-        if not isinstance(config, MixtureConfig):
-            config = MixtureConfig.load(config)
+        config = MixtureConfig.of(config)
         sources = build.build_sources(config)
         schedule = kwargs.pop("schedule", None) or StaticSchedule(build.initial_weights(config, sources))
         spec = build.plan_spec(config, sources)

@@ -19,9 +19,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from onlinemix.loaders.cache import LIMIT_ENV
+from onlinemix.loaders.cache.entries import LIMIT_ENV
+from onlinemix.loaders.cache.folder import CACHE_ENV
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import CACHE_ENV
 
 ENGINES = ("local", "ray")
 THREAD_VARIABLES = ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS", "OMP_NUM_THREADS")  # tokenizers' and torch's pools

@@ -8,7 +8,8 @@ onlinemix itself needs torch, numpy, numba, pyyaml and tqdm. The rest is optiona
 - ``pip install 'onlinemix[plot]'``: the CLI's and the benchmarks' plots (matplotlib);
 - ``pip install 'onlinemix[s3]'`` (or ``[gcs]``, ``[azure]``): domains and token caches in object storage
   (fsspec and its backend: s3fs, gcsfs, adlfs);
-- ``pip install 'onlinemix[ray]'``: ``onlinemix prepare --engine ray``.
+- ``pip install 'onlinemix[ray]'``: ``onlinemix prepare --engine ray``;
+- ``pip install 'onlinemix[color-filter]'``: the CoLoR-Filter scorer's models (transformers).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ PACKAGES = {
     "matplotlib": ("matplotlib", "plot"),
     "ray": ("ray", "ray"),
     "fsspec": ("fsspec", "s3"),  # the s3, gcs and azure extras install it with their backend
+    "transformers": ("transformers", "color-filter"),
 }
 
 

@@ -1,6 +1,6 @@
 """``onlinemix prepare``: build every cache a mixture's first open would build, before training.
 
-A text domain is tokenized into a token cache the first time it is opened (``sources/tokenized.py``), and a
+A text domain is tokenized into a token cache the first time it is opened (``cache/tokens.py``), and a
 token-bin file's checksums are recorded the first time it is scanned. Done inside a training job, that costs
 the job's time on every node whose cache is not shared. ``prepare`` does it beforehand, one domain per worker
 process: each domain's cache is written by the same code whatever the number of workers (bit for bit the same
@@ -30,13 +30,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from onlinemix.loaders.build import estimator, open_source, tokenized_documents, tokenizer_of
+from onlinemix.loaders.cache.folder import cache_entry, token_cache_root
+from onlinemix.loaders.cache.tokens import TokenCache, cache_key, file_parts
 from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
 from onlinemix.loaders.engines import ENGINES, engine_runner
-from onlinemix.loaders.files import InputError, cache_entry, expand_paths, token_cache_root
-from onlinemix.loaders.importance.cli import score_domain
 from onlinemix.loaders.importance.estimator import ImportanceError
+from onlinemix.loaders.importance.scoring import score_domain
+from onlinemix.loaders.paths import InputError, expand_paths
 from onlinemix.loaders.sources import Source, SourceError, TokenBinSource, TokenizedSource
-from onlinemix.loaders.sources.tokenized import TokenCache, cache_key, file_parts
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from onlinemix.mixing.epochs import EpochCount
 from onlinemix.mixing.stats import DomainStats
 
 
@@ -34,7 +35,7 @@ class Graphable(Protocol):
 
     device: torch.device
     weights: torch.Tensor
-    epochs: torch.Tensor
+    epochs: EpochCount
     steps: int
     now: dict[str, Any]
     stats: DomainStats
@@ -110,7 +111,8 @@ class ControllerGraphs:
 
     def _capture(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
         controller = self.controller
-        state = [controller.stats.table, controller.weights, controller.epochs, *controller.extra_state().values()]
+        state = [controller.stats.table, controller.weights, controller.epochs.drawn]
+        state += list(controller.extra_state().values())
         saved = [tensor.clone() for tensor in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -32,7 +32,6 @@ host sync) and all raise ``MixingError`` naming the ranks that disagree.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import queue
@@ -46,38 +45,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from onlinemix.loaders.atomic import atomic_write
 from onlinemix.loaders.build import domain_features
 from onlinemix.loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSchedule, WeightsChannel
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
-from onlinemix.loaders.files import atomic_write
 from onlinemix.loaders.plan import UNLIMITED
-from onlinemix.mixing.controllers import CONTROLLERS, neighbour_similarity
-from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.controllers.base import Controller, ControllerContext
+from onlinemix.mixing.limits import MemorisationGuard
 from onlinemix.mixing.schedule_log import ScheduleLogError, ScheduleWriter
+from onlinemix.mixing.settings import check_mixer_options, parse_mixing
 
-NONFINITE = ("skip", "error")
 LOG_IN_CHECKPOINT = 64 << 20  # bytes: a schedule log up to this size travels in every checkpoint
 logger = logging.getLogger("onlinemix")
-SYNC = ("auto", "all_reduce", "broadcast", "none")
-# The mixing: keys the mixer takes; every other key of the section is the controller's.
-MIXER_KEYS = ("lag", "accumulation", "log", "nonfinite", "timeout", "sync", "check_every", "repeat_warning", "steps")
-
-
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def controller_knobs(controller: type[Controller]) -> set[str]:
-    """The keyword arguments a controller class takes (its own and ``Controller``'s), for the config's errors."""
-    knobs: set[str] = set()
-    for cls in controller.__mro__:
-        if cls is object or "__init__" not in vars(cls):
-            continue
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        knobs |= {p.name for p in parameters if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
-    return knobs - {"self", "initial", "device"}
 
 
 class MixingError(RuntimeError):
@@ -139,15 +119,8 @@ class OnlineMixer:
             raise ValueError(f"controller has {controller.num_domains} domains, the dataset {dataset.spec.num_domains}")
         if controller.domains is not None and list(controller.domains) != list(dataset.names):
             raise ValueError(f"the controller's domains {controller.domains} are not the dataset's {dataset.names}")
-        _integer("lag", lag, 1)
-        _integer("accumulation", accumulation, 1)
-        _integer("check_every", check_every, 0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        if sync not in SYNC:
-            raise ValueError(f"sync must be one of {SYNC}, got {sync!r}")
+        check_mixer_options(lag=lag, accumulation=accumulation, nonfinite=nonfinite, timeout=timeout, sync=sync,
+                            check_every=check_every, repeat_warning=repeat_warning, steps=steps)  # fmt: skip
         distributed = dist.is_available() and dist.is_initialized()
         world_size = os.environ.get("WORLD_SIZE", "1")
         if sync == "auto" and not distributed and world_size.isdigit() and int(world_size) > 1:
@@ -164,9 +137,7 @@ class OnlineMixer:
         self.sync, self.group, self.check_every = sync, group, check_every
         # the controller's repeat budget counts epochs by the samples each optimizer step draws (and, where the run's
         # length is known, spreads each domain's budget over it)
-        if steps is not None:
-            _integer("steps", steps, 1)
-        elif dataset.num_batches != UNLIMITED:
+        if steps is None and dataset.num_batches != UNLIMITED:
             steps = max(dataset.num_batches // accumulation, 1)
         controller.count_epochs(dataset.spec.global_batch_size * accumulation, dataset.spec.sizes.tolist(), steps)
         initial = controller.weights.detach().double().cpu().numpy()
@@ -191,7 +162,6 @@ class OnlineMixer:
         self.step_count = 0
         self.skipped = np.zeros(3)  # [non-finite losses, bad domain ids, rejected weight vectors] seen so far
         self.repeat_warning = repeat_warning
-        self._epochs = np.zeros(dataset.spec.num_domains)  # epochs drawn of each domain, by the published weights
         self._warned = np.zeros(dataset.spec.num_domains, dtype=bool)
         self._failure: BaseException | None = None
         self._pending: queue.Queue = queue.Queue()
@@ -212,44 +182,23 @@ class OnlineMixer:
               lag: 16               # and accumulation, log, nonfinite, timeout, sync, check_every, steps
               alpha: 0.5            # every other key goes to the controller (min_prob, eta, warmup, ...)
 
-        ``bandit`` also takes ``neighbours: N``: each domain shares credit with its ``N - 1`` nearest by the
-        importance estimator's n-gram profiles (``importance.estimator`` must be set).
-        The controller starts from the dataset's initial weights (``scheduled``
-        takes ``waypoints`` instead).
+        The section is parsed by ``mixing/settings.py``; the controller is built by its class's
+        ``from_settings``, from the dataset's initial weights (``scheduled`` takes ``waypoints`` instead; the
+        bandit's ``neighbours: N`` reads the importance estimator's n-gram profiles).
         """
-        if not isinstance(config, MixtureConfig):
-            config = MixtureConfig.load(config)
-        section = {**config.mixing, **overrides}
-        if section.get("coreset") is not None:
+        config = MixtureConfig.of(config)
+        settings = parse_mixing({**config.mixing, **overrides})
+        if settings.pool > 1:
             raise ConfigError(
                 "mixing.coreset changes what the loader draws (pools): build with OnlineMixing.from_config, which "
                 "reads it, or pass coreset=None"
             )
-        section.pop("coreset", None)
-        name = section.pop("controller", "static")
-        if name not in CONTROLLERS:
-            raise ConfigError(f"mixing.controller must be one of {sorted(CONTROLLERS)}, got {name!r}")
-        options = {key: section.pop(key) for key in MIXER_KEYS if key in section}
-        neighbours = section.pop("neighbours", None) if name == "bandit" else None
-        allowed = controller_knobs(CONTROLLERS[name]) | ({"neighbours"} if name == "bandit" else set())
-        unknown = sorted(set(section) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"mixing ({name} controller): unknown key {unknown[0]!r}; the {name} controller takes "
-                f"{', '.join(sorted(allowed))}, and the mixer {', '.join(MIXER_KEYS)}"
-            )
+        initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
+        # the domains' n-gram profiles, for a controller that asks (the bandit's neighbours)
+        context = ControllerContext(device=device, features=lambda: domain_features(config))
+        controller = settings.build_controller(initial, context)
         try:
-            if neighbours is not None:  # the bandit's neighbours: by the importance estimator's n-gram profiles
-                section["similarity"] = neighbour_similarity(torch.from_numpy(domain_features(config)), neighbours)
-            if name == "scheduled":
-                controller = CONTROLLERS[name](device=device, **section)
-            else:
-                initial = torch.from_numpy(dataset.schedule.weights_for(0, 1)[0].copy())
-                controller = CONTROLLERS[name](initial, device=device, **section)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"mixing ({name} controller): {error}") from None
-        try:
-            return cls(controller, dataset, config_hash=config.config_hash(), **options)
+            return cls(controller, dataset, config_hash=config.config_hash(), **settings.mixer)
         except ValueError as error:  # the messages start with the key's name
             raise ConfigError(f"mixing.{error}") from None
 
@@ -285,7 +234,9 @@ class OnlineMixer:
         self.channel.promised = self.step_count  # published now (CPU) or by the publisher thread (CUDA)
         if self.sync != "none" and self.check_every and self.step_count % self.check_every == 0:
             self.check_consistent(weights)
-        packet = torch.cat([weights.detach().double(), self.controller.stats.problems.double()])
+        # the weights, the problem counts and the epochs drawn, in one copy to the host
+        controller = self.controller
+        packet = torch.cat([weights.detach(), controller.stats.problems, controller.epochs.drawn]).double()
         if packet.is_cuda:
             host = torch.empty(packet.shape, dtype=packet.dtype, pin_memory=True)
             host.copy_(packet, non_blocking=True)
@@ -356,7 +307,7 @@ class OnlineMixer:
 
     def _publish(self, version: int, packet: np.ndarray) -> None:
         k = self.controller.num_domains
-        weights, problems = packet[:k], packet[k:]
+        weights, problems, drawn = packet[:k], packet[k : k + 3], packet[k + 3 :]
         new = problems - self.skipped
         self.skipped = problems.copy()
         if new[1] > 0:
@@ -378,35 +329,38 @@ class OnlineMixer:
             elif rejected & (rejected - 1) == 0:  # warn at 1, 2, 4, 8, ... rejections: a poisoned state repeats
                 warnings.warn(message + "; kept the last good weights (warned again at twice as many)", stacklevel=2)
         self.channel.publish(version, weights)
-        self._watch_repeats(version, weights)
+        self._watch_repeats(version, weights, drawn)
         if self.log_path is not None:
             if self._log is None:
                 self._log = ScheduleWriter(self.log_path, self.header)
                 self._log.append(0, self._initial)
             self._log.append(version, weights)
 
-    def _watch_repeats(self, version: int, weights: np.ndarray) -> None:
-        """Warn once per domain when it has been drawn ``repeat_warning`` epochs over and has no repeat cap: a
-        controller that keeps the weight of a small domain high makes the model memorise it."""
+    def _watch_repeats(self, version: int, weights: np.ndarray, drawn: np.ndarray) -> None:
+        """Warn once per domain when it has been drawn ``repeat_warning`` epochs over (``drawn``: the controller's
+        count, read back with the weights) and has no repeat cap: a controller that keeps the weight of a small
+        domain high makes the model memorise it."""
         if not self.repeat_warning:
             return
         spec = self.dataset.spec
-        self._epochs += weights * spec.global_batch_size * self.accumulation / spec.sizes
-        for d in np.flatnonzero((self._epochs >= self.repeat_warning) & ~self._warned & (spec.caps == UNLIMITED)):
+        for d in np.flatnonzero((drawn >= self.repeat_warning) & ~self._warned & (spec.caps == UNLIMITED)):
             self._warned[d] = True
             warnings.warn(
                 f"step {version}: domain {self.dataset.names[d]!r} ({spec.sizes[d]:,} samples) has been drawn about "
-                f"{self._epochs[d]:.0f} epochs over (its weight is now {weights[d]:.3f}): repeated this often, a small "
+                f"{drawn[d]:.0f} epochs over (its weight is now {weights[d]:.3f}): repeated this often, a small "
                 f"domain is memorised. {self._budget_note()}Cap it with max_epochs in the mixture file (or hold out "
                 "what the controller aligns with)",
                 stacklevel=2,
             )
 
     def _budget_note(self) -> str:
-        budget = self.controller.repeat_budget
-        if budget is None or not self.controller.adaptive:
+        guard = self.controller.limit(MemorisationGuard)
+        if guard is None or guard.repeat_budget is None:
             return ""
-        return f"The controller holds it at most at its starting weight from {budget:g} epochs (repeat_budget). "
+        return (
+            f"The controller holds it at most at its starting weight from {guard.repeat_budget:g} epochs "
+            "(repeat_budget). "
+        )
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -35,12 +35,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from onlinemix.loaders.config import ConfigError, MixtureConfig
+from onlinemix.loaders.config import MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.loader import MixedLoader
 from onlinemix.loaders.transforms import IGNORE_INDEX
 from onlinemix.mixing.coreset import CoresetError, MiniBatchCoreset
 from onlinemix.mixing.mixer import OnlineMixer
+from onlinemix.mixing.settings import parse_mixing
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -93,10 +94,10 @@ class OnlineMixing:
         ``dataset_options`` go to ``MixedDataset`` (``num_batches``, ``rank``,
         ``world_size``, ``replicas``), ``loader_options`` to ``MixedLoader``.
         """
-        if not isinstance(config, MixtureConfig):
-            config = MixtureConfig.load(config)
+        config = MixtureConfig.of(config)
         section = {**config.mixing, **mixing}
-        pool = _pool_factor(section.pop("coreset", None))
+        pool = parse_mixing(section).pool  # the whole section checked before any data is opened
+        section.pop("coreset", None)
         # The mixer's section is the rest; with a coreset, the plan's batches are the pools.
         config = dataclasses.replace(config, mixing=section, global_batch_size=config.global_batch_size * pool)
         dataset = MixedDataset.from_config(config, **(dataset_options or {}))
@@ -187,15 +188,3 @@ class OnlineMixing:
     def close(self) -> None:
         """Publish what is pending and close the schedule log."""
         self.mixer.close()
-
-
-def _pool_factor(options: Any) -> int:
-    """``k`` of a ``coreset: {pool: k}`` setting (1: no coreset)."""
-    if options is None:
-        return 1
-    if not isinstance(options, Mapping) or set(options) != {"pool"}:
-        raise ConfigError(f"mixing.coreset must look like {{pool: k}} (k >= 2), got {options!r}")
-    pool = options["pool"]
-    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 2:
-        raise ConfigError(f"mixing.coreset.pool must be an integer >= 2 (pools of k batches), got {pool!r}")
-    return pool

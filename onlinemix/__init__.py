@@ -22,7 +22,7 @@ schedule log, trainer integrations).
 """
 
 from onlinemix.loaders import ByteTokenizer, ConfigError, MixedDataset, MixedLoader, MixtureConfig, Source, SourceError
-from onlinemix.loaders.files import save_checkpoint
+from onlinemix.loaders.atomic import save_checkpoint
 from onlinemix.mixing.controllers import (
     ADOController,
     ClusterBanditController,

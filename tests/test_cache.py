@@ -13,8 +13,9 @@ import pytest
 from conftest import make_example, write_jsonl
 
 from onlinemix.cli import main as onlinemix
-from onlinemix.loaders import MixedDataset, cache
-from onlinemix.loaders.files import cache_root
+from onlinemix.loaders import MixedDataset
+from onlinemix.loaders.cache import entries as cache
+from onlinemix.loaders.cache.folder import cache_root
 
 DAY = 86400
 

@@ -27,7 +27,7 @@ from onlinemix import (
     save_checkpoint,
 )
 from onlinemix.cli import main
-from onlinemix.loaders.files import atomic_output
+from onlinemix.loaders.atomic import atomic_output
 from onlinemix.mixing.schedule_log import ScheduleLogError
 
 STEPS = 20
@@ -128,7 +128,7 @@ def test_a_checkpoint_written_by_save_checkpoint_survives_a_kill_mid_save(tmp_pa
     save_checkpoint({"step": 1}, path)
     script = textwrap.dedent(f"""\
         import os, torch
-        import onlinemix.loaders.files as files
+        import onlinemix.loaders.atomic as files
         real = torch.save
         def dying(obj, file):  # writes half, then the process is killed
             file.write(b"half a checkpoint")

@@ -111,7 +111,7 @@ def test_cli_fits_scores_resumes_and_reports(tmp_path, capsys):
                  "-o", str(est), "--raw-docs", "30", "--min-words", "2"]) == 0  # fmt: skip
     assert ImportanceEstimator.load(est).documents == {"target": 2, "a": 30, "b": 30}
     assert main(["importance", "score", str(est), "--config", str(config), "--out", str(out)]) == 0
-    assert "b: 42 documents scored (2 short)" in capsys.readouterr().out  # "" has no words, "!" one: both short
+    assert "b: 42 samples scored (2 short)" in capsys.readouterr().out  # "" has no words, "!" one: both short
     sources = dict(zip(["a", "b"], build_sources(MixtureConfig.load(config))))
     full = load_sidecar(out, "a", sources["a"]).copy()
     texts = [f"def f{i}(x): return x + {i}" for i in range(60)]
@@ -131,7 +131,7 @@ def test_cli_fits_scores_resumes_and_reports(tmp_path, capsys):
     assert main(["importance", "report", str(est), "--config", str(config), "--sidecars", str(out),
                  "--plot", str(tmp_path / "h.png")]) == 0  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["domain", "docs", "short"]
+    assert lines[0].split()[:3] == ["domain", "samples", "short"]
     assert lines[2].split()[:3] == ["b", "42", "2"]
     assert (tmp_path / "h.png").stat().st_size > 0
 

@@ -28,7 +28,8 @@ from onlinemix import (
     replay_schedule,
 )
 from onlinemix.cli import main
-from onlinemix.loaders.files import content_digest, remove_stale_partials
+from onlinemix.loaders.cache.folder import remove_stale_partials
+from onlinemix.loaders.checksums import content_digest
 from onlinemix.mixing.schedule_log import ScheduleLogError
 
 STEPS = 6

@@ -83,7 +83,7 @@ def test_a_regular_install_holds_only_onlinemix_and_runs_beside_the_users_packag
     subprocess.run([*install, str(source)], check=True, capture_output=True, timeout=300)
     installed = sorted(p.name for p in site.iterdir() if p.name not in ("bin", "__pycache__"))
     assert [name for name in installed if not name.startswith("onlinemix-")] == ["onlinemix"], installed
-    assert {p.name for p in (site / "onlinemix").iterdir()} >= {"loaders", "mixing", "cli.py", "py.typed"}
+    assert {p.name for p in (site / "onlinemix").iterdir()} >= {"loaders", "mixing", "cli", "py.typed"}
 
     project = tmp_path / "project"
     config = _user_project(project)

@@ -17,8 +17,8 @@ from conftest import make_example, write_jsonl
 
 from onlinemix.cli import main
 from onlinemix.loaders import MixedDataset
+from onlinemix.loaders.cache import tokens as tokenized
 from onlinemix.loaders.prepare import prepare
-from onlinemix.loaders.sources import tokenized
 
 
 def cache_files(root: Path) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from onlinemix import (
 )
 from onlinemix.loaders.config import ConfigError
 from onlinemix.mixing.controllers.odm import exploration
+from onlinemix.mixing.limits import MinRatio, TrustRegion
 
 PRIOR = torch.tensor([0.5, 0.3, 0.2])
 
@@ -127,7 +128,7 @@ def test_the_trust_region_is_a_mixing_key_of_the_mixture_file(tmp_path):
     config.write_text(yaml.safe_dump(raw))
     dataset = MixedDataset.from_config(config)
     mixer = OnlineMixer.from_config(config, dataset)
-    assert (mixer.controller.trust_region, mixer.controller.min_ratio) == (0.2, 0.7)
+    assert (mixer.controller.limit(TrustRegion).nats, mixer.controller.limit(MinRatio).ratio) == (0.2, 0.7)
     for _ in range(20):
         mixer.controller.observe(torch.tensor([9.0, 1.0]), torch.tensor([2, 0]))
         mixer.controller.step()
@@ -208,7 +209,7 @@ def test_ado_keeps_nine_tenths_of_every_starting_weight_by_default():
             c.step()
     assert free.weights[2] < 0.5 * PRIOR[2]
     torch.testing.assert_close(bounded.weights[1:], 0.9 * PRIOR[1:])
-    assert bounded.min_ratio == 0.9
+    assert bounded.limit(MinRatio).ratio == 0.9 and free.limit(MinRatio) is None
 
 
 @pytest.mark.parametrize("value", [0, 1, 1.5, "most"])

@@ -95,7 +95,7 @@ def test_cli_fits_a_classifier_scores_sidecars_and_the_stream_draws_the_positive
                  "--config", config, "-o", str(model), "--raw-docs", "40"]) == 0  # fmt: skip
     assert HashedClassifier.load(model).documents == {"positive": 30, "negative": 80}
     assert main(["importance", "score", str(model), "--config", config, "--out", str(out)]) == 0
-    assert "mixed: 82 documents scored (1 short)" in capsys.readouterr().out  # "" has no words
+    assert "mixed: 82 samples scored (1 short)" in capsys.readouterr().out  # "" has no words
     sources = dict(zip(["german", "mixed"], build_sources(MixtureConfig.load(config))))
     scores = load_sidecar(out, "mixed", sources["mixed"])
     assert scores[60:80].min() > scores[:60].max()  # the German documents of the mixed domain rank first
@@ -159,7 +159,7 @@ def test_a_scorer_of_the_users_own_by_module_and_class(tmp_path, monkeypatch):
 
 def test_color_filter_scores_rank_target_like_documents_first(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from onlinemix.loaders.importance.color_filter import byte_level_tokenizer, train_causal_lm
+    from onlinemix.color_filter_training import byte_level_tokenizer, train_causal_lm
 
     tokenizer = byte_level_tokenizer()
     config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2)

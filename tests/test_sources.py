@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_jsonl, write_tokens
 
-from onlinemix.loaders.files import InputError
+from onlinemix.loaders.paths import InputError
 from onlinemix.loaders.sources import (
     HFDatasetSource,
     JsonlSource,
@@ -199,7 +199,7 @@ def test_per_document_samples_are_cut_or_padded_and_the_cut_tokens_counted(tmp_p
 
 
 def test_the_cache_is_built_once_reused_and_rebuilt_when_a_file_or_the_tokenizer_changes(tmp_path, bpe, monkeypatch):
-    import onlinemix.loaders.sources.tokenized as tokenized
+    import onlinemix.loaders.cache.tokens as tokenized
 
     builds = []
     original = tokenized._build

@@ -17,10 +17,11 @@ from conftest import write_jsonl, write_tokens
 from s3server import S3Server, filesystem, set_environment
 
 from onlinemix.loaders import MixedDataset
+from onlinemix.loaders.cache import tokens as tokenized
+from onlinemix.loaders.checksums import content_digest
 from onlinemix.loaders.config import ConfigError
-from onlinemix.loaders.files import InputError, content_digest
+from onlinemix.loaders.paths import InputError
 from onlinemix.loaders.prepare import prepare
-from onlinemix.loaders.sources import tokenized
 from onlinemix.loaders.storage import (
     BACKOFF_ENV,
     RETRIES_ENV,
@@ -236,7 +237,7 @@ def test_paths_that_name_nothing_are_errors_naming_them(s3, tmp_path):
     with pytest.raises(ImportError, match=r"gs:// backend \(.*\): pip install 'onlinemix\[gcs\]'$"):
         RemotePath("gs://bucket/web.bin").stat()  # gcsfs is not installed here
     with pytest.raises(InputError, match="no object at s3://corpus/absent"):
-        from onlinemix.loaders.files import expand_paths
+        from onlinemix.loaders.paths import expand_paths
 
         expand_paths("s3://corpus/absent", Path("."), (".jsonl",))
 

@@ -166,9 +166,9 @@ def color_filter_models(root: Path, folder: Path) -> Path:
     import torch
     import transformers
 
+    from onlinemix.color_filter_training import byte_level_tokenizer, train_causal_lm
     from onlinemix.loaders.build import build_sources
     from onlinemix.loaders.config import MixtureConfig
-    from onlinemix.loaders.importance.color_filter import byte_level_tokenizer, train_causal_lm
     from onlinemix.loaders.importance.sidecars import domain_texts
 
     model = folder / "color-filter.json"

@@ -188,11 +188,9 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
     return {s.name: s for s in (general, targeted, large, small, many)}
 
 
-def _without_guards(controller: Controller) -> Controller:
-    """``controller`` with neither a repeat budget nor a trust region nor a minimum ratio (the probes are the
-    trainer's to leave out)."""
-    controller.repeat_budget, controller.trust_region, controller.min_ratio = None, None, None
-    return controller
+# the knobs that turn off the repeat budget, the trust region and the minimum ratio (the probes are the trainer's to
+# leave out)
+UNGUARDED_KNOBS = {"repeat_budget": None, "trust_region": None, "min_ratio": None}
 
 
 def _tokens(path: Path) -> int:
@@ -225,8 +223,8 @@ def method(
     an online method starts from, its prior, for the names ending in ``+prior`` and the bandit; ``schedule``: a
     proxy run's recorded weights, ``[[step, weights], ...]`` on the target run's steps)."""
 
-    def build(cls: type, start=uniform, **options) -> Callable[[MixedDataset, str], Controller]:
-        return lambda dataset, device: cls(start(dataset), device=device, **options)
+    def build(cls: type, start=uniform, **options) -> Callable[..., Controller]:
+        return lambda dataset, device, **knobs: cls(start(dataset), device=device, **{**options, **knobs})
 
     def online(cls: type, **options) -> Callable[[MixedDataset, str], Controller]:
         """An online controller from ``initial`` where given (a prior), else from the uniform mixture."""
@@ -237,7 +235,7 @@ def method(
         chosen = method(name.removesuffix(UNGUARDED), scenario, grid_weights, initial)
         chosen.name, chosen.guarded = name, False
         controller = chosen.controller
-        chosen.controller = lambda dataset, device: _without_guards(controller(dataset, device))
+        chosen.controller = lambda dataset, device: controller(dataset, device, **UNGUARDED_KNOBS)
         return chosen
     if name.endswith(WITH_PRIOR):  # the same method started from DSIR's prior (``initial``) instead of uniform
         if initial is None:

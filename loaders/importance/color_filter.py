@@ -16,18 +16,17 @@ with a config, weights and a tokenizer; both must share the tokenizer)::
     {"format": "onlinemix-color-filter", "prior": "models/prior", "conditional": "models/target",
      "max_tokens": 512, "batch_size": 16, "device": "cpu"}
 
-**Recipe for the conditional model** (``fine_tune_conditional``, or ``onlinemix importance fit --scorer
-color-filter --prior DIR --target FILES -o cf.json``): copy the prior and train it a few hundred steps on the
-target set at about the prior's final learning rate (the authors: one pass over the target); the command writes
-the fine-tuned model beside the JSON file and the file naming both. ``transformers`` is an optional extra:
-``pip install 'onlinemix[formats]'`` or ``pip install transformers``.
+**Recipe for the conditional model** (``onlinemix.color_filter_training.fine_tune_conditional``, or
+``onlinemix importance fit --scorer color-filter --prior DIR --target FILES -o cf.json``): copy the prior and
+train it a few hundred steps on the target set at about the prior's final learning rate (the authors: one pass
+over the target); the command writes the fine-tuned model beside the JSON file and the file naming both.
+``transformers`` is an optional extra: ``pip install 'onlinemix[color-filter]'``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from onlinemix.loaders.extras import require
 from onlinemix.loaders.importance.estimator import ImportanceError
 
 FORMAT = "onlinemix-color-filter"
@@ -138,104 +137,4 @@ def _folder_digest(folder: Path) -> str:
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ImportanceError("the CoLoR-Filter scorer needs transformers: pip install transformers") from None
-    return transformers
-
-
-def byte_level_tokenizer() -> Any:
-    """A ``transformers`` tokenizer of single bytes (byte-level, no merges) with a padding token: 257 ids. For
-    small models trained from scratch on any text (the suite's, the tests')."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocabulary = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocabulary["<pad>"] = len(vocabulary)
-    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return _transformers().PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>")
-
-
-def train_causal_lm(
-    model: Any,
-    tokenizer: Any,
-    texts: Sequence[str],
-    steps: int,
-    *,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    max_tokens: int = 512,
-    seed: int = 0,
-    desc: str = "training",
-) -> Any:
-    """``steps`` of next-token training (AdamW at a constant ``lr``), in place, with a progress bar; returns the
-    model in eval mode.
-
-    The documents are tokenized once and cut into pieces of at most ``max_tokens`` tokens (every token of a long
-    document is trained on, not only its first ``max_tokens``); each step trains on ``batch_size`` pieces drawn
-    at random, by a generator seeded with ``seed``: the same call trains the same model."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    pieces = [
-        ids[start : start + max_tokens]
-        for ids in tokenizer(list(texts))["input_ids"]
-        for start in range(0, len(ids) - 1, max_tokens)  # a piece needs two tokens: one to predict
-    ]
-    if not pieces:
-        raise ImportanceError(f"{desc}: no documents of two tokens or more to train on")
-    generator = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, unit="step"):
-        chosen = [pieces[i] for i in generator.integers(0, len(pieces), batch_size)]
-        ids = torch.full((batch_size, max(map(len, chosen))), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, piece in enumerate(chosen):  # padded on the right, as the scorer pads
-            ids[row, : len(piece)], mask[row, : len(piece)] = torch.tensor(piece), 1
-        ids, mask = ids.to(device), mask.to(device)
-        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-def fine_tune_conditional(
-    prior: str | Path,
-    target: Sequence[str],
-    output: str | Path,
-    *,
-    steps: int = 200,
-    lr: float = 1e-3,
-    batch_size: int = 16,
-    max_tokens: int = 512,
-    seed: int = 0,
-    device: str = "cpu",
-) -> Path:
-    """The recipe: copy the ``prior`` model folder's model, train it ``steps`` steps on the ``target``
-    documents, save it (with the tokenizer) to ``<output without suffix>.conditional/``, and write the JSON file
-    ``output`` naming both models (relative to its folder). Returns ``output``."""
-    transformers = _transformers()
-    prior, output = Path(prior), Path(output)
-    if not prior.is_dir():
-        raise ImportanceError(f"--prior {prior} is not a model folder (a transformers checkpoint on disk)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(prior).to(device)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(prior)
-    train_causal_lm(model, tokenizer, target, steps, batch_size=batch_size, lr=lr, max_tokens=max_tokens, seed=seed,
-                    desc="fine-tuning on the target")  # fmt: skip
-    folder = output.with_suffix(".conditional")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    settings = {
-        "format": FORMAT,
-        "prior": os.path.relpath(prior.resolve(), output.parent.resolve()),
-        "conditional": folder.name,
-        "max_tokens": max_tokens,
-        "device": device,
-        "recipe": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "documents": len(target)},
-    }
-    output.write_text(json.dumps(settings, indent=1) + "\n")
-    return output
+    return require("transformers", "the CoLoR-Filter scorer")

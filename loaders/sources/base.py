@@ -15,18 +15,24 @@ Two kinds of sources:
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from onlinemix.loaders.storage import RemotePath
+from onlinemix.loaders.storage import StoragePath
 from onlinemix.loaders.transforms import Transform, collate
 
 
 class SourceError(Exception):
     """Bad data in a source: the message names the file and the sample."""
+
+
+class NothingToVerify(SourceError):
+    """A source whose checksums were never recorded (its cache not built, its file never scanned): ``verify``
+    has nothing to compare it with."""
 
 
 def document_text(record: Any, field: str = "text") -> str:
@@ -60,7 +66,7 @@ class Source(abc.ABC):
     shard_sizes: np.ndarray | None = None
 
     def __init__(self, path: str | Path, transform: Transform | None = None):
-        self.path = path if isinstance(path, (str, RemotePath)) else Path(path)  # how messages name the source
+        self.path = Path(path) if isinstance(path, os.PathLike) else path  # how messages name the source
         self.transform = transform
 
     @abc.abstractmethod
@@ -119,6 +125,17 @@ class Source(abc.ABC):
         """What identifies this source's samples in a checkpoint (beyond its length); JSON-able."""
         return None
 
+    def summary(self) -> str:
+        """One line on what the source holds beyond its sample count, for ``onlinemix inspect`` ("" for none)."""
+        return ""
+
+    def verify(self, how: str = "full", cache_dir: str | Path | None = None) -> str | None:
+        """Check what onlinemix derived from or recorded of this source against its checksums (``how``:
+        ``"full"`` reads everything once, ``"sampled"`` three chunks a file). Returns what was checked, in words,
+        or ``None`` for a source onlinemix has no record of; a mismatch is a ``SourceError`` naming the file, and
+        a record never made is ``NothingToVerify``."""
+        return None
+
     def __getstate__(self) -> dict[str, Any]:
         # Open files and memory maps are reopened lazily in the receiving process.
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
@@ -157,7 +174,7 @@ class DocumentSource(Source):
     def input_bytes(self) -> int:
         """Bytes the documents are read from (for progress)."""
 
-    def input_files(self) -> list[Path | RemotePath]:
+    def input_files(self) -> list[StoragePath]:
         """The files the documents are read from (default: the ``files`` a source keeps; none for an MDS
         remote): a token cache records their stamps, and the full digests of the local ones, which
         ``onlinemix verify`` checks (a remote one would be read a second time for it)."""

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from onlinemix.loaders.checksums import file_stamp
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import InputError, file_stamp
+from onlinemix.loaders.paths import InputError
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
 from onlinemix.loaders.sources.parquet import column_values
 from onlinemix.loaders.transforms import Transform

@@ -21,19 +21,12 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from onlinemix.loaders.files import (
-    FileHandles,
-    InputError,
-    atomic_write,
-    cache_entry,
-    cache_root,
-    expand_paths,
-    file_stamp,
-    open_input,
-    read_lines,
-)
+from onlinemix.loaders.atomic import atomic_write
+from onlinemix.loaders.cache.folder import cache_entry, cache_root
+from onlinemix.loaders.checksums import file_stamp
+from onlinemix.loaders.paths import FileHandles, InputError, expand_paths, read_lines
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
-from onlinemix.loaders.storage import RemotePath
+from onlinemix.loaders.storage import StoragePath, open_input
 from onlinemix.loaders.transforms import Transform
 
 INDEX_VERSION = 2
@@ -46,7 +39,7 @@ def describe_paths(files: list[Path]) -> str:
     return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
 
 
-def scan_line_starts(path: Path | RemotePath) -> np.ndarray:
+def scan_line_starts(path: StoragePath) -> np.ndarray:
     """Byte offsets of the non-empty lines of ``path``."""
     size = path.stat().st_size
     starts = []
@@ -70,7 +63,7 @@ def scan_line_starts(path: Path | RemotePath) -> np.ndarray:
     return np.concatenate(starts) if starts else np.empty(0, dtype=np.uint64)
 
 
-def line_index(path: Path | RemotePath, cache_dir: str | Path | None) -> np.ndarray:
+def line_index(path: StoragePath, cache_dir: str | Path | None) -> np.ndarray:
     """Line offsets of ``path``, from the cache when it matches the file, else scanned (and cached)."""
     cache = cache_entry(cache_root(cache_dir), "jsonl-lines", [INDEX_VERSION, file_stamp(path)]).with_suffix(".npy")
     if cache.exists():

@@ -17,7 +17,7 @@ encoding works).
 is text for the tokenizer; an ``ndarray`` column is token ids; a ``bytes``
 column is token ids of dtype ``token_dtype`` (the llm-foundry convention).
 By default the documents are tokenized once into a cached token stream and
-packed into windows (``loaders/sources/tokenized.py``). The record a custom
+packed into windows (``loaders/cache/tokens.py``). The record a custom
 transform receives is the whole decoded sample (a dict of every column) plus
 ``"document"``.
 
@@ -42,8 +42,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from onlinemix.loaders.cache.folder import cache_entry, cache_root, writable_cache
+from onlinemix.loaders.checksums import file_stamp
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import cache_entry, cache_root, file_stamp, writable_cache
 from onlinemix.loaders.sources.base import ShardedSource, SourceError, document_text
 from onlinemix.loaders.transforms import Transform
 

@@ -14,11 +14,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from onlinemix.loaders.checksums import file_stamp
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import expand_paths, file_stamp, open_input
+from onlinemix.loaders.paths import expand_paths
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
 from onlinemix.loaders.sources.jsonl import describe_paths
-from onlinemix.loaders.storage import RemotePath, StorageError
+from onlinemix.loaders.storage import StorageError, StoragePath, for_library
 from onlinemix.loaders.transforms import Transform
 
 
@@ -26,10 +27,9 @@ def _pyarrow_parquet():
     return require("pyarrow.parquet", "a parquet domain")
 
 
-def parquet_file(path: Path | RemotePath):
+def parquet_file(path: StoragePath):
     """``pyarrow.parquet.ParquetFile`` of a local file or an object at a URL (read in range requests)."""
-    pq = _pyarrow_parquet()
-    return pq.ParquetFile(open_input(path) if isinstance(path, RemotePath) else path)
+    return _pyarrow_parquet().ParquetFile(for_library(path))
 
 
 def column_values(values: list, where: str, column: str) -> Iterator[str | np.ndarray]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from onlinemix.loaders.files import InputError, expand_paths, file_stamp, open_binary
+from onlinemix.loaders.checksums import file_stamp
+from onlinemix.loaders.paths import InputError, expand_paths, open_binary
 from onlinemix.loaders.sources.base import DocumentSource, SourceError
 from onlinemix.loaders.sources.jsonl import describe_paths
 from onlinemix.loaders.storage import StorageError

@@ -24,18 +24,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from onlinemix.loaders.files import (
-    CHECKSUM_CHUNK,
-    atomic_write,
-    bad_chunk,
-    cache_entry,
-    cache_root,
-    file_stamp,
-    open_input,
-)
-from onlinemix.loaders.sources.base import Source, SourceError
+from onlinemix.loaders.atomic import atomic_write
+from onlinemix.loaders.cache.folder import cache_entry, cache_root
+from onlinemix.loaders.checksums import CHECKSUM_CHUNK, bad_chunk, file_stamp
+from onlinemix.loaders.sources.base import NothingToVerify, Source, SourceError
 from onlinemix.loaders.sources.gather import gather_windows
-from onlinemix.loaders.storage import RemotePath, RemoteWindows, as_path
+from onlinemix.loaders.storage import StoragePath, as_path, mtime_ns, open_input, remote_windows
 from onlinemix.loaders.transforms import TokenWindow, Transform
 
 DTYPES = ("uint16", "uint32", "int32", "int64")
@@ -60,7 +54,7 @@ class TokenBinSource(Source):
 
     def __init__(
         self,
-        path: str | Path | RemotePath,
+        path: str | Path | StoragePath,
         seq_len: int,
         dtype: str = "uint16",
         stride: int | None = None,
@@ -87,8 +81,8 @@ class TokenBinSource(Source):
         self._bytes = size
         window = seq_len + 1
         self._length = 0 if self.num_tokens < window else (self.num_tokens - window) // self.stride + 1
-        remote = isinstance(self.path, RemotePath)
-        self._remote = RemoteWindows(self.path, self.dtype, window, self.stride) if remote else None
+        # an object's windows are fetched ahead of the plan; a local file's are read from a memory map
+        self._remote = remote_windows(self.path, self.dtype, window, self.stride)
 
     def __len__(self) -> int:
         return self._length
@@ -158,7 +152,7 @@ class TokenBinSource(Source):
         """
         # The modification time too: a same-size edit between the sampled blocks of a touched file is scanned again.
         # (An object in a bucket has none that every backend gives: its stamp is its size and content digest.)
-        mtime = [] if self._remote is not None else [self.path.stat().st_mtime_ns]
+        mtime = [] if (modified := mtime_ns(self.path)) is None else [modified]
         cached, stamp = self._scan_record(cache_dir), [*file_stamp(self.path), *mtime]
         record = _read_json(cached)
         if record is not None and record.get("stamp") == stamp and record.get("dtype") == self.dtype.name:
@@ -194,9 +188,15 @@ class TokenBinSource(Source):
         """The largest token id in the file (from ``scan``)."""
         return int(self.scan(cache_dir)["max"])
 
-    def verify(self, how: str = "full", cache_dir: str | Path | None = None) -> None:
+    def verify(self, how: str = "full", cache_dir: str | Path | None = None) -> str:
         """Check the file against the CRC-32s recorded when it was first scanned (``how``: ``"full"``, or
-        ``"sampled"``: three 16 MiB chunks); a mismatch is a ``SourceError`` naming the file and the chunk."""
+        ``"sampled"``: three 16 MiB chunks); a mismatch is a ``SourceError`` naming the file and the chunk, and a
+        file never scanned is ``NothingToVerify`` (a first scan now would only compare the file with itself)."""
+        if _read_json(self._scan_record(cache_dir)) is None:
+            raise NothingToVerify(
+                f"{self.path}: no checksums recorded yet (the file was never opened in a mixture): nothing to compare "
+                "it with; onlinemix prepare (or any open) records them"
+            )
         record = self.scan(cache_dir)
         chunk = bad_chunk(self.path, record["checksums"], how)
         if chunk is not None:
@@ -205,6 +205,7 @@ class TokenBinSource(Source):
                 "(corrupted, or rewritten in place at the same size): restore the file, or delete the record "
                 f"{self._scan_record(cache_dir)} if the new content is right"
             )
+        return f"token-bin, {self.num_tokens:,} tokens"
 
     def fingerprint(self) -> dict:
         stamp = getattr(self, "_open_stamp", None)

@@ -55,8 +55,11 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
+from onlinemix.loaders.atomic import atomic_write
+from onlinemix.loaders.cache.folder import cache_entry, cache_root
+from onlinemix.loaders.checksums import file_stamp
 from onlinemix.loaders.extras import require
-from onlinemix.loaders.files import FileHandles, atomic_write, cache_entry, cache_root, file_stamp
+from onlinemix.loaders.paths import FileHandles
 from onlinemix.loaders.sources.base import ShardedSource, SourceError, document_text
 from onlinemix.loaders.transforms import Transform
 

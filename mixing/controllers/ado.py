@@ -64,7 +64,7 @@ minority kind (the suite's German manual pages, 8 clusters of 256) learns
 mostly from its own few, so its loss really does fall slower, ADO moves weight
 off it, and it falls slower still: what an objective on that kind loses, and
 ADO cannot see that objective. So by default no domain goes below nine tenths
-of its starting weight (``min_ratio``, the base class's bound: an objective
+of its starting weight (``min_ratio``, a limit any controller can take: an objective
 whose loss goes with the log of the weight on its kind loses at most its
 sensitivity times ``ln(1/0.9) ≈ 0.105``); ``min_ratio=None`` lifts it.
 
@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -100,11 +101,12 @@ class ADOController(Controller):
         shrinkage: pull each fitted slope toward the mean by its uncertainty (see "Evidence" above).
         credit: multiply the preference by the reference's credit ``sqrt(h (1 - h))`` (see "Credit" above).
         exponents: the grid of exponents ``α`` the fit chooses from.
-        min_ratio: no weight below this fraction of its starting weight (see "Transfer" above; ``None``: none).
-        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...).
+        **kwargs: ``Controller``'s (``min_prob``, ``device``, ``importance_gain``, ``graph``...). By default no
+            weight goes below 0.9 of its starting weight (``min_ratio``, see "Transfer" above; ``None``: none).
     """
 
     name = "ado"
+    default_limits: ClassVar[dict[str, Any]] = {**Controller.default_limits, "min_ratio": 0.9}
 
     def __init__(
         self,
@@ -117,10 +119,9 @@ class ADOController(Controller):
         exponents: Sequence[float] = DEFAULT_EXPONENTS,
         shrinkage: bool = True,
         credit: bool = False,
-        min_ratio: float | None = 0.9,
         **kwargs,
     ):
-        super().__init__(initial, min_ratio=min_ratio, **kwargs)
+        super().__init__(initial, **kwargs)
         ignore = warmup // 2 if ignore is None else ignore
         if warmup < 0 or not 0 <= ignore <= warmup or not 0 < mix <= 1 or not 0 <= history < 1:
             raise ValueError(

@@ -30,9 +30,11 @@ Rewards are pooled over the whole run (the estimate of a cluster's value sharpen
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
-from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.controllers.base import Controller, ControllerContext
 from onlinemix.mixing.stats import DomainStats
 
 
@@ -74,16 +76,18 @@ class ClusterBanditController(Controller):
             steps.
         warmup: steps with the prior's weights while rewards are pooled (the bandit's first estimates are
             noisy; 0: from the first step).
-        trust_region: ``None`` by default (the other adaptive controllers: 0.5 nats). The region is there to stop a
-            noisy signal swinging the mixture; the bandit's estimates pool every reward of the run (they sharpen,
-            they do not swing) and ``τ`` already sets how far one standard deviation of reward moves a cluster
-            from its prior. What keeps it off a small domain it would memorise is the epoch budget
+        **kwargs: ``Controller``'s (``min_prob``, ``importance_gain``, ``repeat_budget``, ``device``, ``graph``...).
+            ``trust_region`` is ``None`` by default (the other adaptive controllers: 0.5 nats). The region is
+            there to stop a noisy signal swinging the mixture; the bandit's estimates pool every reward of the run
+            (they sharpen, they do not swing) and ``τ`` already sets how far one standard deviation of reward moves
+            a cluster from its prior. What keeps it off a small domain it would memorise is the epoch budget
             (``repeat_budget``), and the held-out probes where the trainer scores them. In the quality suite a
             0.5-nat region cost it 0.065 nats where the best mixture is all one domain (*targeted*).
-        **kwargs: ``Controller``'s (``min_prob``, ``importance_gain``, ``repeat_budget``, ``device``, ``graph``...).
     """
 
     name = "bandit"
+    config_knobs = ("neighbours",)
+    default_limits: ClassVar[dict[str, Any]] = {**Controller.default_limits, "trust_region": None}
 
     def __init__(
         self,
@@ -93,10 +97,9 @@ class ClusterBanditController(Controller):
         exploration: float = 0.0,
         discount: float = 1.0,
         warmup: int = 0,
-        trust_region: float | None = None,
         **kwargs,
     ):
-        super().__init__(initial, trust_region=trust_region, **kwargs)
+        super().__init__(initial, **kwargs)
         if not (temperature > 0 and exploration >= 0 and 0 < discount <= 1 and warmup >= 0):
             raise ValueError(
                 "need temperature > 0, exploration >= 0, 0 < discount <= 1 and warmup >= 0, got "
@@ -117,6 +120,19 @@ class ClusterBanditController(Controller):
         self.square_sums = torch.zeros_like(self.weights)
         self.pulls = torch.zeros_like(self.weights)
         self.log_prior = torch.log(self.initial)  # -inf where the prior is 0: such a cluster stays out
+
+    @classmethod
+    def from_settings(
+        cls, initial: torch.Tensor, knobs: dict[str, Any], context: ControllerContext
+    ) -> ClusterBanditController:
+        """From a mixture file: ``neighbours: N`` shares each domain's credit with its ``N - 1`` nearest by the
+        importance estimator's n-gram profiles (``importance.estimator`` must be set)."""
+        neighbours = knobs.pop("neighbours", None)
+        if neighbours is not None:
+            if context.features is None:
+                raise ValueError("neighbours needs the domains' feature profiles (importance.estimator)")
+            knobs["similarity"] = neighbour_similarity(torch.from_numpy(context.features()), neighbours)
+        return cls(initial, device=context.device, **knobs)
 
     def record(self, losses, domains, mask=None, *, reward: torch.Tensor | None = None, **signals) -> None:
         values = losses if reward is None else reward

@@ -5,11 +5,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from onlinemix.mixing.controllers.base import Controller
+from onlinemix.mixing.controllers.base import Controller, ControllerContext
 from onlinemix.mixing.schedule_log import ScheduleLog, read_schedule
 
 INTERPOLATIONS = ("constant", "linear")
@@ -26,7 +27,7 @@ class ScheduledController(Controller):
     """
 
     name = "scheduled"
-    adaptive = False  # the weights are the user's (or a recorded run's): never bounded or guarded
+    default_limits: ClassVar[dict[str, Any]] = {}  # the weights are the user's: no limit unless asked for
 
     def __init__(self, waypoints: Sequence[tuple[int, Sequence[float]]], interpolation: str = "linear", **kwargs):
         if interpolation not in INTERPOLATIONS:
@@ -42,6 +43,14 @@ class ScheduledController(Controller):
         super().__init__(table[0], **kwargs)
         self.table = (table / table.sum(1, keepdim=True)).to(self.device)
         self.interpolation = interpolation
+
+    @classmethod
+    def from_settings(
+        cls, initial: torch.Tensor, knobs: dict[str, Any], context: ControllerContext
+    ) -> ScheduledController:
+        """From a mixture file: ``waypoints`` (and ``interpolation``) in the ``mixing:`` section; the file's
+        starting weights are not used."""
+        return cls(device=context.device, **knobs)
 
     @classmethod
     def from_log(

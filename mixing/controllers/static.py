@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -14,7 +15,7 @@ class StaticController(Controller):
     """Keeps its initial weights; observing is allowed (and drained) but changes nothing."""
 
     name = "static"
-    adaptive = False  # the weights are the user's (or a recorded run's): never bounded or guarded
+    default_limits: ClassVar[dict[str, Any]] = {}  # the weights are the user's: no limit unless asked for
 
     @classmethod
     def from_temperature(cls, sizes: Sequence[int], temperature: float, **kwargs) -> StaticController:

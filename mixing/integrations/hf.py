@@ -47,7 +47,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from onlinemix.loaders.files import save_checkpoint
+from onlinemix.loaders.atomic import save_checkpoint
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 

@@ -1,6 +1,6 @@
 """Object storage: domains and token caches at fsspec URLs (``s3://``, ``gs://``, ``az://``, ...).
 
-A domain's ``path`` and the mixture's ``cache_dir`` may be URLs. What reads them:
+The rest of onlinemix reaches this through ``loaders/storage/__init__.py``. What reads URLs:
 
 - ``RemotePath``: the few things of ``pathlib.Path`` the sources use (``name``, ``stat().st_size``,
   ``is_file``, ``/``, ``open``, ``read_bytes``), over an fsspec filesystem. ``file://`` URLs are plain paths.
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -51,20 +51,6 @@ T = TypeVar("T")
 
 class StorageError(OSError):
     """A request to object storage that failed after its retries: one line naming the object."""
-
-
-def is_url(path: Any) -> bool:
-    """Whether ``path`` is a URL of a filesystem other than the local one (``file://`` is local)."""
-    return isinstance(path, (str, RemotePath)) and "://" in str(path) and not str(path).startswith("file://")
-
-
-def as_path(path: str | Path | RemotePath) -> Path | RemotePath:
-    """``path`` as a ``RemotePath`` when it is a URL, else as a local ``Path`` (``file://`` stripped)."""
-    if isinstance(path, (Path, RemotePath)):
-        return path
-    if is_url(path):
-        return RemotePath(path)
-    return Path(path[len("file://") :] if path.startswith("file://") else path).expanduser()
 
 
 def retrying(what: str, call: Callable[[], T]) -> T:

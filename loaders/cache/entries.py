@@ -1,6 +1,6 @@
 """The token cache as a whole: what it holds, what is stale, and removing entries (``onlinemix cache``).
 
-Every tokenized domain has an entry ``<cache root>/<kind>-<key>/`` (see ``sources/tokenized.py``). A changed
+Every tokenized domain has an entry ``<cache root>/<kind>-<key>/`` (see ``cache/tokens.py``). A changed
 input file or tokenizer makes a new entry and the old one is never read again, so a cache only grows unless
 something removes entries:
 
@@ -19,7 +19,6 @@ that data tokenizes it again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,7 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from onlinemix.loaders.files import file_stamp, remove_stale_partials
+from onlinemix.loaders.cache.folder import remove_stale_partials
+from onlinemix.loaders.checksums import file_stamp
 from onlinemix.loaders.storage import as_path
 
 log = logging.getLogger("onlinemix")
@@ -186,10 +186,3 @@ def enforce_limit(root: Path, keep: Path) -> None:
         return
     for entry in prune(root, max_size=parse_size(limit), keep=keep):
         log.info("removed token cache %s (%.1f MB, %s=%s)", entry.folder.name, entry.size / 1e6, LIMIT_ENV, limit)
-
-
-def mark_used(folder: Path) -> None:
-    """Record that an entry was opened now (its ``meta.json``'s modification time; a read-only cache keeps its
-    old time)."""
-    with contextlib.suppress(OSError):
-        os.utime(folder / "meta.json")
