@@ -196,7 +196,7 @@ def train(args: argparse.Namespace) -> dict:
             else:
                 signals["reference"] = reference_losses
         mixing.observe(losses.detach(), batch, **signals)
-        if args.method == "dga" and step % args.dga_every == 0:  # the controller updates at this step
+        if args.method == "dga" and mixing.mixer.controller.alignment_due():  # the controller updates at this step
             per_domain = [domain_batch(mixing, d, args.dga_samples, step) for d in range(len(mixing.names))]
             target = heldout.batch(args.target, args.dga_samples, step)
             mixing.mixer.controller.observe_alignment(gradient_alignment(model, batch_loss, per_domain, target, True))
@@ -263,7 +263,9 @@ def parser() -> argparse.ArgumentParser:
         "--reference", type=Path, help="doremi: the reference model's weights; bandit: a model of the target"
     )
     parser.add_argument("--target", default="target", help="dga: the heldout.yaml set to align with")
-    parser.add_argument("--dga-every", type=int, default=5, help="dga: steps between alignments (default 5)")
+    parser.add_argument(
+        "--dga-every", type=int, default=5, help="dga: steps between alignments while the weights move (default 5)"
+    )
     parser.add_argument("--dga-samples", type=int, default=32, help="dga: samples per domain and target batch")
     parser.add_argument(
         "--coreset", type=int, default=1, help="train on a coreset of pools K times the batch (default 1: off)"

@@ -52,11 +52,12 @@ from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.controllers.base import Controller, ControllerContext
-from onlinemix.mixing.limits import MemorisationGuard
+from onlinemix.mixing.limits import DEFAULT_REPEAT_BUDGET, MemorisationGuard
 from onlinemix.mixing.schedule_log import ScheduleLogError, ScheduleWriter
 from onlinemix.mixing.settings import check_mixer_options, parse_mixing
 
 LOG_IN_CHECKPOINT = 64 << 20  # bytes: a schedule log up to this size travels in every checkpoint
+OVERDRAWN = 2.0  # times the repeat budget a domain may be projected to be drawn before the build warns
 logger = logging.getLogger("onlinemix")
 
 
@@ -162,6 +163,7 @@ class OnlineMixer:
         self.step_count = 0
         self.skipped = np.zeros(3)  # [non-finite losses, bad domain ids, rejected weight vectors] seen so far
         self.repeat_warning = repeat_warning
+        self._warn_overdrawn(steps)
         self._warned = np.zeros(dataset.spec.num_domains, dtype=bool)
         self._failure: BaseException | None = None
         self._pending: queue.Queue = queue.Queue()
@@ -335,6 +337,31 @@ class OnlineMixer:
                 self._log = ScheduleWriter(self.log_path, self.header)
                 self._log.append(0, self._initial)
             self._log.append(version, weights)
+
+    def _warn_overdrawn(self, steps: int | None) -> None:
+        """At build time, where the run's length is known: warn (once, every such domain in one message) when the
+        controller's weights will draw a domain without ``max_epochs`` more than ``OVERDRAWN`` times its repeat
+        budget (a fixed or scheduled mixture's own weights; an online controller's starting weights, which its
+        repeat budget never cuts). Repeated this often, a small domain is memorised: better said before the first
+        batch than at step 168."""
+        projected = self.controller.projected_epochs()
+        if projected is None or not self.repeat_warning:
+            return
+        guard = self.controller.limit(MemorisationGuard)
+        budget = guard.repeat_budget if guard is not None and guard.repeat_budget is not None else DEFAULT_REPEAT_BUDGET
+        spec = self.dataset.spec
+        over = np.flatnonzero((projected > OVERDRAWN * budget) & (spec.caps == UNLIMITED))
+        if not len(over):
+            return
+        what = "; ".join(f"{self.dataset.names[d]!r} ({spec.sizes[d]:,} samples) about {projected[d]:.0f} epochs"
+                         for d in over)  # fmt: skip
+        warnings.warn(
+            f"over this run's {steps:,} steps of {spec.global_batch_size * self.accumulation:,} samples, the "
+            f"{self.controller.name} controller's weights draw {what} (an online controller's: from its starting "
+            f"weights, which its repeat budget never cuts): over {OVERDRAWN:g}x the repeat budget of {budget:g} "
+            "epochs, a small domain is memorised. Lower its weight, or cap it with max_epochs in the mixture file",
+            stacklevel=3,
+        )
 
     def _watch_repeats(self, version: int, weights: np.ndarray, drawn: np.ndarray) -> None:
         """Warn once per domain when it has been drawn ``repeat_warning`` epochs over (``drawn``: the controller's

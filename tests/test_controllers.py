@@ -499,3 +499,24 @@ def test_dga_distribution_reweighting_moves_weights_over_basis_rows():
         DGAController(torch.tensor([1.0]), basis=torch.tensor([[0.5, 0.6]]))
     with pytest.raises(ValueError, match=r"basis must be \(m, k\) with m = 2"):
         DGAController(torch.tensor([0.5, 0.5]), basis=torch.ones(3, 2) / 2)
+
+
+def test_dga_aligns_less_often_once_its_updates_stop_moving_the_weights_hand_computed():
+    # a 0.01-nat trust region: after the first update the weights sit at its boundary and the same alignment
+    # moves them no more, so the steps between updates double, 2 -> 4 -> 8 (max_every); a new direction moves
+    # them again and brings the interval back to 2
+    c = DGAController(UNIFORM3, eta=2.0, ema=0.0, every=2, max_every=8, trust_region=0.01)
+    due = []
+    for step in range(1, 31):
+        due.append(c.alignment_due())
+        if due[-1]:
+            c.observe_alignment(torch.tensor([1.0, 0.0, -1.0]) if step < 24 else torch.tensor([-1.0, 0.0, 1.0]))
+        c.step()
+    updates = [step for step, is_due in enumerate(due, 1) if is_due]
+    # 2 moves them (the interval stays 2), 4 does not (-> 4), nor 8 (-> 8), nor 16 (8 at most); 24 turns them to
+    # the boundary's other side (back to 2), where 26 moves them no more (-> 4): 30
+    assert updates == [2, 4, 8, 16, 24, 26, 30], updates
+    resumed = DGAController(UNIFORM3, eta=2.0, ema=0.0, every=2, max_every=8, trust_region=0.01)
+    resumed.load_state_dict(c.state_dict())
+    assert (resumed.interval, resumed.last_update) == (c.interval, c.last_update)
+    assert [resumed.alignment_due() for _ in range(1)] == [c.alignment_due()]

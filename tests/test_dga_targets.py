@@ -119,3 +119,45 @@ def test_dga_aligned_with_held_out_data_and_a_repeat_cap_keeps_the_specific_set_
     assert drawn == 4 * 8  # max_epochs 4 of 8 sequences, then the domain drops out of the plan
     assert curve[-1] < free[1][-1] - 0.3  # far better on the held-out target than the collapsed run
     assert not any("has been drawn about" in m for m in messages)
+
+
+def held_out_of(weights: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """A stand-in for each domain's held-out loss: falls while the domain is drawn at or above its start (1/4),
+    rises while it is starved (forgotten); domain 0's rises from step 100 on whatever its weight (memorised)."""
+    loss = loss + torch.where(weights >= 0.25, -0.002, 0.003)
+    if step > 100:
+        loss[0] += 0.006
+    return loss
+
+
+def test_holding_one_domain_does_not_freeze_the_others():
+    # DGA favours domain 0 past the trust region; from step 100 its held-out loss rises and the guard holds it; from
+    # step 150 the alignments favour domain 1 too. Before, the run froze twice over: DGA's own mixture ran into a
+    # corner (the other weights underflowed to 0), and every domain starved before was held as soon as domain 0's
+    # excess made it favoured, its held-out loss having risen while it was starved: all four at 1/4 to the end.
+    dga = DGAController(torch.full((4,), 0.25), eta=4.0, ema=0.5)
+    dga.count_epochs(32, [10_000] * 4, steps=300)
+    loss, weights = torch.full((4,), 2.0), []
+    for step in range(1, 301):
+        dga.observe_alignment(torch.tensor([0.5, 0.3 if step > 150 else -0.2, -0.3, -0.3]))
+        loss = held_out_of(dga.weights, loss, step)
+        if step % 10 == 0:
+            dga.observe_heldout(loss)
+        weights.append(dga.step().clone())
+    assert dga.memorised().tolist() == [True, False, False, False]  # only the memorised domain is held
+    assert weights[149][0] == pytest.approx(0.25) and weights[-1][0] == pytest.approx(0.25)
+    assert weights[-1][1] > 0.6 > 0.04 > weights[-1][2]  # the others followed the alignments
+    assert not torch.allclose(weights[-1], torch.full((4,), 0.25))
+    assert (torch.stack(weights[150:]) - torch.stack(weights[149:-1])).abs().max() > 0.05
+
+
+def test_a_rise_while_starved_is_forgetting_not_memorising():
+    dga = DGAController(torch.full((3,), 1 / 3), eta=4.0, ema=0.0, trust_region=None, heldout_ema=0.0)
+    dga.weights = torch.tensor([0.8, 0.1, 0.1])  # domain 1 starved
+    dga.observe_heldout(torch.tensor([2.0, 2.0, 2.0]))
+    dga.observe_heldout(torch.tensor([2.0, 2.3, 2.0]))  # it is forgotten: its loss rises
+    dga.weights = torch.tensor([0.1, 0.8, 0.1])  # now favoured, its loss no higher than when it became so
+    dga.observe_heldout(torch.tensor([2.0, 2.3, 2.0]))
+    assert dga.memorised().tolist() == [False, False, False]
+    dga.observe_heldout(torch.tensor([2.0, 2.35, 2.0]))  # a rise while favoured: memorised
+    assert dga.memorised().tolist() == [False, True, False]

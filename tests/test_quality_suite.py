@@ -90,6 +90,7 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
         round(1 + (steps * batch + probes) / plain + reference, 2), abs=0.006
     )
     assert compute["proxy-dga"] == 1.25  # the replay, and the proxy: a quarter of the steps, no alignment yet
+    assert compute["export-dga"] == 1.25  # its mean weights as a static mixture: the same proxy
     assert compute["coreset"] == round(7 / 3, 2)  # each step: the pool's forward (4 batches), one training pass
     setup = json.loads((tmp_path / "importance/targeted+specific-color-filter/setup-compute.json").read_text())
     assert compute["color-filter"] == round(1 + setup["window_passes"] / (steps * batch * 3), 2) > 1.0
@@ -99,9 +100,10 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     assert (tmp_path / "targeted+specific.png").stat().st_size > 10_000
     runs = sorted((tmp_path / "runs" / "targeted+specific").rglob("*.json"))
     # every method on both seeds (uniform, proportional, closest, odm, ado, doremi, dga, importance, classifier,
-    # color-filter, coreset, doremi-target, bandit, bandit-unguarded), the proxy workflow's short run and replay on
-    # both, the grid on seed 0, its best on seed 1
-    assert len(runs) == 14 * 2 + 2 * 2 + 6 + 1
+    # color-filter, coreset, doremi-target, bandit, bandit-unguarded), the proxy workflows' short run, its stretched
+    # schedule and its static export on both, the grid on seed 0, its best on seed 1
+    assert len(runs) == 14 * 2 + 3 * 2 + 6 + 1
+    assert len(list((tmp_path / "runs" / "targeted+specific" / "proxies").glob("*.oms"))) == 2  # the proxies' logs
     capsys.readouterr()
     assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
     assert "runs to train" not in capsys.readouterr().out

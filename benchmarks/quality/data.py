@@ -16,6 +16,8 @@ Layout under ``DIR`` (written once; ``build`` skips what exists)::
     target/small-specific.bin     a smaller specific set (SMALL_SPECIFIC_BYTES, part of specific.bin) and a
     target/small-align.bin        few KB held out beside it (SMALL_ALIGN_BYTES, part of align.bin): the
                                   small-specific scenario, where the fastest-falling loss is memorisation
+    target/tiny-specific.bin      a tiny specific set (TINY_SPECIFIC_BYTES): the tiny-specific scenario, where a
+                                  short proxy run's share of it is four times too much for the full run
     clusters/c000.bin ...         the many-domains scenario: CLUSTERS clusters of documents
     clusters.json                 each cluster's size and what its documents are
     <scenario>.yaml               each scenario's mixture file
@@ -48,6 +50,7 @@ HELDOUT_SHARE = 0.15  # of each corpus's documents, by name hash
 HELDOUT_BYTES = 300_000
 SPECIFIC_BYTES = 40_000
 SMALL_SPECIFIC_BYTES, SMALL_ALIGN_BYTES = 16_000, 5_000
+TINY_SPECIFIC_BYTES = 6_000
 CLUSTERS = 256
 CLUSTER_POOL = {  # corpus -> bytes of its training documents that go into the pool of the many-domains scenario
     "code": 800_000,
@@ -112,7 +115,7 @@ def _mixture(path: Path, domains: list[dict], seed: int = 0) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-VERSION = "2"  # bumped when the data changes: an older folder is built again
+VERSION = "3"  # bumped when the data changes: an older folder is built again
 
 
 def build(root: Path, log=print) -> Path:
@@ -140,6 +143,7 @@ def build(root: Path, log=print) -> Path:
     write_bin(root / "target" / "align.bin", align)
     write_bin(root / "target" / "small-specific.bin", take(specific, SMALL_SPECIFIC_BYTES))
     write_bin(root / "target" / "small-align.bin", take(align, SMALL_ALIGN_BYTES))
+    write_bin(root / "target" / "tiny-specific.bin", take(specific, TINY_SPECIFIC_BYTES))
     with open(root / "target" / "specific.jsonl", "w") as file:
         for _, text in specific:
             file.write(json.dumps({"text": text}) + "\n")
@@ -168,6 +172,7 @@ def build(root: Path, log=print) -> Path:
     _mixture(root / "targeted.yaml", general)
     _mixture(root / "targeted+specific.yaml", [*general, _domain("specific", "target/specific.bin")])
     _mixture(root / "small-specific.yaml", [*general, _domain("specific", "target/small-specific.bin")])
+    _mixture(root / "tiny-specific.yaml", [*general, _domain("specific", "target/tiny-specific.bin")])
     # Every cluster capped at MAX_EPOCHS: a method that pours weight onto one small cluster would otherwise
     # repeat it dozens of times and memorise it (the same cap for every method; uniform never reaches it).
     clusters = [_domain(c["name"], f"clusters/{c['name']}.bin", max_epochs=MAX_EPOCHS) for c in composition]

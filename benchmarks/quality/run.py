@@ -32,6 +32,9 @@ import train as trainer
 
 from onlinemix.cli import main as onlinemix
 from onlinemix.loaders.importance import ImportanceEstimator
+from onlinemix.mixing.limits import DEFAULT_REPEAT_BUDGET
+from onlinemix.mixing.proxy import static_weights, within_budget
+from onlinemix.mixing.schedule_log import read_schedule
 
 ONLINE = ("odm", "ado", "doremi", "doremi-target", "dga", "bandit")  # online (the rest are static)
 REFERENCE_STEPS = 400  # the target reference model: steps on the specific set (kept at its best on the other)
@@ -54,8 +57,12 @@ def run_task(task: dict) -> str:
         )  # fmt: skip
     else:
         scenario = suite.scenarios(root, Path(task["results"]))[task["scenario"]]
-        schedule = _stretched(Path(task["proxy"])) if task.get("proxy") else None
-        chosen = suite.method(task["method"], scenario, task.get("weights"), task.get("initial"), schedule)
+        weights, schedule = task.get("weights"), None
+        if task.get("proxy") and task["method"].startswith(suite.PROXY):  # the proxy's schedule, stretched
+            schedule = Path(task["proxy"])
+        elif task.get("proxy"):  # its mean weights, exported for this run's length (capped by its repeat budget)
+            weights = _exported(Path(task["proxy"]), task["steps"])
+        chosen = suite.method(task["method"], scenario, weights, task.get("initial"), schedule)
         if task.get("config"):
             chosen.config = Path(task["config"])
         if chosen.align:
@@ -64,19 +71,21 @@ def run_task(task: dict) -> str:
         references = {name: Path(path) for name, path in task.get("references", {}).items()}
         probes = {name: root / path for name, path in scenario.domain_heldout.items()}
         save_model = Path(task["model"]) if task.get("model") else None
+        log = Path(task["log"]) if task.get("log") else None
         history = trainer.train(
             root / scenario.config, chosen, task["seed"], task["steps"], heldout, references, probes, save_model,
-            task["size"], task["device"],
+            task["size"], task["device"], log,
         )  # fmt: skip
     trainer.save(history, out)
     return f"{out.relative_to(out.parents[3])}: {time.perf_counter() - started:.0f} s"
 
 
-def _stretched(proxy: Path) -> list:
-    """A proxy run's recorded weights as waypoints of a run ``PROXY_SHRINK`` times longer (from its start)."""
-    history = json.loads(proxy.read_text())
-    weights = history["weights"]
-    return [[0, weights[0][1]]] + [[step * suite.PROXY_SHRINK, w] for step, w in weights]
+def _exported(proxy: Path, steps: int) -> list[float]:
+    """A proxy run's mean weights as static weights for a run of ``steps`` steps, capped by its repeat budget: what
+    ``onlinemix schedule export --format yaml --steps STEPS`` writes."""
+    log = read_schedule(proxy)
+    weights, _ = within_budget(log, static_weights(log, "mean"), steps, DEFAULT_REPEAT_BUDGET)
+    return weights.tolist()
 
 
 def online_method(label: str) -> bool:
@@ -246,12 +255,14 @@ def plan(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[dict], 
                     task["initial"] = scenario.grid["DSIR prior, ~32 clusters"]
                 # after the models they read: the uniform run's, the target reference
                 (second if method.startswith(("doremi", "bandit")) else first).append(task)
-            if scenario.proxy is not None:  # the proxy workflow: a short run first, then its schedule replayed
+            if scenario.proxy is not None:  # the proxy workflows: a short run first, then its schedule or its export
                 proxy = runs / name / "proxies" / f"{scenario.proxy}-seed{seed}.json"
+                log = proxy.with_suffix(".oms")
                 first.append({**base, "method": scenario.proxy, "steps": args.steps // suite.PROXY_SHRINK,
-                              "out": str(proxy)})  # fmt: skip
-                second.append({**base, "method": scenario.proxy_label, "proxy": str(proxy),
-                               "out": str(runs / name / scenario.proxy_label / f"seed{seed}.json")})  # fmt: skip
+                              "out": str(proxy), "log": str(log)})  # fmt: skip
+                for label in scenario.proxy_labels:
+                    second.append({**base, "method": label, "proxy": str(log),
+                                   "out": str(runs / name / label / f"seed{seed}.json")})  # fmt: skip
             if seed == 0:
                 for point, weights in scenario.grid.items():
                     first.append({**base, "method": f"grid: {point}", "weights": weights,
@@ -349,7 +360,7 @@ def compute(out: Path, scenario: suite.Scenario, label: str, histories: list[dic
     if label.startswith("grid: "):  # the bar: every point searched on seed 0, uniform and proportional included
         searched = [f"grid: {point}" for point in scenario.grid] + ["uniform", "proportional"]
         return sum(load_runs(out, scenario, name, 1)[0]["compute"] for name in searched) / plain
-    if label.startswith(suite.PROXY):  # the short run that made the schedule, trained first
+    if label.startswith((suite.PROXY, suite.EXPORT)):  # the short run that made the schedule, trained first
         folder = out / "runs" / scenario.name / "proxies"
         proxies = [folder / f"{scenario.proxy}-seed{s}.json" for s in range(len(histories))]
         short = [json.loads(p.read_text())["compute"] for p in proxies if p.exists()]
@@ -383,7 +394,7 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
     and the steps its mean curve needs to reach the bar."""
     best = best_grid_point(out, scenario)
     best_label = best if best in ("uniform", "proportional") else f"grid: {best}"
-    labels = [*scenario.methods, *([scenario.proxy_label] if scenario.proxy else [])]
+    labels = [*scenario.methods, *scenario.proxy_labels]
     labels += [best_label] if best_label not in labels else []
     results = {label: load_runs(out, scenario, label, seeds) for label in labels}
     bar_finals = np.array([objective(h, scenario)[1][-1] for h in results[best_label]])
@@ -400,11 +411,12 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
         "over seeds first reaches it (interpolated between evaluations), and on how many seeds each run's own "
         "curve does. *Compute*: training compute in plain runs, counting what the method needs first (the "
         "grid's search, a reference model) and what it adds each step (alignment gradients, reference forwards, "
-        "the memorisation guard's probes).",
+        "the memorisation guard's probes). *Gain per extra run*: the loss below uniform (paired, mean) per plain "
+        "run of compute beyond the run itself (`free` where that is under 0.05 runs; negative: it lost).",
         "",
         "| method | kind | final objective | vs bar (paired) | vs uniform (paired) | steps to the bar | compute "
-        "| time per run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| gain per extra run | time per run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     uniform_finals = np.array([objective(h, scenario)[1][-1] for h in results.get("uniform", [])])
     rows, ratios = [], {}
@@ -423,12 +435,15 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
         else:
             ratios[label] = reached / steps
             when = f"{reached:.0f} ({reached / steps:.2f}x; {seeds_reaching}/{len(curves)} seeds)"
-        kind = "proxy" if label.startswith(suite.PROXY) else "online" if online_method(label) else "static"
+        kind = (
+            "proxy" if label.startswith((suite.PROXY, suite.EXPORT)) else "online" if online_method(label) else "static"
+        )
         spread = f" ± {finals.std(ddof=1):.4f}" if len(finals) > 1 else ""
         seconds = np.mean([h["seconds"] for h in histories])
         cost = compute(out, scenario, label, histories, steps)
+        per_run = _gain_per_extra_run(versus_uniform, cost)
         rows.append((finals.mean(), f"| {label} | {kind} | {finals.mean():.4f}{spread} | {_paired(paired)} | "
-                     f"{_paired(versus_uniform)} | {when} | {cost:.2f} | {seconds:.0f} s |"))  # fmt: skip
+                     f"{_paired(versus_uniform)} | {when} | {cost:.2f} | {per_run} | {seconds:.0f} s |"))  # fmt: skip
     lines += [row for _, row in sorted(rows)]
     online = {label: ratio for label, ratio in ratios.items() if online_method(label)}
     if online:
@@ -444,6 +459,14 @@ def report(out: Path, scenario: suite.Scenario, seeds: int, steps: int, extras: 
                   + ", ".join(f"{n} {v:.2f}" for n, v in nearest)]  # fmt: skip
     plot(out, scenario, results, bar)
     return "\n".join(lines)
+
+
+def _gain_per_extra_run(versus_uniform: np.ndarray, cost: float) -> str:
+    """The loss below uniform per plain run of compute beyond the run itself (a dash without uniform's runs)."""
+    if not len(versus_uniform):
+        return "–"
+    extra = cost - 1
+    return "free" if extra < 0.05 else f"{-versus_uniform.mean() / extra:+.4f}"
 
 
 def _paired(differences: np.ndarray) -> str:
@@ -500,10 +523,10 @@ def plot(out: Path, scenario: suite.Scenario, results: dict[str, list[dict]], ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    chosen = ["general", "targeted", "targeted+specific", "small-specific", "many"]
+    chosen = ["general", "targeted", "targeted+specific", "small-specific", "tiny-specific", "many"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="results folder (default runs/quality)")
-    parser.add_argument("--scenarios", nargs="+", default=chosen, choices=chosen, help="default: all five")
+    parser.add_argument("--scenarios", nargs="+", default=chosen, choices=chosen, help="default: all six")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
     parser.add_argument("--workers", type=int, help="runs at a time (default: one per core; 1 on a GPU)")

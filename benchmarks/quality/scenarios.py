@@ -7,6 +7,9 @@
 - ``small-specific``: the same with a specific set of 16 KB and 5 KB held out beside it to align with: drawn
   at the uniform mixture's rate it is seen about ten times over, and the domain whose training loss falls
   fastest is the one being memorised.
+- ``tiny-specific``: the same with a specific set of a few KB: the uniform mixture draws it some 30 times
+  over in a run, and a short proxy run, whose own repeat budget lets it take a third of the batch, would draw
+  it four times as often over the full run: where the proxy workflow must keep the full run's budget.
 - ``many``: 256 clusters of documents of every corpus; the objective is the same target: a method must
   find the few clusters of German manual pages (a bandit over clusters).
 
@@ -61,6 +64,11 @@ class Scenario:
     def proxy_label(self) -> str | None:
         """The proxy workflow's name in the tables (``None`` where the scenario has none)."""
         return None if self.proxy is None else f"{PROXY}{self.proxy}"
+
+    @property
+    def proxy_labels(self) -> list[str]:
+        """Both proxy workflows' names (the stretched schedule, the static export); none without a proxy."""
+        return [] if self.proxy is None else [f"{PROXY}{self.proxy}", f"{EXPORT}{self.proxy}"]
 
 
 def sizes(dataset: MixedDataset) -> torch.Tensor:
@@ -158,6 +166,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
                           ["closest", *blind_and_dga, *selection, "doremi-target", *bandits])  # fmt: skip
     small = with_specific("small-specific", "target/small-align.bin", (0.05, 0.25, 0.4, 0.7),
                           [*blind_and_dga, "ado" + UNGUARDED, "dga" + UNGUARDED])  # fmt: skip
+    tiny = with_specific("tiny-specific", "target/small-align.bin", (0.02, 0.05, 0.1, 0.25), blind_and_dga)
     clusters = yaml.safe_load((root / "many.yaml").read_text())["domains"]
     cluster_sizes = [_tokens(root / domain["path"]) for domain in clusters]
     many = Scenario(
@@ -185,7 +194,7 @@ def scenarios(root: Path, results: Path | None = None) -> dict[str, Scenario]:
         kl = [fitted.divergence(domain["name"]) for domain in clusters]
         many.grid.update({f"DSIR prior, ~{n} clusters": target_prior(kl, n) for n in (8, 32, 128)})
         many.features = np.stack([fitted.raw[domain["name"]] for domain in clusters])
-    return {s.name: s for s in (general, targeted, large, small, many)}
+    return {s.name: s for s in (general, targeted, large, small, tiny, many)}
 
 
 # the knobs that turn off the repeat budget, the trust region and the minimum ratio (the probes are the trainer's to
@@ -201,12 +210,13 @@ def _tokens(path: Path) -> int:
 
 UNGUARDED = "-unguarded"
 WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clusters (~32) instead of uniform
-PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, replayed
+PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, stretched to this run
+EXPORT = "export-"  # "export-dga": the same run's mean weights as a static mixture (onlinemix schedule export)
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
 # what needs a sample of the target
 TARGET_AWARE = ["dga", "importance", "classifier", "color-filter", "doremi-target", "bandit"]
-DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01}  # η on cosine alignments (see method())
+DGA_OPTIONS = {"eta": 10.0, "ema": 0.5, "min_prob": 0.01, "every": 10}  # η on cosine alignments (see method())
 DOREMI_OPTIONS = {"eta": 0.1, "smoothing": 1e-3}
 CORESET_POOL = 4  # mini-batch coresets: pools of 4 batches (CoLM's range is 2-4)
 BANDIT_NEIGHBOURS = 8  # clusters that share credit (a cluster and its 7 nearest by DSIR n-grams)
@@ -217,11 +227,11 @@ def method(
     scenario: Scenario,
     grid_weights: list[float] | None = None,
     initial: list[float] | None = None,
-    schedule: list | None = None,
+    schedule: Path | None = None,
 ) -> Method:
     """The ``Method`` a name stands for in ``scenario`` (grid points: ``grid_weights``; ``initial``: the weights
     an online method starts from, its prior, for the names ending in ``+prior`` and the bandit; ``schedule``: a
-    proxy run's recorded weights, ``[[step, weights], ...]`` on the target run's steps)."""
+    proxy run's schedule log, stretched to the run's steps; an export's static weights are ``grid_weights``)."""
 
     def build(cls: type, start=uniform, **options) -> Callable[..., Controller]:
         return lambda dataset, device, **knobs: cls(start(dataset), device=device, **{**options, **knobs})
@@ -243,8 +253,9 @@ def method(
         chosen = method(name.removesuffix(WITH_PRIOR), scenario, grid_weights, initial)
         chosen.name = name
         return chosen
-    if schedule is not None:  # the proxy workflow: a short run's schedule, stretched to this run
-        return Method(name, lambda dataset, device: ScheduledController(schedule, device=device))
+    if schedule is not None:  # the proxy workflow: a short run's schedule log, stretched to this run's length
+        return Method(name, lambda dataset, device: ScheduledController.from_log(
+            schedule, steps=dataset.num_batches, device=device))  # fmt: skip
     if grid_weights is not None:  # a static mixture
         return Method(name, build(StaticController, lambda dataset: torch.tensor(grid_weights)))
     if name == "uniform":

@@ -49,8 +49,9 @@ class Method:
     """How a run's weights are decided: a controller built from the dataset, and what it needs each step.
 
     ``controller(dataset, device)`` returns the controller (on ``device``); ``reference`` names the model
-    whose per-sample loss DoReMi subtracts; ``align`` is the token-bin file DGA aligns with (every
-    ``align_every`` steps); ``config`` replaces the scenario's mixture file (importance resampling writes its own);
+    whose per-sample loss DoReMi subtracts; ``align`` is the token-bin file DGA aligns with (whenever the
+    controller's ``alignment_due()``: every 10 steps while the weights move); ``config`` replaces the scenario's
+    mixture file (importance resampling writes its own);
     ``guarded``: the memorisation guard's held-out probes are fed to the controller (online methods);
     ``reward``: models whose per-sample losses make each sample's reward, passed as ``observe(..., reward=...)``:
     ``(general, target)``: how much better the second predicts it (``loss_general - loss_target``, CoLoR-Filter's
@@ -63,7 +64,6 @@ class Method:
     reference: str | None = None
     align: str | None = None
     guarded: bool = False
-    align_every: int = 10
     config: Path | None = None
     reward: tuple[str, ...] | None = None
     pool: int = 1
@@ -135,9 +135,11 @@ def train(
     save_model: Path | None = None,
     size: str = "small",
     device: str = "cpu",
+    log: Path | None = None,
 ) -> dict:
     """Train one run; returns its history. ``probes``: each training domain's own held-out set, scored every
-    ``PROBE_EVERY`` steps for an online method's memorisation guard (``OnlineMixing.observe_heldout``).
+    ``PROBE_EVERY`` steps for an online method's memorisation guard (``OnlineMixing.observe_heldout``); ``log``:
+    where to write the run's schedule log (a proxy run's, for the proxy workflows).
 
     The history's ``compute`` is the run's training compute in window passes (see ``FORWARD``), counting
     what the method adds (reference forwards, alignment gradients, probes) but not the evaluations."""
@@ -148,7 +150,9 @@ def train(
     mixture.global_batch_size *= method.pool  # with a coreset, the loader's batches are the pools
     dataset = MixedDataset.from_config(mixture, num_batches=steps)
     coreset = MiniBatchCoreset.for_pools(dataset, method.pool) if method.pool > 1 else None
-    mixer = OnlineMixer(method.controller(dataset, device), dataset, lag=1)
+    if log is not None and log.exists():
+        log.unlink()  # an interrupted run's: this one starts afresh
+    mixer = OnlineMixer(method.controller(dataset, device), dataset, lag=1, log=log)
     mixing = OnlineMixing(mixer, coreset=coreset, num_workers=0 if device == "cpu" else 2)
     model = new_model(mixture.seq_len, seed, size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
@@ -193,7 +197,7 @@ def train(
             signals["reward"] = scores[0] - scores[1] if len(scores) == 2 else -scores[0]
             compute += len(scorers) * FORWARD * len(ids)
         mixing.observe(losses.detach(), batch, **signals)
-        if method.align is not None and (step + 1) % method.align_every == 0:
+        if method.align is not None and mixer.controller.alignment_due():  # every 10 steps, less once settled
             per_domain = [windows(source.path, mixture.seq_len, 32, generator) for source in dataset.sources]
             target = windows(Path(method.align), mixture.seq_len, 64, generator)
             alignment = gradient_alignment(model, window_loss, per_domain, target, cosine=True)

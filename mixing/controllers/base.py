@@ -125,10 +125,7 @@ class Controller:
         names = [key for limit in self.limits for key in limit.state_dict()]
         if len(set(names)) != len(names) or set(names) & RESERVED_STATE:
             raise ValueError(f"the limits' state names clash: {names}")
-        weights = self.initial
-        for limit in self.limits:
-            weights = limit.start(weights)
-        self.weights = weights.clone()
+        self.weights = self._start_weights()
         self.stats = DomainStats(self.num_domains, self.device, compile=compile)
         self.steps = 0
         self.domains: list[str] | None = None  # the domain names, where the controller knows them (from a log)
@@ -137,6 +134,13 @@ class Controller:
         self._graphs = None
         if graph and self.device.type != "cuda":
             raise ValueError(f"graph=True needs the controller on a CUDA device, not {self.device}")
+
+    def _start_weights(self) -> torch.Tensor:
+        """The weights published before the first step: the starting weights through each limit's ``start``."""
+        weights = self.initial
+        for limit in self.limits:
+            weights = limit.start(weights)
+        return weights.clone()
 
     @classmethod
     def from_settings(cls, initial: torch.Tensor, knobs: dict[str, Any], context: ControllerContext) -> Controller:
@@ -152,8 +156,20 @@ class Controller:
     def count_epochs(self, samples_per_step: float, sizes: Sequence[int], steps: int | None = None) -> None:
         """Tell the controller the run (the mixer calls this with its dataset's): ``samples_per_step`` samples a
         step, each domain's size in samples, and the run's length in steps where it is known. Then it counts the
-        epochs each domain is drawn (``epochs``), which the repeat budget caps and holds by."""
+        epochs each domain is drawn (``epochs``), which the repeat budget caps and holds by. Before the first step,
+        the starting weights pass the limits again: a limit that knows the run now may map them (a stretched
+        schedule's budget)."""
         self.epochs.configure(samples_per_step, sizes, steps)
+        if self.steps == 0:
+            self.weights = self._start_weights()
+
+    def projected_epochs(self) -> np.ndarray | None:
+        """The epochs each domain would be drawn over the run at the published starting weights (``None`` before
+        the run's length is known): what a fixed mixture draws, and where an online controller starts (a host
+        copy, for set-up time only)."""
+        if self.epochs.steps is None or not self.epochs.configured:
+            return None
+        return (self.weights * self.epochs.rate * self.epochs.steps).double().cpu().numpy()
 
     def memorised(self) -> torch.Tensor:
         """Which domains the memorisation guard holds now (a boolean vector on the device; none without a guard)."""

@@ -1,8 +1,20 @@
-"""A fixed schedule of weights over steps: piecewise-constant or linear between waypoints (curricula)."""
+"""A fixed schedule of weights over steps: piecewise-constant or linear between waypoints (curricula), or a
+recorded run's weights replayed, or stretched over a run of another length (the proxy-to-target workflow).
+
+**A stretched schedule keeps this run's repeat budget.** A short proxy run's weights are shaped by its own
+budget: 23% of the batch on a small set may be 16 epochs of it in 250 steps, and 64 in 1,000. So a schedule
+stretched to another length (``from_log(log, steps=N)``) is capped, step by step, by this run's budget
+(``MemorisationGuard(repeat_budget, never_below_start=False)``: ``budget · size / (samples per step · N)``,
+what the cap takes going to the other domains in proportion, as a live controller's cap does), and says in
+one line what it capped when the mixer tells it the run. The schedule carries shares, not epochs: where the
+proxy's share of a domain was within this run's budget it is kept as it is. A replay at the recorded length
+is the recorded run's own weights and is left unchanged.
+"""
 
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -10,10 +22,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from onlinemix.mixing import limits as limits_module
 from onlinemix.mixing.controllers.base import Controller, ControllerContext
+from onlinemix.mixing.limits import DEFAULT_REPEAT_BUDGET, Floor, MemorisationGuard
 from onlinemix.mixing.schedule_log import ScheduleLog, read_schedule
 
 INTERPOLATIONS = ("constant", "linear")
+PROJECTION_POINTS = 2048  # steps at which a schedule is evaluated to project the epochs it draws
+log = logging.getLogger("onlinemix")
 
 
 class ScheduledController(Controller):
@@ -43,6 +59,7 @@ class ScheduledController(Controller):
         super().__init__(table[0], **kwargs)
         self.table = (table / table.sum(1, keepdim=True)).to(self.device)
         self.interpolation = interpolation
+        self.stretched: tuple[int, int] | None = None  # (recorded steps, this run's) for a stretched recording
 
     @classmethod
     def from_settings(
@@ -54,7 +71,12 @@ class ScheduledController(Controller):
 
     @classmethod
     def from_log(
-        cls, log: str | Path | ScheduleLog, steps: int | None = None, most: int = 1000, **kwargs
+        cls,
+        log: str | Path | ScheduleLog,
+        steps: int | None = None,
+        most: int = 1000,
+        repeat_budget: float | None = DEFAULT_REPEAT_BUDGET,
+        **kwargs: Any,
     ) -> ScheduledController:
         """The weights a recorded run used, as a schedule for another run (the proxy-to-target workflow).
 
@@ -63,13 +85,20 @@ class ScheduledController(Controller):
         between. Default: the recorded steps as they are. After the last waypoint the last weights hold.
         At most ``most`` waypoints are kept (evenly spread, the last one always). The controller knows the
         log's domain names, and ``OnlineMixer`` checks them against the dataset's.
+
+        ``repeat_budget``: a schedule stretched to another length is capped by this run's repeat budget (see the
+        module docstring; ``None``: the recorded shares as they are, however often they draw a domain). A
+        replay at the recorded length is never capped. ``kwargs``: ``Controller``'s (``min_prob``, ``device``...).
         """
         recorded = log if isinstance(log, ScheduleLog) else read_schedule(log)
         if len(recorded.weights) < 2:
             raise ValueError(f"{log} holds {len(recorded.weights)} weight version(s): nothing to schedule")
         last = int(recorded.steps[-1])
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        stretched = steps is not None and steps != last
+        if stretched and repeat_budget is not None:
+            kwargs["limits"] = cls._stretched_limits(repeat_budget, kwargs)
         keep = np.unique(np.linspace(0, len(recorded.steps) - 1, min(most, len(recorded.steps))).round().astype(int))
         scale = 1.0 if steps is None else steps / last
         waypoints, previous = [], -1
@@ -80,7 +109,62 @@ class ScheduledController(Controller):
                 previous = step
         controller = cls(waypoints, interpolation="linear", **kwargs)
         controller.domains = recorded.domains
+        controller.stretched = (last, steps) if stretched else None
         return controller
+
+    @classmethod
+    def _stretched_limits(cls, repeat_budget: float, kwargs: dict[str, Any]) -> list:
+        """The limits of a stretched schedule: those its knobs ask for, and this run's repeat budget before the
+        floor (which comes last)."""
+        if "limits" in kwargs:
+            raise ValueError("give repeat_budget=None to pass limits=[...] to a stretched schedule")
+        knobs = {key: kwargs.pop(key) for key in limits_module.LIMIT_KNOBS if key in kwargs}
+        chosen = limits_module.build(cls.default_limits, knobs)
+        guard = MemorisationGuard(repeat_budget, never_below_start=False)
+        floors = [limit for limit in chosen if isinstance(limit, Floor)]
+        return [limit for limit in chosen if not isinstance(limit, Floor)] + [guard] + floors
+
+    def count_epochs(self, samples_per_step: float, sizes: Sequence[int], steps: int | None = None) -> None:
+        """As ``Controller.count_epochs``; a stretched schedule then says in one line what this run's repeat
+        budget caps."""
+        super().count_epochs(samples_per_step, sizes, steps)
+        guard = self.limit(MemorisationGuard)
+        if self.stretched is None or steps is None or guard is None or guard.repeat_budget is None:
+            return
+        raw = self._epochs_over_run(limited=False)
+        capped = self._epochs_over_run(limited=True)
+        over = np.flatnonzero(raw > guard.repeat_budget * (1 + 1e-6))
+        if not len(over):
+            return
+        names = self.domains or [f"domain {d}" for d in range(self.num_domains)]
+        what = ", ".join(f"{names[d]!r} {raw[d]:.1f} -> {capped[d]:.1f} epochs" for d in over)
+        log.warning(
+            "a schedule recorded over %d steps, stretched to %d: this run's repeat budget (%g epochs) caps %s",
+            *self.stretched, guard.repeat_budget, what,
+        )  # fmt: skip
+
+    def projected_epochs(self) -> np.ndarray | None:
+        """The epochs each domain is drawn over the run, by the schedule as its limits leave it (``None`` before
+        the run's length is known)."""
+        if self.epochs.steps is None or not self.epochs.configured:
+            return None
+        return self._epochs_over_run(limited=True)
+
+    def _epochs_over_run(self, limited: bool) -> np.ndarray:
+        """Epochs each domain is drawn over the run's steps, by the schedule (``limited``: through its limits),
+        from the schedule at up to ``PROJECTION_POINTS`` evenly spread steps (host arithmetic, at set-up)."""
+        steps = self.epochs.steps
+        points = np.linspace(1, steps, min(steps, PROJECTION_POINTS)).round().astype(int)
+        weights = []
+        for step in points.tolist():
+            w = self.weights_at(step)
+            if limited:
+                for limit in self.limits:
+                    w = limit(w)
+                w = w / w.sum()
+            weights.append(w)
+        mean = torch.stack(weights).mean(0)
+        return (mean * self.epochs.rate * steps).double().cpu().numpy()
 
     def segment(self, step: int) -> tuple[int, float]:
         """The waypoint ``i`` that ``step`` follows and how far it is toward waypoint ``i + 1`` (Python numbers)."""

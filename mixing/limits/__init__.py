@@ -18,7 +18,7 @@ from typing import Any
 
 from onlinemix.mixing.limits.base import Limit
 from onlinemix.mixing.limits.floor import Floor
-from onlinemix.mixing.limits.guard import DEFAULT_REPEAT_BUDGET, MemorisationGuard, water_fill
+from onlinemix.mixing.limits.guard import DEFAULT_REPEAT_BUDGET, MemorisationGuard, budget_cap, water_fill
 from onlinemix.mixing.limits.min_ratio import MinRatio
 from onlinemix.mixing.limits.settings import LIMIT_KNOBS
 from onlinemix.mixing.limits.trust_region import TrustRegion
@@ -59,6 +59,7 @@ __all__ = [
     "MemorisationGuard",
     "MinRatio",
     "TrustRegion",
+    "budget_cap",
     "build",
     "water_fill",
 ]

@@ -8,7 +8,11 @@ proportion to theirs:
 - **The repeat budget** (``repeat_budget`` epochs): where the run's length is known, no domain's weight goes
   above what draws it that many times by the last step, ``budget · size / (samples per step · steps)`` (or its
   starting weight, where that is more: the user's prior is never cut); and a domain drawn that many times
-  over is held at its starting weight for the rest of the run.
+  over is held at its starting weight for the rest of the run. Weights that are not this run's prior (a
+  schedule recorded on a shorter run, stretched to this one) are capped by the budget alone
+  (``never_below_start=False``); where even that cannot be met (the caps sum to less than 1: every domain
+  would be drawn past the budget), the caps grow in proportion until they do, so that every domain is
+  drawn the same number of epochs.
 - **Held-out probes** (``observe_heldout``): a domain drawn above its starting weight whose smoothed held-out
   loss has risen more than ``heldout_tolerance`` above its lowest is held until that loss reaches a new lowest.
 
@@ -45,6 +49,17 @@ def water_fill(weights: torch.Tensor, cap: torch.Tensor, passes: int = PASSES) -
     return weights
 
 
+def budget_cap(share: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """Each domain's cap from the weight that spends its budget over the run (``share``): at least its starting
+    weight (``start``: then the caps sum to at least 1), or else grown in proportion where they sum to less
+    than 1 (every domain over its budget: they all go the same number of epochs over). At most 1."""
+    if start is not None:
+        return torch.maximum(share, start).clamp(max=1)
+    cap = share.clamp(max=1)
+    total = cap.sum()
+    return torch.where(total < 1, cap / total, cap)
+
+
 class MemorisationGuard(Limit):
     """The repeat budget and the held-out guard (see the module docstring).
 
@@ -53,6 +68,8 @@ class MemorisationGuard(Limit):
         heldout_tolerance: nats a favoured domain's smoothed held-out loss may rise above its lowest.
         heldout_ema: how much of the smoothed held-out loss each ``observe_heldout`` keeps (0: none): held-out
             losses of a few windows are noisy, and a guard that fires on noise moves weight for nothing.
+        never_below_start: the budget's cap is never below a domain's starting weight (the user's prior); off for
+            weights that are no prior of this run's (a stretched schedule).
     """
 
     name = "guard"
@@ -62,6 +79,7 @@ class MemorisationGuard(Limit):
         repeat_budget: float | None = DEFAULT_REPEAT_BUDGET,
         heldout_tolerance: float = 0.02,
         heldout_ema: float = 0.5,
+        never_below_start: bool = True,
     ):
         if repeat_budget is not None:
             repeat_budget = positive_number(repeat_budget, "repeat_budget", "a number of epochs")
@@ -72,6 +90,7 @@ class MemorisationGuard(Limit):
             )
         self.repeat_budget = repeat_budget
         self.heldout_tolerance, self.heldout_ema = float(heldout_tolerance), float(heldout_ema)
+        self.never_below_start = never_below_start
         self._cap: tuple[int, torch.Tensor | None] = (-1, None)  # (the epoch count's version, the budget's cap)
 
     def bind(self, initial: torch.Tensor, epochs: EpochCount) -> None:
@@ -88,7 +107,7 @@ class MemorisationGuard(Limit):
         version, cap = self._cap
         if version != self.epochs.version:
             share = None if self.repeat_budget is None else self.epochs.share_for(self.repeat_budget)
-            cap = None if share is None else torch.maximum(share, self.initial).clamp(max=1)
+            cap = None if share is None else budget_cap(share, self.initial if self.never_below_start else None)
             self._cap = (self.epochs.version, cap)
         return cap
 
@@ -109,11 +128,21 @@ class MemorisationGuard(Limit):
             cap = torch.minimum(cap, self.epoch_cap)
         return water_fill(weights, cap)
 
+    def start(self, weights: torch.Tensor) -> torch.Tensor:
+        """The starting weights: the prior, as they are; weights that are no prior of this run (a stretched
+        schedule's first waypoint) capped like every later version."""
+        return weights if self.never_below_start else self(weights)
+
     def observe_heldout(self, losses: torch.Tensor, weights: torch.Tensor) -> None:
         """Smooth the new held-out losses and hold every domain drawn above its start (``weights``: those in force)
-        whose smoothed loss rose past the tolerance; free a domain at a new lowest. (A domain at or below its start
-        whose held-out loss rises is being forgotten, not memorised: holding it would change nothing, and counting
-        it would leave the memorised domain's excess nowhere to go.)"""
+        whose smoothed loss rose past the tolerance; free a domain at a new lowest.
+
+        A domain at or below its start whose held-out loss rises is being forgotten, not memorised: holding it
+        would change nothing, and counting it would leave the memorised domain's excess nowhere to go. Nor does
+        such a rise count later: while a domain is neither favoured nor held, its lowest follows its loss, so that
+        only a rise while it is favoured holds it. (Counted, it held every domain in turn: a memorised domain held,
+        its excess went to the others, each had risen while starved, each was held as soon as it was favoured,
+        and every weight sat at its start to the end of the run.)"""
         measured = torch.isfinite(losses)
         smoothed = torch.where(
             torch.isnan(self.heldout), losses, torch.lerp(losses, self.heldout, self.heldout_ema)
@@ -124,7 +153,8 @@ class MemorisationGuard(Limit):
         favoured = weights > self.initial
         lowest = self.heldout <= self.heldout_best  # a new lowest (False for NaN)
         self.holding.copy_(torch.where(lowest, False, self.holding | (rising & favoured)))
-        self.heldout_best.copy_(torch.where(lowest, self.heldout, self.heldout_best))
+        forgotten = ~favoured & ~self.holding & measured  # its reference moves with it (docstring)
+        self.heldout_best.copy_(torch.where(lowest | forgotten, self.heldout, self.heldout_best))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"heldout": self.heldout.clone(), "heldout_best": self.heldout_best.clone(),

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from onlinemix.cli.common import Commands, command
 from onlinemix.loaders.extras import pyplot
-from onlinemix.mixing.proxy import WHICH, as_mixture, static_weights
+from onlinemix.mixing.limits import DEFAULT_REPEAT_BUDGET
+from onlinemix.mixing.proxy import WHICH, as_mixture, static_weights, within_budget
 from onlinemix.mixing.schedule_log import ScheduleLog, ScheduleLogError, read_schedule
 
 # each command's (or action's) one-line help and its description, as --help shows them
@@ -28,7 +29,10 @@ ABOUT = {
         "Write a recorded schedule in another form. csv: a row per step, a column per domain. jsonl: a line per "
         "step. yaml: static weights for another run (the proxy-to-target workflow): the mean over the run's steps"
         " (DoReMi's recipe) or its final weights, as a domains: list, or with --config as a whole mixture file "
-        "with those weights (and no mixing: section).",
+        "with those weights (and no mixing: section). The weights are capped by the new run's repeat budget "
+        "(--steps long, on the logged mixture's domain sizes): no domain drawn more than --repeat-budget epochs "
+        "over, what a cap takes going to the others in proportion; what was capped is said on standard error and "
+        "in the file's first line.",
     ),
     "plot": (
         "weights over steps, one line per domain, as a PNG",
@@ -72,9 +76,20 @@ def export(args: argparse.Namespace) -> None:
     """``schedule export``: every version as CSV or JSONL, or static weights as YAML."""
     log = _read_log(args.log)
     if args.format == "yaml":
+        recorded = len(log.steps) - 1
+        steps = recorded if args.steps is None else args.steps
+        weights = static_weights(log, args.weights)
+        notes = []
+        if args.repeat_budget > 0:
+            weights, notes = within_budget(log, weights, steps, args.repeat_budget)
         what = "the mean weights" if args.weights == "mean" else "the final weights"
-        about = f"{what} of {args.log} ({log.header.get('controller', '?')} controller, {len(log.steps) - 1} steps)"
-        text = as_mixture(log, static_weights(log, args.weights), about, args.config)
+        about = f"{what} of {args.log} ({log.header.get('controller', '?')} controller, {recorded} steps)"
+        if notes:
+            about += f"; capped by the repeat budget of {args.repeat_budget:g} epochs over {steps:,} steps: "
+            about += ", ".join(notes)
+            print(f"capped by the repeat budget ({args.repeat_budget:g} epochs over {steps:,} steps): "
+                  + ", ".join(notes), file=sys.stderr)  # fmt: skip
+        text = as_mixture(log, weights, about, args.config)
     elif args.format == "csv":
         lines = [",".join(["step", *log.domains])]
         lines += [",".join([str(step), *(repr(float(w)) for w in row)]) for step, row in zip(log.steps, log.weights)]
@@ -121,6 +136,15 @@ def add(commands: Commands) -> None:
     exporting.add_argument("--format", choices=["csv", "jsonl", "yaml"], default="csv", help="default csv")
     exporting.add_argument("--weights", choices=WHICH, default="mean", help="yaml: which weights (default mean)")
     exporting.add_argument("--config", type=Path, help="yaml: a mixture file to write again with the exported weights")
+    exporting.add_argument(
+        "--steps", type=int, help="yaml: the new run's length in optimizer steps (default: the recorded run's)"
+    )
+    exporting.add_argument(
+        "--repeat-budget",
+        type=float,
+        default=DEFAULT_REPEAT_BUDGET,
+        help="yaml: no domain drawn more epochs over the new run than this (0: no cap)",
+    )
     exporting.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     plotting = command(actions, "plot", *ABOUT["plot"], plot)
     plotting.add_argument("log", type=Path, help="the schedule log")
