@@ -42,10 +42,11 @@ def test_an_edited_input_leaves_a_stale_entry_that_prune_removes_with_its_lock(e
     edit_and_reopen(config, 40)
     old, new = sorted(cache.entries(root), key=lambda entry: entry.stale is None)
     assert old.folder == first.folder and old.stale == f"input changed: {config.parent / 'data/prose.jsonl'}"
-    assert new.stale is None and cache.leftovers(root) == 2  # each build's lock file stays behind
+    lock = root / f".{old.folder.name}.lock"
+    assert new.stale is None and lock.exists() and cache.leftovers(root) == 0  # an entry's lock is not a leftover
     assert cache.prune(root, dry_run=True) == [old] and len(cache.entries(root)) == 2  # a dry run removes nothing
     assert [entry.folder for entry in cache.prune(root)] == [old.folder]
-    assert [entry.folder for entry in cache.entries(root)] == [new.folder] and cache.leftovers(root) == 0
+    assert [entry.folder for entry in cache.entries(root)] == [new.folder] and not lock.exists()
 
 
 def test_prune_by_age_and_by_size_removes_the_least_recently_used_first(example):
@@ -76,7 +77,7 @@ def test_opening_an_entry_marks_it_used(example):
 def test_the_size_limit_removes_the_least_recently_used_after_a_build(example, monkeypatch, caplog):
     config, root = example
     (old,) = cache.entries(root)
-    monkeypatch.setenv("ONLINEMIX_CACHE_LIMIT", str(old.size + 10))  # room for one entry
+    monkeypatch.setenv("ONLINEMIX_CACHE_LIMIT", f"{old.size + 10}B")  # room for one entry
     with caplog.at_level(logging.INFO, logger="onlinemix"):
         edit_and_reopen(config, 40)
     (kept,) = cache.entries(root)
@@ -90,8 +91,9 @@ def test_an_entry_being_built_is_never_removed(example):
     (entry,) = cache.entries(root)
     lock = root / f".{entry.folder.name}.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from filelock import FileLock; import time; held = FileLock({str(lock)!r}); "
-         "held.acquire(); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "from onlinemix.loaders.cache.folder import EntryLock; from pathlib import Path; "
+         f"import time; held = EntryLock(Path({str(lock)!r})); held.acquire(); print('held', flush=True); "
+         "time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -106,7 +108,9 @@ def test_an_entry_being_built_is_never_removed(example):
 def test_sizes_parse_with_their_units_and_a_bad_one_is_an_error():
     assert cache.parse_size("50GB") == 50 * 10**9
     assert cache.parse_size("1.5 GiB") == int(1.5 * 2**30)
-    assert cache.parse_size("800") == 800
+    assert cache.parse_size("800B") == 800
+    with pytest.raises(ValueError, match=r"a size must be a number and a unit .*got '800'"):
+        cache.parse_size("800")  # 800 bytes, or 800 GB? Said, not guessed
     with pytest.raises(ValueError, match=r"a size must be a number and a unit .*got '5 parsecs'"):
         cache.parse_size("5 parsecs")
 
@@ -116,7 +120,7 @@ def test_the_cache_commands(example, capsys):
     edit_and_reopen(config, 40)
     assert onlinemix(["cache", "list", "--cache-dir", str(root)]) == 0
     listing = capsys.readouterr().out
-    assert listing.startswith(f"{root}: 2 entries") and "2 lock files or partial builds" in listing
+    assert listing.startswith(f"{root}: 2 entries") and "lock files" not in listing  # the entries' own locks
     assert listing.count("STALE (input changed") == 1 and listing.count(" ok\n") == 1
     assert onlinemix(["cache", "prune", "--dry-run"]) == 0  # the default folder: $ONLINEMIX_CACHE_DIR
     assert "would remove 1 entries" in capsys.readouterr().out and len(cache.entries(cache_root())) == 2

@@ -5,12 +5,19 @@
   nothing. ``token_cache_root``: the same, except that a URL ``cache_dir`` holds token caches (every node reads
   the caches one of them prepared).
 - ``cache_entry``: the folder of one entry, named by a hash of what it is derived from.
-- ``locked`` / ``remove_stale_partials``: one process builds an entry while the others wait, and a build
-  killed half-way is cleaned up by the next one (never while its builder still holds the lock).
+- ``EntryLock``: every entry has a lock file beside it, ``.<entry>.lock``. A process that builds the entry holds
+  it exclusively (the others wait, then read what it built); a process that has the entry open holds it shared
+  for as long as it does (its DataLoader workers too); ``prune``, ``clear`` and ``$ONLINEMIX_CACHE_LIMIT``
+  remove an entry only when they can take it exclusively without waiting: an entry in use or being built is
+  never removed. The operating system drops the locks of a process that dies.
+- ``remove_stale_partials``: the partial folder of a build that was killed is removed by the next one (never
+  while its builder still holds the lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -53,34 +60,99 @@ def cache_entry(root: StoragePath, kind: str, key: Any) -> StoragePath:
     return root / f"{kind}-{digest}"
 
 
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock held on ``path`` (created if needed), so that one process builds a cache the others
-    then read: several ranks or workers opening the same data at once build it once. The operating system
-    drops the lock of a process that dies, so a killed builder never blocks the next one."""
-    from filelock import FileLock
+class EntryLock:
+    """A lock on one cache entry (its file ``.<entry>.lock``): shared by the processes that have the entry open,
+    exclusive for the one that builds or removes it (``fcntl.flock``: released by the operating system when the
+    process dies, and shared with its forked DataLoader workers).
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path):
+    The lock file may be removed (with its entry, by a process holding it exclusively), so a process that opens
+    it and then locks it checks that the path still names the file it locked, and tries again if not: two
+    processes never hold "the" lock through two different files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    @classmethod
+    def of(cls, folder: Path) -> EntryLock:
+        """The lock of the entry (or partial build, or staging folder) named ``folder``."""
+        return cls(folder.parent / f".{folder.name}.lock")
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, shared: bool = False, wait: bool = True) -> bool:
+        """Take the lock (``shared`` or exclusive), waiting for it or not; ``False`` where it is taken and
+        ``wait`` is off. An ``OSError`` where the lock file cannot be made (a read-only cache)."""
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is locked by this object already")
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, mode)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # removed (and perhaps made again) between the open and the lock: lock the current one
+
+    def release(self, remove: bool = False) -> None:
+        """Let the lock go; with ``remove`` (exclusive only), delete the lock file first (its entry is gone)."""
+        if self._fd is None:
+            return
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> EntryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_fd": None}  # a lock is its process's own
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """The entry ``folder``'s lock, exclusively, for building it: several ranks or workers opening the same data at
+    once build it once, the others waiting for it. A killed builder's lock is dropped by the operating system."""
+    with EntryLock.of(folder):
         yield
 
 
 def remove_stale_partials(root: Path) -> list[Path]:
-    """Remove what killed cache builds left in ``root``: each ``.<entry>.partial-*`` folder whose entry's lock
-    (``.<entry>.lock``) is free, since a build holds that lock until it renames its partial folder into place.
-    Returns the folders removed."""
-    from filelock import FileLock, Timeout
-
+    """Remove what killed cache builds left in ``root``: each ``.<entry>.partial-*`` folder whose entry's lock is
+    free, since a build holds that lock exclusively until it renames its partial folder into place (and a process
+    reading the entry holds it shared: nothing partial is left then either). Returns the folders removed."""
     removed = []
     for partial in sorted(root.glob(".*.partial-*")):
-        entry = partial.name[1:].partition(".partial-")[0]
+        lock = EntryLock(root / f".{partial.name[1:].partition('.partial-')[0]}.lock")
+        if not lock.acquire(wait=False):
+            continue  # being built (or read) right now
         try:
-            with FileLock(root / f".{entry}.lock", timeout=0):
-                if partial.exists():
-                    remove_path(partial)
-                    removed.append(partial)
-        except Timeout:
-            continue  # being built right now
+            if partial.exists():
+                remove_path(partial)
+                removed.append(partial)
+        finally:
+            lock.release()
     return removed
 
 

@@ -30,6 +30,7 @@ and assembles the domain's entry from them: the same bytes a single build writes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -44,8 +45,15 @@ from typing import NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from onlinemix.loaders.cache.entries import enforce_limit
-from onlinemix.loaders.cache.folder import cache_entry, cache_root, locked, remove_stale_partials, writable_cache
+from onlinemix.loaders.cache.entries import cache_limit, enforce_limit
+from onlinemix.loaders.cache.folder import (
+    EntryLock,
+    cache_entry,
+    cache_root,
+    locked,
+    remove_stale_partials,
+    writable_cache,
+)
 from onlinemix.loaders.checksums import VERIFY, bad_chunk, chunk_checksums, file_stamp, full_digest
 from onlinemix.loaders.sources.base import DocumentSource, NothingToVerify, SourceError
 from onlinemix.loaders.storage import (
@@ -85,8 +93,11 @@ class TokenCache:
 
     built = False  # whether this process built it (``open()``), rather than finding it
 
-    def __init__(self, folder: StoragePath, verify: str = "lengths"):
+    def __init__(self, folder: StoragePath, verify: str = "lengths", hold: EntryLock | None = None):
+        """``hold``: the entry's lock, held shared while this object lives (``open`` takes it): no ``prune``,
+        ``clear`` or cache limit removes an entry a live process has open."""
         self.folder = folder
+        self.hold = hold
         self.meta = self._read_meta()
         self.dtype = np.dtype(self.meta["dtype"])
         tokens = self.meta["tokens"] * self.dtype.itemsize
@@ -131,6 +142,13 @@ class TokenCache:
             "(onlinemix tokenizes the domain again at the next open, or run onlinemix verify to check the rest)"
         )
 
+    def __setstate__(self, state: dict) -> None:
+        """In a process this cache was sent to (a spawned DataLoader worker, a Ray task), hold the entry again."""
+        self.__dict__.update(state)
+        if self.hold is not None:
+            with contextlib.suppress(OSError):
+                self.hold.acquire(shared=True)
+
     def verify(self, how: str = "full") -> None:
         """Check ``tokens.bin`` and ``documents.npy`` against their recorded CRC-32s (``how``: ``"full"``, or
         ``"sampled"``: three chunks of each); a mismatch is a ``CacheError`` naming the file and the chunk."""
@@ -167,29 +185,48 @@ class TokenCache:
         of a build."""
         if verify not in VERIFY:
             raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+        limit = cache_limit()  # a bad $ONLINEMIX_CACHE_LIMIT is said before any work, not after a build
         key = cache_key(documents, tokenizer)
         folder = cache_entry(root, documents.kind, key)
-        if (folder / "meta.json").exists():
-            return cls(folder, verify)
-        if not build:
-            raise NothingToVerify(
-                f"{documents.path}: no token cache yet (it is built at the first open, or by onlinemix prepare): "
-                "nothing to verify"
-            )
         staged = staging_folder(folder, cache_root())
-        local_root = writable_cache(staged.parent)
         built = False
-        with locked(local_root / f".{staged.name}.lock"):
-            if not (folder / "meta.json").exists():  # another process may have built it while this one waited
-                if not (staged / "meta.json").exists():
-                    _build_or_assemble(documents, tokenizer, staged, key, root)
-                publish(staged, folder, (*_FILES, "meta.json"))  # meta.json last: it says an entry is complete
-                built = True
-        remove_stale_partials(local_root)  # what builds killed before they finished left behind, this one's included
-        enforce_limit(local_root, keep=staged)  # $ONLINEMIX_CACHE_LIMIT: least recently used entries go
-        cache = cls(folder, verify)
-        cache.built = built
-        return cache
+        while True:
+            # shared: a remover skips the entry while this process has it open (an entry in a bucket has no local
+            # lock to hold: it is only ever built here, in its staging folder, under the exclusive one)
+            hold = _hold(staged) if staged == folder else None
+            if (folder / "meta.json").exists():
+                cache = cls(folder, verify, hold)
+                cache.built = built
+                return cache
+            if hold is not None:
+                hold.release()
+            if not build:
+                raise NothingToVerify(
+                    f"{documents.path}: no token cache yet (it is built at the first open, or by onlinemix prepare): "
+                    "nothing to verify"
+                )
+            local_root = writable_cache(staged.parent)
+            with locked(staged):
+                if not (folder / "meta.json").exists():  # another process may have built it while this one waited
+                    if not (staged / "meta.json").exists():
+                        _build_or_assemble(documents, tokenizer, staged, key, root)
+                    publish(staged, folder, (*_FILES, "meta.json"))  # meta.json last: it says an entry is complete
+                    built = True
+            remove_stale_partials(local_root)  # what killed builds left behind, this one's included
+            if limit is not None:
+                enforce_limit(local_root, limit, keep=staged)  # the least recently used entries not in use go
+            # then open it as any reader does (a remover may have taken it in between: then it is built again)
+
+
+def _hold(staged: Path) -> EntryLock | None:
+    """The entry's lock, shared (waiting while it is being built or removed); ``None`` where the cache folder is
+    read-only (nothing can remove from it then either)."""
+    hold = EntryLock.of(staged)
+    try:
+        hold.acquire(shared=True)
+    except OSError:
+        return None
+    return hold
 
 
 class _TokenWriter:
@@ -323,10 +360,14 @@ def _build_or_assemble(
     """Build ``folder``: from its parts when every one is in ``root`` (``onlinemix prepare`` made them), else by
     tokenizing the documents. Either way the files are the same, byte for byte."""
     parts = [cache_entry(root, part.kind, cache_key(part, tokenizer)) for part in file_parts(documents)]
+    holds = [_hold(staging_folder(part, cache_root())) for part in parts]  # no remover takes a part meanwhile
     if not parts or not all((part / "meta.json").exists() for part in parts):
+        for hold in holds:
+            if hold is not None:
+                hold.release()
         _build(documents, tokenizer, folder, key)
         return
-    opened = [TokenCache(part) for part in parts]
+    opened = [TokenCache(part, hold=hold) for part, hold in zip(parts, holds)]
     log.info("assembling the token cache of %s from %d parts into %s", documents.path, len(parts), folder)
     with _building(folder) as temporary:
         with open(temporary / "tokens.bin", "wb") as out:
