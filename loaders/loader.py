@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from onlinemix.loaders.channel import VersionedSchedule, WeightsChannel
 from onlinemix.loaders.dataset import MixedDataset, identity_mismatch
 from onlinemix.loaders.plan import UNLIMITED, PlanState, StaticSchedule, StreamEnded, fast_forward
+from onlinemix.loaders.state_digest import seal, unseal
 
 STATE_VERSION = 1
 
@@ -306,17 +307,24 @@ class MixedLoader:
         out (see ``position_at``); default: every batch handed out so far.
         """
         position = self.position if batch is None else self.position_at(batch)
-        return {"version": STATE_VERSION, "position": position.state_dict(), "mixture": self.identity()}
+        return seal({"version": STATE_VERSION, "position": position.state_dict(), "mixture": self.identity()})
+
+    def start_at(self, position: PlanState) -> None:
+        """Make the next ``iter()`` start at plan ``position`` (of this loader's mixture), e.g. one
+        ``fast_forward`` found: what ``load_state_dict`` does with a checkpoint's."""
+        self._position = position.copy()
+        self._handed_out = 0
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at the checkpointed position; the next ``iter()`` starts there."""
+        """Resume at the checkpointed position; the next ``iter()`` starts there. A damaged state (its digest, see
+        ``state_digest``) is a ``CheckpointError``."""
+        state = unseal(state, "the loader's checkpoint", ("version", "position", "mixture"))
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r} (expected {STATE_VERSION})")
         problem = identity_mismatch(state["mixture"], self.identity(), self.dataset.names)
         if problem:
             raise ValueError(f"checkpoint does not match this mixture: {problem}")
-        self._position = PlanState.from_state_dict(state["position"])
-        self._handed_out = 0
+        self.start_at(PlanState.from_state_dict(state["position"]))
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint's mixture must share with this one (world size and workers may differ): the

@@ -30,6 +30,8 @@ coverage of the large one. ``k`` of 2-4 is the usual range.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onlinemix.loaders.state_digest import seal, unseal
 from onlinemix.loaders.transforms import IGNORE_INDEX
 
 FORMAT = "onlinemix-coreset-1"
@@ -112,15 +115,18 @@ class MiniBatchCoreset:
     Args:
         batch_size: samples kept per pool; the mixture's batch size is the pool's (``k x batch_size``).
         num_domains: the mixture's domains (``len(mixing.names)``).
+        pool_size: samples per pool, where known (``for_pools`` knows it): recorded, and a record or checkpoint
+            of pools of another size is refused naming it.
     """
 
-    def __init__(self, batch_size: int, num_domains: int):
+    def __init__(self, batch_size: int, num_domains: int, pool_size: int | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise CoresetError(f"coreset batch_size must be an integer >= 1, got {batch_size!r}")
         if num_domains < 1:
             raise CoresetError(f"num_domains must be >= 1, got {num_domains}")
         self.batch_size = batch_size
         self.num_domains = num_domains
+        self.pool_size = pool_size
         self._slots: list[torch.Tensor] = []  # per step: the picked slots of the pool, int32
         self._counts: list[torch.Tensor] = []  # per step: how many pool samples each pick stands for
         self._hashes: list[torch.Tensor] = []  # per step: _selection_hash of the picked samples
@@ -132,7 +138,7 @@ class MiniBatchCoreset:
         share of one (``dataset.local_batch_size // pool``)."""
         if dataset.local_batch_size % pool:
             raise CoresetError(f"a batch of {dataset.local_batch_size} samples is not {pool} pools' worth")
-        return cls(dataset.local_batch_size // pool, len(dataset.names))
+        return cls(dataset.local_batch_size // pool, len(dataset.names), dataset.local_batch_size)
 
     # -- selection ---------------------------------------------------------------------------------------
 
@@ -217,6 +223,14 @@ class MiniBatchCoreset:
             raise CoresetError(
                 f"the recorded selection holds {len(recorded['slots'])} steps; step {step} is past its end"
             )
+        pool = recorded.get("pool_size")
+        largest = int(recorded["slots"][step].max(initial=-1))
+        if (pool is not None and int(pool) != len(domains)) or largest >= len(domains):
+            recorded_on = f"pools of {int(pool)} samples" if pool is not None else f"slot {largest}"
+            raise CoresetError(
+                f"the selection was recorded on {recorded_on}; this mixture's pools hold {len(domains)} (its "
+                "mixing.coreset.pool or global_batch_size differ): replay on the mixture it was recorded on"
+            )
         slots = torch.from_numpy(recorded["slots"][step].astype(np.int64)).to(domains.device)
         counts = torch.from_numpy(recorded["counts"][step].astype(np.int64)).to(domains.device)
         picked = _selection_hash(domains[slots], indices[slots])
@@ -245,10 +259,11 @@ class MiniBatchCoreset:
 
     def state_dict(self) -> dict[str, Any]:
         """The settings and the record of every pick (12 bytes a pick and 8 a step), for exact resumption."""
-        return {"format": FORMAT, **self._settings(), **self.record()}
+        return seal({"format": FORMAT, **self._settings(), **self.record()})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the record a checkpoint carries: the next pick is that run's next step."""
+        state = unseal(state, "the coreset's checkpoint", ("format", "slots", "counts", "hashes"))
         self._check_fits(state, "the checkpoint")
         self._slots = [torch.from_numpy(np.array(row, dtype=np.int32)) for row in state["slots"]]
         self._counts = [torch.from_numpy(np.array(row, dtype=np.int32)) for row in state["counts"]]
@@ -270,24 +285,37 @@ class MiniBatchCoreset:
         try:
             with np.load(path, allow_pickle=False) as stored:
                 recorded = {key: stored[key] for key in stored.files}
-        except (OSError, ValueError) as error:
-            raise CoresetError(f"cannot read the coreset record {path}: {error}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise CoresetError(f"cannot read the coreset record {path}: it is damaged or not one ({error})") from None
+        missing = [key for key in ("slots", "counts", "hashes") if key not in recorded]
+        if missing:
+            raise CoresetError(f"the coreset record {path} is damaged: it lacks {missing[0]!r}")
         header = {key: value.item() for key, value in recorded.items() if value.ndim == 0}
         if header.get("format") != FORMAT or "batch_size" not in header:
             raise CoresetError(f"{path} is not a coreset record of this version (format {header.get('format')!r})")
-        coreset = cls(int(header["batch_size"]), num_domains)
+        pool = header.get("pool_size")
+        coreset = cls(int(header["batch_size"]), num_domains, None if pool is None else int(pool))
         coreset._check_fits(header, str(path))
         coreset._replay = recorded
         return coreset
 
     def _settings(self) -> dict[str, int]:
-        return {"batch_size": self.batch_size, "num_domains": self.num_domains}
+        settings = {"batch_size": self.batch_size, "num_domains": self.num_domains}
+        return settings if self.pool_size is None else {"pool_size": self.pool_size, **settings}
 
     def _check_fits(self, state: Mapping[str, Any], what: str) -> None:
         if state.get("format") != FORMAT:
             raise CoresetError(f"{what} holds no coreset record of this version (format {state.get('format')!r})")
         for key, ours in self._settings().items():
+            if key not in state:  # a record from before the pool size was recorded
+                continue
             if int(state[key]) != ours:
+                if key == "pool_size":
+                    raise CoresetError(
+                        f"{what} was recorded on pools of {int(state[key])} samples; this mixing's hold {ours} "
+                        f"(mixing.coreset.pool differs: pools of {int(state[key]) // self.batch_size} batches then, "
+                        f"{ours // self.batch_size} now)"
+                    )
                 raise CoresetError(f"{what} was recorded with {key} {int(state[key])}; this coreset has {ours}")
 
 

@@ -51,6 +51,7 @@ from onlinemix.loaders.channel import DEFAULT_LAG, DEFAULT_TIMEOUT, VersionedSch
 from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.plan import UNLIMITED
+from onlinemix.loaders.state_digest import seal, unseal
 from onlinemix.mixing.controllers.base import Controller, ControllerContext
 from onlinemix.mixing.limits import DEFAULT_REPEAT_BUDGET, MemorisationGuard
 from onlinemix.mixing.schedule_log import ScheduleLogError, ScheduleWriter
@@ -411,14 +412,16 @@ class OnlineMixer:
         }
         if self._log is not None and self.log_path.stat().st_size <= LOG_IN_CHECKPOINT:
             state["log"] = self.log_path.read_bytes()  # flushed record by record: complete up to this step
-        return state
+        return seal(state)  # a damaged checkpoint is an error, never another run
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the checkpointed run: its controller, its last weight versions and its schedule log.
 
         ``lag`` and ``accumulation`` decide which weights each batch is drawn with, so a checkpoint taken
-        with others is an error (naming the field), as is a log written by another run.
+        with others is an error (naming the field), as is a log written by another run, and a damaged one (its
+        digest, see ``state_digest``).
         """
+        state = unseal(state, "the mixer's checkpoint", ("step", "controller", "channel"))
         for key in ("lag", "accumulation"):
             saved = state.get(key, getattr(self, key))  # checkpoints from before these keys: trusted
             if saved != getattr(self, key):

@@ -5,7 +5,8 @@ Layout (little-endian)::
     ONLINEMIX-SCHEDULE 1\\n                 magic and format version
     {"domains": [...], "seed": ..., ...}\\n  JSON header: domains, seed, lag, accumulation, config hash,
                                             starting weights, the mixture's identity (seq_len, tokenizer,
-                                            each source's size and content digest)
+                                            each source's size and content digest), and ``crc32``: the
+                                            CRC-32 of the rest of it (a changed header is refused)
     record*                                 one per version, in order from version 0
 
     record = int64 step | float64 weight x k | uint32 CRC-32 of the step and weights
@@ -34,6 +35,8 @@ from onlinemix.loaders.dataset import identity_mismatch
 
 MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
 HEADER_DEFAULTS = {"accumulation": 1}  # keys added after format 1 was first written
+HEADER_KEYS = ("domains", "seed", "lag")  # what every header has (what a replay needs)
+HEADER_CRC = "crc32"  # the header's checksum (logs written before it have none: not checked)
 
 
 class ScheduleLogError(ValueError):
@@ -66,7 +69,20 @@ def _read_header(file) -> dict[str, Any]:
         raise ScheduleLogError(f"{file.name}: unreadable header: {error}") from None
     if not isinstance(header, dict) or not isinstance(header.get("domains"), list):
         raise ScheduleLogError(f"{file.name}: header lacks the list of domains")
+    missing = [key for key in HEADER_KEYS if key not in header]
+    if missing:
+        raise ScheduleLogError(f"{file.name}: the header is damaged: it lacks {missing[0]!r}")
+    saved = header.pop(HEADER_CRC, None)
+    if saved is not None and saved != _header_crc(header):
+        raise ScheduleLogError(
+            f"{file.name}: the header is damaged (its checksum fails): a run resumed from a checkpoint restores "
+            "its log from the checkpoint's copy once this file is deleted"
+        )
     return header
+
+
+def _header_crc(header: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(header, sort_keys=True).encode())
 
 
 def read_schedule(path: str | Path) -> ScheduleLog:
@@ -121,7 +137,8 @@ class ScheduleWriter:
         if resume_at is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")  # noqa: SIM115 - kept open for the run
-            self._file.write(MAGIC + (json.dumps(header, sort_keys=True) + "\n").encode())
+            sealed = {**as_json(header), HEADER_CRC: _header_crc(as_json(header))}
+            self._file.write(MAGIC + (json.dumps(sealed, sort_keys=True) + "\n").encode())
             self._file.flush()
             self.next_step = 0
             return
@@ -147,7 +164,8 @@ class ScheduleWriter:
         self._existing = existing
         if len(existing.steps) <= resume_at:
             raise ScheduleLogError(
-                f"{self.path}: holds steps up to {len(existing.steps) - 1}, cannot resume at {resume_at}"
+                f"{self.path} is damaged or cut short: it holds steps up to {len(existing.steps) - 1}, the checkpoint "
+                f"is at step {resume_at}; delete it, and the resumed run restores it from the checkpoint's copy"
             )
         self._file = open(self.path, "r+b")  # noqa: SIM115
         _read_header(self._file)  # leaves the file at the first record

@@ -28,6 +28,7 @@ With ``mixing: {coreset: {pool: k}}`` the loader draws pools of ``k`` times the 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from onlinemix.loaders.config import MixtureConfig
+from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.loader import MixedLoader
+from onlinemix.loaders.state_digest import CheckpointError
 from onlinemix.loaders.transforms import IGNORE_INDEX
 from onlinemix.mixing.coreset import CoresetError, MiniBatchCoreset
 from onlinemix.mixing.mixer import OnlineMixer
@@ -103,6 +105,8 @@ class OnlineMixing:
         dataset = MixedDataset.from_config(config, **(dataset_options or {}))
         mixer = OnlineMixer.from_config(config, dataset, device=device)
         coreset = MiniBatchCoreset.for_pools(dataset, pool) if pool > 1 else None
+        if coreset is not None:
+            _check_pool_fits(dataset, pool)
         return cls(mixer, coreset=coreset, num_workers=num_workers, **(loader_options or {}))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -176,15 +180,38 @@ class OnlineMixing:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from ``state_dict``: the loader's position, the controller, the channel and the coreset's record."""
+        """Resume from ``state_dict``: the loader's position, the controller, the channel and the coreset's record.
+        Each part checks its digest first: a damaged checkpoint is a ``CheckpointError``, never another run."""
+        if not isinstance(state, Mapping) or not {"loader", "mixer"} <= set(state) <= {"loader", "mixer", "coreset"}:
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise CheckpointError(
+                f"the mixing checkpoint is damaged or not one: it holds {keys}, not loader, mixer (and coreset)"
+            )
         if ("coreset" in state) != (self.coreset is not None):
             which = ("a", "none") if "coreset" in state else ("no", "one")
             raise CoresetError(f"the checkpoint has {which[0]} coreset record and this mixing has {which[1]}")
+        if self.coreset is not None:  # first: a checkpoint of other pools names the pool, not the batch size
+            self.coreset.load_state_dict(state["coreset"])
         self.loader.load_state_dict(state["loader"])
         self.mixer.load_state_dict(state["mixer"])
-        if self.coreset is not None:
-            self.coreset.load_state_dict(state["coreset"])
 
     def close(self) -> None:
         """Publish what is pending and close the schedule log."""
         self.mixer.close()
+
+
+def _check_pool_fits(dataset: MixedDataset, pool: int) -> None:
+    """Refuse pools whose batch would not fit in this machine's memory (``pool: 1000000000`` would be a bare
+    ``MemoryError`` at the first batch): input ids and labels, 8 bytes a token each."""
+    tokens = dataset.local_batch_size * ((dataset.seq_len or 0) + 1)
+    needed = 16 * tokens
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if needed > memory // 2:
+        raise ConfigError(
+            f"mixing.coreset.pool {pool}: a pool of {dataset.local_batch_size:,} samples is {needed / 1e9:,.1f} GB a "
+            f"batch, more than half this machine's memory ({memory / 1e9:,.1f} GB): pools are a few batches (2-4)"
+        )
+

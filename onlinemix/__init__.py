@@ -22,7 +22,8 @@ schedule log, trainer integrations).
 """
 
 from onlinemix.loaders import ByteTokenizer, ConfigError, MixedDataset, MixedLoader, MixtureConfig, Source, SourceError
-from onlinemix.loaders.atomic import save_checkpoint
+from onlinemix.loaders.atomic import load_checkpoint, save_checkpoint
+from onlinemix.loaders.state_digest import CheckpointError
 from onlinemix.mixing.controllers import (
     ADOController,
     ClusterBanditController,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADOController",
     "ByteTokenizer",
+    "CheckpointError",
     "ClusterBanditController",
     "ConfigError",
     "Controller",
@@ -64,6 +66,7 @@ __all__ = [
     "StaticController",
     "__version__",
     "gradient_alignment",
+    "load_checkpoint",
     "neighbour_similarity",
     "output_gradients",
     "per_sample_loss",

@@ -5,7 +5,7 @@ import operator
 import numpy as np
 import pytest
 import torch
-from conftest import make_example
+from conftest import make_example, resealed
 
 from onlinemix.loaders import ByteTokenizer, MixedDataset, MixedLoader
 
@@ -139,9 +139,11 @@ def test_resume_into_a_different_mixture_is_an_error(example_dir, tmp_path):
     state = loader.state_dict()
     state["mixture"]["global_batch_size"] = 64
     with pytest.raises(ValueError, match="global_batch_size was 64 when saved, is now 32"):
-        loader.load_state_dict(state)
+        loader.load_state_dict(resealed(state))
     with pytest.raises(ValueError, match="unsupported loader state version"):
-        loader.load_state_dict({**state, "version": 99})
+        loader.load_state_dict(resealed({**state, "version": 99}))
+    with pytest.raises(ValueError, match="the loader's checkpoint is damaged: its digest does not match"):
+        loader.load_state_dict(state)  # changed after it was saved
 
 
 def test_ranks_take_contiguous_slices_of_the_global_batch(example_dir, reference):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_example, write_jsonl, write_tokens
+from conftest import make_example, resealed, write_jsonl, write_tokens
 
 from onlinemix import (
     ConfigError,
@@ -161,12 +161,12 @@ def test_resuming_with_another_tokenizer_is_an_error_naming_it(tmp_path):
     state = byte.state_dict()
     state["mixture"]["sizes"] = bpe.identity()["sizes"]  # make the sizes agree: the tokenizer alone differs
     with pytest.raises(ValueError, match=r"tokenizer was 'byte-1' when saved, is now 'hf-"):
-        bpe.load_state_dict(state)
+        bpe.load_state_dict(resealed(state))
     del state["mixture"]["tokenizer"]  # as a checkpoint from before the mixture's tokenizer was recorded
     with pytest.raises(
         ValueError, match=r"domain 'docs''s data \(content, tokenizer, samples\) was .*byte-1.* now .*hf-"
     ):
-        bpe.load_state_dict(state)
+        bpe.load_state_dict(resealed(state))
     assert bpe.dataset.tokenizer.vocab_size == bpe.dataset.sources[0].tokenizer.vocab_size < 300
 
 

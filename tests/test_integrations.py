@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_tokens
+from conftest import resealed, write_tokens
 from torch import nn
 
 from onlinemix.mixing.schedule_log import ScheduleLogError, read_schedule
@@ -135,11 +135,23 @@ def test_hf_trainer_mixes_online_and_resumes_from_its_checkpoint_exactly(tmp_pat
 
     resumed, again = hf_run(config, tmp_path / "full", steps=6, resume=str(tmp_path / "full/checkpoint-3"))
     assert resumed.trained == full.trained[6:]  # the exact next micro-batches
-    assert resumed.state.epoch == full.state.epoch == 1.0  # the Trainer's own figure would say 0.5
+    # the epoch: samples drawn over the mixture's (the Trainer's own figure would restart at the resume)
+    windows = sum(len(source) for source in mixing.dataset.sources)
+    assert resumed.state.epoch == full.state.epoch == pytest.approx(6 * 2 * BATCH / windows)
     assert torch.equal(again.weights, mixing.weights)
     assert read_schedule(tmp_path / "full/schedule.oms").weights.tolist() == log.weights.tolist()
     for name, value in full.model.state_dict().items():  # dropout > 0: bit for bit all the same
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_an_hf_run_extended_by_resuming_with_more_steps_counts_its_epoch_on(tmp_path):
+    config = tiny_mixture(tmp_path)
+    first, mixing = hf_run(config, tmp_path / "run", steps=6)
+    longer, _ = hf_run(config, tmp_path / "run", steps=9, resume=str(tmp_path / "run/checkpoint-6"))
+    windows = sum(len(source) for source in mixing.dataset.sources)
+    assert first.state.epoch == pytest.approx(6 * 2 * BATCH / windows)
+    assert longer.state.epoch == pytest.approx(9 * 2 * BATCH / windows)
+    assert longer.state.epoch > first.state.epoch  # on from where it was, never backwards
 
 
 def test_a_checkpoint_copied_to_another_folder_resumes_on_its_own_and_restores_the_log(tmp_path):
@@ -165,6 +177,7 @@ def test_resuming_without_the_runs_log_or_a_copy_of_it_says_what_to_copy(tmp_pat
     state = mixing.state_dict()
     assert state["mixer"]["log"] == (tmp_path / "a/schedule.oms").read_bytes()
     del state["mixer"]["log"]  # a checkpoint from before checkpoints carried the log, or a log over 64 MiB
+    state["mixer"] = resealed(state["mixer"])
     elsewhere = OnlineMixing.from_config(config, controller="odm", lag=2, log=tmp_path / "b/schedule.oms")
     with pytest.raises(ScheduleLogError, match=r"schedule log not found: .*b/schedule.oms\. The checkpoint continues "
                        r"a run that logged its weights, .*copy that run's log to .*b/schedule.oms, or resume with "

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +28,11 @@ from onlinemix.loaders.prepare import prepare
 from onlinemix.loaders.storage import (
     BACKOFF_ENV,
     RETRIES_ENV,
+    TIMEOUT_ENV,
     RemotePath,
     RemoteWindows,
     StorageError,
+    remote,
     retrying,
 )
 
@@ -281,7 +286,7 @@ def test_retries_back_off_and_give_up_in_one_line(monkeypatch):
     def down():
         raise TimeoutError("timed out\nsecond line")
 
-    with pytest.raises(StorageError, match=r"^s3://b/k: TimeoutError: timed out \(failed 4 times; the retries"):
+    with pytest.raises(StorageError, match=r"^s3://b/k: TimeoutError: timed out \(failed 4 times in 0 s; the retries"):
         retrying("s3://b/k", down)
 
     def refused():
@@ -292,3 +297,66 @@ def test_retries_back_off_and_give_up_in_one_line(monkeypatch):
     with pytest.raises(PermissionError, match="s3://b/k: access denied"):
         retrying("s3://b/k", refused)
     assert len(calls) == 1  # a refused permission is not retried
+
+
+REMOTE_READER = """
+import sys, time
+from onlinemix import MixedDataset, MixedLoader
+dataset = MixedDataset.from_config(sys.argv[1], num_batches=6)
+BEFORE_READING
+started = time.monotonic()
+try:
+    batches = len(list(MixedLoader(dataset)))
+    print(f"read {batches} batches", flush=True)
+except Exception as error:
+    print(f"{type(error).__name__} after {time.monotonic() - started:.1f} s: {error}", flush=True)
+"""
+
+
+def run_remote_reader(config: Path, environment: dict, before_reading: str = "") -> subprocess.CompletedProcess:
+    """``REMOTE_READER`` in a process of its own (a fresh client, an interpreter exit of its own), running
+    ``before_reading`` between opening the mixture and reading it."""
+    script = REMOTE_READER.replace("BEFORE_READING", before_reading)
+    return subprocess.run([sys.executable, "-c", script, str(config)], env=environment, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+
+
+def test_a_dead_endpoint_is_one_line_within_the_time_allowed_and_no_warning_before_it(s3, tmp_path):
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    config = mixture(tmp_path, "s3://corpus", "remote.yaml")
+    MixedDataset.from_config(config)  # the caches, built while the server is up
+    environment = {key: value for key, value in os.environ.items() if key != "AWS_MAX_ATTEMPTS"}  # the client's
+    environment.update({RETRIES_ENV: "20", BACKOFF_ENV: "0.5", TIMEOUT_ENV: "3"})  # the budget decides
+    stop = f"import os, signal; os.kill({s3.process.pid}, signal.SIGKILL); time.sleep(0.5)"  # the server dies
+    done = run_remote_reader(config, environment, stop)
+    line = done.stdout.strip()
+    assert line.startswith("StorageError after "), (line, done.stderr[-2000:])
+    seconds = float(line.split()[2])
+    assert seconds < 3 + remote.CONNECT_TIMEOUT + 2, line  # the time allowed, and the one request under way
+    assert "failed" in line and f"the time allowed {TIMEOUT_ENV}" in line and "\n" not in line
+    assert "retrying" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_missing_credentials_are_said_at_once_not_retried(s3, tmp_path):
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    config = mixture(tmp_path, "s3://corpus", "remote.yaml")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_ACCESS")
+                   and not key.startswith("AWS_SECRET")}  # fmt: skip
+    nowhere = str(tmp_path / "none")
+    environment.update({"AWS_SHARED_CREDENTIALS_FILE": nowhere, "AWS_CONFIG_FILE": nowhere,
+                        "AWS_EC2_METADATA_DISABLED": "true", TIMEOUT_ENV: "60"})  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "onlinemix", "inspect", str(config), "--steps", "2"],
+                          env=environment, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("onlinemix: error: ") and "NoCredentialsError" in error and "not retried" in error, error
+
+
+def test_a_clean_exit_after_reading_from_a_bucket_prints_nothing(s3, tmp_path):
+    data = make_corpus(tmp_path)
+    s3.upload(data, "corpus")
+    config = mixture(tmp_path, "s3://corpus", "remote.yaml")
+    done = run_remote_reader(config, dict(os.environ))
+    assert done.stdout.strip() == "read 6 batches" and done.stderr == "", done.stderr[-2000:]

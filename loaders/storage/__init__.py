@@ -33,6 +33,7 @@ import numpy as np
 from onlinemix.loaders.storage.remote import (
     BACKOFF_ENV,
     RETRIES_ENV,
+    TIMEOUT_ENV,
     RemoteFile,
     RemotePath,
     RemoteWindows,
@@ -209,6 +210,7 @@ def touch(path: StoragePath) -> None:
 __all__ = [
     "BACKOFF_ENV",
     "RETRIES_ENV",
+    "TIMEOUT_ENV",
     "RemoteFile",
     "RemotePath",
     "RemoteWindows",

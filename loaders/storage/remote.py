@@ -14,14 +14,19 @@ The rest of onlinemix reaches this through ``loaders/storage/__init__.py``. What
 ``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...) and from fsspec's own configuration
 (``~/.config/fsspec/*.json`` or ``FSSPEC_S3='{"anon": true}'``), never from the mixture file.
 
-**Errors.** A failed request is retried ``$ONLINEMIX_STORAGE_RETRIES`` times (default 5) after waiting
-``$ONLINEMIX_STORAGE_BACKOFF`` seconds (default 0.5), doubled each time; when it still fails, the error
-is one line naming the object and the byte range. A missing object or a refused permission is not
-retried. Nothing is ever skipped: a read returns every byte asked for, or raises.
+**Errors.** onlinemix does the retrying (the client's own retries are off: a dead endpoint would otherwise
+cost minutes of attempts inside attempts). A failed request is retried up to ``$ONLINEMIX_STORAGE_RETRIES``
+times (default 5) after waiting ``$ONLINEMIX_STORAGE_BACKOFF`` seconds (default 0.5), doubled each time,
+and never past ``$ONLINEMIX_STORAGE_TIMEOUT`` seconds (default 20) from the first attempt (plus the one
+request under way: a connection times out after ``CONNECT_TIMEOUT`` seconds). When it still fails, the error
+is one line naming the object and the byte range; the retries are logged at debug level only. A missing
+object, a refused permission and missing or refused credentials are not retried. Nothing is ever skipped: a
+read returns every byte asked for, or raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -39,13 +44,21 @@ import numpy as np
 from onlinemix.loaders.extras import require
 
 log = logging.getLogger("onlinemix")
-RETRIES_ENV, BACKOFF_ENV = "ONLINEMIX_STORAGE_RETRIES", "ONLINEMIX_STORAGE_BACKOFF"
+RETRIES_ENV, BACKOFF_ENV, TIMEOUT_ENV = (
+    "ONLINEMIX_STORAGE_RETRIES",
+    "ONLINEMIX_STORAGE_BACKOFF",
+    "ONLINEMIX_STORAGE_TIMEOUT",
+)
+CONNECT_TIMEOUT = 5  # seconds a connection to an object store may take before the attempt fails
 READ_BLOCK = 8 << 20  # bytes per range request of a streaming read
 MERGE_GAP = 256 << 10  # ranges of one batched read closer than this are fetched as one request...
 MERGE_BLOCK = 16 << 20  # ...of at most this many bytes
 PREFETCH_WINDOWS = 8192  # most windows a RemoteWindows holds fetched ahead of their read
 BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# the backends' errors that no retry mends: no credentials, or credentials the store refuses
+_REFUSED = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "InvalidAccessKeyId",
+            "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "UnrecognizedClientException")  # fmt: skip
 T = TypeVar("T")
 
 
@@ -53,12 +66,27 @@ class StorageError(OSError):
     """A request to object storage that failed after its retries: one line naming the object."""
 
 
+def _setting(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else float(value)
+    except ValueError:
+        raise ValueError(f"${name}={value}: a number was expected") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def retrying(what: str, call: Callable[[], T]) -> T:
-    """``call()``, retried with exponential backoff on anything but a missing object or a refused permission;
-    a ``StorageError`` naming ``what`` when the retries are spent."""
-    attempts = 1 + int(os.environ.get(RETRIES_ENV, 5))
-    delay = float(os.environ.get(BACKOFF_ENV, 0.5))
-    for attempt in range(attempts):
+    """``call()``, retried with exponential backoff (see the module docstring: at most ``$ONLINEMIX_STORAGE_RETRIES``
+    times, within ``$ONLINEMIX_STORAGE_TIMEOUT`` seconds) on anything but a missing object, a refused permission
+    or missing credentials; a one-line ``StorageError`` naming ``what`` when the retries are spent."""
+    attempts = 1 + int(_setting(RETRIES_ENV, 5))
+    delay, budget = _setting(BACKOFF_ENV, 0.5), _setting(TIMEOUT_ENV, 20.0)
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
         try:
             return call()
         except ImportError:
@@ -66,15 +94,32 @@ def retrying(what: str, call: Callable[[], T]) -> T:
         except _PERMANENT as error:
             raise type(error)(f"{what}: {error}") from None
         except Exception as error:  # botocore, aiohttp and OS errors alike: the backends raise many kinds
-            if attempt + 1 == attempts:
+            if type(error).__name__ in _REFUSED or any(code in str(error) for code in _REFUSED):
                 raise StorageError(
-                    f"{what}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                    f"(failed {attempts} times; the retries are {RETRIES_ENV}, the wait {BACKOFF_ENV})"
+                    f"{what}: {_first_line(error)} (the store refused or was given no credentials: see the object "
+                    "storage guide; not retried)"
                 ) from None
-            log.warning("%s: %s; retrying in %.1f s", what, error, delay)
+            spent = time.monotonic() - started
+            if attempt == attempts or spent + delay > budget:
+                raise StorageError(
+                    f"{what}: {_first_line(error)} (failed {attempt} times in {spent:.0f} s; the retries are "
+                    f"{RETRIES_ENV}, the wait {BACKOFF_ENV}, the time allowed {TIMEOUT_ENV})"
+                ) from None
+            log.debug("%s: %s; retrying in %.1f s", what, error, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def _options(protocol: str) -> dict:
+    """What onlinemix asks of a backend: for S3, no retries of the client's own (onlinemix retries, within its
+    time budget) and a connection timeout; what the user's fsspec configuration sets wins."""
+    if protocol not in ("s3", "s3a"):
+        return {}
+    fsspec = require("fsspec", "object storage")
+    configured = fsspec.config.conf.get(protocol, {}).get("config_kwargs", {})
+    mine = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": CONNECT_TIMEOUT}
+    return {"config_kwargs": {**mine, **configured}}
 
 
 class RemotePath:
@@ -94,11 +139,14 @@ class RemotePath:
         try:
             # fsspec keeps one instance per process and options. No listings cache: an object another node
             # uploads (a token cache being prepared) is seen at the next look, not after a restart.
-            return fsspec.filesystem(self.protocol, use_listings_cache=False)
+            fs = fsspec.filesystem(self.protocol, use_listings_cache=False, **_options(self.protocol))
         except (ImportError, ValueError) as error:
             extra = BACKEND_EXTRAS.get(self.protocol)
             hint = f": pip install 'onlinemix[{extra}]'" if extra else ""
             raise ImportError(f"reading {self.url} needs fsspec's {self.protocol}:// backend ({error}){hint}") from None
+        if hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs retries some errors itself, inside each of onlinemix's attempts: not any more
+        return fs
 
     # -- names ---------------------------------------------------------------------
 
@@ -322,7 +370,9 @@ class RemoteWindows:
                 try:
                     out[row] = future.result()[position]
                     continue
-                except Exception:  # a failed fetch ahead is fetched again below, with its own retries
+                except StorageError:
+                    raise  # it spent the retries and the time allowed already: the same again would only add to it
+                except Exception:  # any other failure of a fetch ahead: fetched again below, with its own retries
                     pass
             missing.append(row)
         if missing:
@@ -335,4 +385,5 @@ class RemoteWindows:
     def __del__(self) -> None:
         state = getattr(self, "_open_state", None)
         if state is not None and state[0] == os.getpid():
-            state[1].shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(Exception):  # at interpreter exit the executor's machinery may be gone already
+                state[1].shutdown(wait=False, cancel_futures=True)

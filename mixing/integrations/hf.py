@@ -13,7 +13,9 @@ batches. ``OnlineMixingMixin`` fills those gaps, by the Trainer's own convention
   Trainer's own ``compute_loss``;
 - ``train(resume_from_checkpoint=...)`` restores the mixture's state from the checkpoint folder
   before the Trainer restores its own (the schedule log travels in it: a checkpoint folder copied
-  elsewhere resumes on its own), and the logged ``epoch`` continues where it was. The loader draws
+  elsewhere resumes on its own), and the logged ``epoch`` continues where it was: a stream's epoch is the
+  samples drawn so far over the mixture's samples (every domain's), so it never goes back, also when a run is
+  extended by resuming it with a larger ``max_steps``. The loader draws
   nothing from the global random generators, so a resumed run is bit for bit the uninterrupted one,
   dropout included.
 
@@ -48,7 +50,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from onlinemix.loaders.atomic import save_checkpoint
-from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.mixing.training import OnlineMixing, per_sample_loss
 
 STATE_FILE = "onlinemix.pt"  # the mixture's state, inside each checkpoint-N folder
@@ -63,14 +64,15 @@ class OnlineMixingCallback(TrainerCallback):
         self.mixing = mixing
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # A stream's epoch, as the Trainer counts it uninterrupted: its batches (max_steps' worth where it
-        # streams on). The Trainer's own figure restarts at a resume, since it skips no batches.
-        batches = self.mixing.dataset.num_batches
-        self.batches_per_epoch = batches if batches < UNLIMITED else args.max_steps * args.gradient_accumulation_steps
+        # A stream's epoch: the samples drawn over the mixture's samples (a fraction of max_steps would go back
+        # when a resumed run is given more steps; the Trainer's own figure restarts at a resume: it skips no batch).
+        spec = self.mixing.dataset.spec
+        self.samples_per_step = spec.global_batch_size * args.gradient_accumulation_steps
+        self.mixture_samples = int(sum(int(size) for size in spec.sizes))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.mixing.step()
-        state.epoch = state.global_step * args.gradient_accumulation_steps / self.batches_per_epoch  # before logging
+        state.epoch = state.global_step * self.samples_per_step / self.mixture_samples  # before logging
 
     def on_save(self, args, state, control, **kwargs):
         state_dict = self.mixing.state_dict()  # every rank: it flushes pending publications

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> None:
     loader = MixedLoader(dataset, num_workers=args.workers)
     if args.start:
         start = fast_forward(dataset.spec, PlanState.start(dataset.spec.num_domains), args.start, dataset.schedule)
-        loader.load_state_dict({**loader.state_dict(), "position": start.state_dict()})
+        loader.start_at(start)
     names = np.array(dataset.names)
     for offset, batch in enumerate(loader):
         domains = names[batch["domain"].numpy()].tolist() if args.names else batch["domain"].tolist()
