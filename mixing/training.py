@@ -214,4 +214,3 @@ def _check_pool_fits(dataset: MixedDataset, pool: int) -> None:
             f"mixing.coreset.pool {pool}: a pool of {dataset.local_batch_size:,} samples is {needed / 1e9:,.1f} GB a "
             f"batch, more than half this machine's memory ({memory / 1e9:,.1f} GB): pools are a few batches (2-4)"
         )
-
