@@ -32,7 +32,7 @@ from onlinemix.mixing.controllers import DGAController, DoReMiController, ODMCon
 from onlinemix.mixing.mixer import OnlineMixer
 
 
-def controller_cost(device: str) -> None:
+def controller_cost(device: str, compiled: bool = True) -> None:
     """µs per training step: median over single steps on the CPU; on CUDA, rounds of 100 steps between syncs
     (what a training loop pays: the host's launches, or the GPU's work if that is longer)."""
     print(f"\ncontroller observe+step, {device} (median µs per training step)")
@@ -41,8 +41,9 @@ def controller_cost(device: str) -> None:
         ("DoReMi", DoReMiController, {}),
         ("ODM", ODMController, {}),
         ("DGA", DGAController, {}),
-        ("DoReMi, compiled accumulation", DoReMiController, {"compile": True}),
     ]
+    if compiled:  # torch.compile's first call takes a while on a CPU
+        variants += [("DoReMi, compiled accumulation", DoReMiController, {"compile": True})]
     if device == "cuda":
         variants += [("DoReMi, CUDA graphs", DoReMiController, {"graph": True})]
         variants += [("ODM, CUDA graphs", ODMController, {"graph": True})]

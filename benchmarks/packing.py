@@ -59,14 +59,18 @@ def write_corpus(folder: Path, megabytes: float) -> tuple[Path, Path]:
     return plain, packed
 
 
-def bpe_tokenizer(corpus: Path, folder: Path) -> Path:
-    """A 4,096-token byte-level BPE trained on the first documents of the corpus (in memory, a few seconds)."""
+def bpe_tokenizer(corpus: Path, folder: Path, every_byte: bool = False) -> Path:
+    """A 4,096-token byte-level BPE trained on the first documents of the corpus (in memory, a few seconds);
+    ``every_byte``: every byte a token of its own, as GPT-2's (else a byte the sample lacks has none)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if every_byte else []
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False, initial_alphabet=alphabet
+    )
     with open(corpus) as lines:
         sample = [json.loads(line)["text"] for _, line in zip(range(300), lines)]
     tokenizer.train_from_iterator(sample, trainer)

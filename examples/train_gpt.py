@@ -29,7 +29,9 @@ Every weight version is logged (``--log``; ``onlinemix schedule show``); ``--res
 ``--checkpoint`` with the exact next batch and weights (the DGA batches are keyed by the step, so a
 resumed run draws the same ones). With ``heldout.yaml`` beside the config, the held-out loss of each
 set (on ``--eval-windows`` windows spread over it) is printed every ``--eval-every`` steps; a progress bar
-shows the training loss and the weights always.
+shows the training loss and the weights always. ``--tensorboard DIR`` writes TensorBoard event files there every
+10 steps: the mixture's figures (``mixing/weight/<domain>``, ``mixing/loss/<domain>``, ... from
+``mixing.metrics()``), the training loss and the held-out losses (``tensorboard --logdir DIR``).
 """
 
 from __future__ import annotations
@@ -168,6 +170,11 @@ def train(args: argparse.Namespace) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         mixing.load_state_dict(checkpoint["mixing"])
 
+    writer = None
+    if args.tensorboard is not None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        writer = SummaryWriter(args.tensorboard)
     history = {"method": args.method, "evals": [], "trained": []}
     started = time.time()
     # Always a progress bar with the training loss and the weights (held-out losses too, with heldout.yaml).
@@ -206,15 +213,22 @@ def train(args: argparse.Namespace) -> dict:
         if step % 10 == 0 or step == args.steps:  # a host sync for the bar: every 10 steps, not every step
             weights = " ".join(f"{name} {w:.2f}" for name, w in zip(mixing.names, mixing.weights.tolist()))
             progress.set_postfix_str(f"loss {losses.mean().item():.3f} | weights {weights}")
+            if writer is not None:
+                for name, value in {"train/loss": losses.mean().item(), **mixing.metrics()}.items():
+                    writer.add_scalar(name, value, step)
         if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
             losses_now = heldout.evaluate(model)
             history["evals"].append({"step": step, "loss": losses_now})
             report = "  ".join(f"{name} {loss:.3f}" for name, loss in losses_now.items())
+            for name, loss in losses_now.items() if writer is not None else ():
+                writer.add_scalar(f"heldout/{name}", loss, step)
             elapsed = time.time() - started
             progress.write(f"{args.method:>12} step {step:4d} | held out: {report} | {elapsed:.0f}s")
         if step == args.stop_after:
             break
     progress.close()
+    if writer is not None:
+        writer.close()
     history["seconds"] = time.time() - started
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "mixing": mixing.state_dict()}
     save_checkpoint(state, args.checkpoint)  # atomic: a kill mid-save leaves the previous checkpoint whole
@@ -279,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-model", type=Path, help="also save the model's weights here (a DoReMi reference)")
     parser.add_argument("--log", type=Path, default=Path("runs/schedule.oms"), help="the schedule log")
     parser.add_argument("--history", type=Path, help="write the run's history (JSON) here")
+    parser.add_argument("--tensorboard", type=Path, metavar="DIR", help="write TensorBoard event files here")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--stop-after", type=int, help="stop (and save) after this step, as a preempted job would")
     parser.add_argument("--device", default="cpu", help="where the model and the controller run (cpu, cuda)")

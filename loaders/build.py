@@ -63,7 +63,10 @@ def tokenizer_of(config: MixtureConfig, domain: DomainConfig | None = None) -> T
 def source_class(domain: DomainConfig) -> type[Source]:
     """A built-in source, or a class named ``package.module:Class`` (imported here)."""
     if domain.source in SOURCES:
-        return SOURCES[domain.source]
+        try:
+            return SOURCES[domain.source].for_data(domain.path, domain.options)
+        except (SourceError, OSError) as error:
+            raise ConfigError(f"domain {domain.name!r}: {error}") from None
     try:
         cls = ImportedTransform(domain.source).resolve()
     except ValueError as error:
@@ -132,7 +135,13 @@ def open_source(config: MixtureConfig, domain: DomainConfig, build: bool = True)
                 build,
             )
         path = {} if domain.path is None else {"path": domain.path}
-        return cls(**path, **{**given_if_taken(cls, seq_len=config.seq_len), **domain.options})
+        given = given_if_taken(cls, seq_len=config.seq_len, stride=domain.stride, cache_dir=config.cache_dir)
+        if domain.stride is not None and "stride" not in given:
+            raise ConfigError(f"{where}: stride is for packed windows; a {domain.source} source takes none")
+        if domain.samples != "packed":
+            raise ConfigError(f"{where}: samples: documents needs a document source; a {domain.source} source has "
+                              "windows")  # fmt: skip
+        return cls(**path, **{**given, **domain.options})
     except (ConfigError, NothingToVerify):
         raise
     except FileNotFoundError as error:
@@ -167,7 +176,8 @@ def check_vocabulary(config: MixtureConfig, sources: list[Source]) -> None:
     tokenizer_known = config.tokenizer is not None or bool(tokenized) or any(d.tokenizer for d in config.domains)
     unchecked = []
     for domain, source in zip(config.domains, sources):
-        if not isinstance(source, TokenBinSource) or not isinstance(source.transform, TokenWindow):
+        # files of token ids written by another's tokenizer (token-bin, Megatron): their ids are checked
+        if not hasattr(source, "max_token") or not isinstance(source.transform, TokenWindow):
             continue
         largest = source.max_token(config.cache_dir)  # the first scan records the checksums verify compares with
         if config.verify != "lengths":

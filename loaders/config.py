@@ -22,6 +22,9 @@ Nothing here opens data: ``build.py`` turns a parsed ``MixtureConfig`` into sour
 
 Relative paths resolve against the config file's folder. Weights are given
 for every domain or for none.
+
+Over 400 lines on purpose: it is the file's whole grammar (every key, its type and its error message) in one
+place, read top to bottom; the ``mixing:`` section is parsed in ``mixing/settings.py``.
 """
 
 from __future__ import annotations
@@ -391,7 +394,7 @@ def _domain(entry: Any, position: int, base_dir: Path) -> DomainConfig:
     if "path" not in entry and kind in SOURCES:
         raise ConfigError(f"{where}: missing required key 'path'")
     path = None if "path" not in entry else _path_spec(entry["path"], base_dir, where)
-    if isinstance(path, list) and kind in ("tokenbin", "mds", "webdataset", "hf"):
+    if isinstance(path, list) and kind in ("tokenbin", "mds", "webdataset", "hf", "litdata"):
         raise ConfigError(f"{where}: a {kind} path is one file or folder, not a list")
     order = entry.get("order", "samples")
     if order not in ORDERS:

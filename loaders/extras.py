@@ -9,7 +9,9 @@ onlinemix itself needs torch, numpy, numba, pyyaml and tqdm. The rest is optiona
 - ``pip install 'onlinemix[s3]'`` (or ``[gcs]``, ``[azure]``): domains and token caches in object storage
   (fsspec and its backend: s3fs, gcsfs, adlfs);
 - ``pip install 'onlinemix[ray]'``: ``onlinemix prepare --engine ray``;
-- ``pip install 'onlinemix[color-filter]'``: the CoLoR-Filter scorer's models (transformers).
+- ``pip install 'onlinemix[color-filter]'``: the CoLoR-Filter scorer's models (transformers);
+- ``pip install 'onlinemix[litdata]'``: LitData optimized datasets (litdata's own reader);
+- ``pip install 'onlinemix[fast]'``: tokenizing at ``fastokens``' speed, JSON parsed by ``orjson``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ PACKAGES = {
     "ray": ("ray", "ray"),
     "fsspec": ("fsspec", "s3"),  # the s3, gcs and azure extras install it with their backend
     "transformers": ("transformers", "color-filter"),
+    "litdata": ("litdata", "litdata"),
+    "fastokens": ("fastokens", "fast"),
 }
 
 

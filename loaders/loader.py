@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from onlinemix.loaders.channel import VersionedSchedule, WeightsChannel
-from onlinemix.loaders.dataset import MixedDataset, identity_mismatch
+from onlinemix.loaders.dataset import MixedDataset
+from onlinemix.loaders.identity import identity_mismatch
 from onlinemix.loaders.plan import UNLIMITED, PlanState, StaticSchedule, StreamEnded, fast_forward
 from onlinemix.loaders.state_digest import seal, unseal
 

@@ -31,6 +31,10 @@ and nothing else, so every worker and rank can compute any part of it alone:
    ends (no partial batch is ever produced).
 
 A checkpoint of the plan is just ``(batch, cursors)``.
+
+Over 400 lines on purpose: the five steps above are one pure function whose parts share their invariants (a
+count taken is a cursor moved is a sample drawn), and they read best together; the compiled loops are in
+``plan_kernels.py``, the permutations in ``permutation.py``.
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ tokenize it twice). Where the mixture resamples by DSIR sidecars (``importance: 
 scores each domain into its sidecar too. A training run on the prepared mixture then opens every cache in
 milliseconds.
 
-**Units of work.** A domain of several files whose documents are its files' documents in order (JSONL, text,
-Parquet) is tokenized file by file: one task per file writes that file's token cache (a *part*), then one task
-per domain concatenates its parts into the domain's cache — byte for byte the cache one process tokenizing
-the whole domain writes — and removes them. So one huge domain spreads over every worker, and a killed run
-resumes by file: the finished parts are kept. Any other domain is one task.
+**Units of work.** A domain whose documents are its files' documents in order (JSONL, text, Parquet) is
+tokenized in parts: one task per file, and per piece of about 32 MB of a large file (an uncompressed JSONL file
+cut at line starts, a Parquet file between row groups; a compressed file, or a text file, which is one
+document, is one part), each writing its part's token cache; then one task per domain concatenates its parts
+into the domain's cache — byte for byte the cache one process tokenizing the whole domain writes — and removes
+them. So one huge file spreads over every worker, and a killed run resumes by part: the finished parts are
+kept. Any other domain is one task.
 
 Engines: ``local`` (processes on this machine) and ``ray`` (Ray tasks, on a cluster). Parts go where the
 domain's cache goes (``cache_dir``): on a cluster, storage every node sees (a shared filesystem or a bucket).
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from onlinemix.loaders.build import estimator, open_source, tokenized_documents, tokenizer_of
 from onlinemix.loaders.cache.folder import cache_entry, token_cache_root
-from onlinemix.loaders.cache.tokens import TokenCache, cache_key, file_parts
+from onlinemix.loaders.cache.tokens import PART_BYTES, TokenCache, cache_key, file_parts, parts_of
 from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
 from onlinemix.loaders.engines import ENGINES, engine_runner
 from onlinemix.loaders.importance.estimator import ImportanceError
@@ -52,39 +54,40 @@ class Prepared:
     seconds: float
 
 
-def prepare_part(config_path: str, name: str, number: int) -> Prepared:
-    """Tokenize file ``number`` of domain ``name`` into its part (a token cache of that file alone), if it is not
-    there (in a worker process)."""
+def prepare_part(config_path: str, name: str, number: int, part_size: int = PART_BYTES) -> Prepared:
+    """Tokenize part ``number`` of domain ``name`` (a file, or a piece of a large one) into its token cache, if it
+    is not there (in a worker process)."""
     started = time.time()
     config = MixtureConfig.load(config_path)
     domain = next(d for d in config.domains if d.name == name)
     try:
-        part = file_parts(tokenized_documents(config, domain))[number]
+        part = file_parts(tokenized_documents(config, domain), part_size)[number]
         cache = TokenCache.open(part, tokenizer_of(config, domain), token_cache_root(config.cache_dir))
     except (ConfigError, SourceError, OSError, ValueError) as error:
-        file = _file(config, domain, number)
+        file = _file(config, domain, number, part_size)
         detail = str(error) if file in str(error) else f"{file}: {error}"  # named once
         return Prepared(name, "failed", detail, time.time() - started)
     detail = f"{int(cache.meta['tokens']):,} tokens of {part.path}"
     return Prepared(name, "built" if cache.built else "kept", detail, time.time() - started)
 
 
-def _file(config: MixtureConfig, domain: DomainConfig, number: int) -> str:
-    """How a message names file ``number`` of a domain (its path, when it can still be listed)."""
+def _file(config: MixtureConfig, domain: DomainConfig, number: int, part_size: int) -> str:
+    """How a message names part ``number`` of a domain (its file, when it can still be listed)."""
     try:
-        return str(tokenized_documents(config, domain).files[number])
+        return str(file_parts(tokenized_documents(config, domain), part_size)[number].files[0])
     except Exception:
-        return f"file {number}"
+        return f"part {number}"
 
 
-def prepare_domain(config_path: str, name: str) -> Prepared:
+def prepare_domain(config_path: str, name: str, part_size: int = PART_BYTES) -> Prepared:
     """Open domain ``name`` of the mixture file: this builds its cache if there is none (in a worker process),
-    from its parts where ``prepare_part`` made them all."""
+    from its parts (of ``part_size``) where ``prepare_part`` made them all."""
     started = time.time()
     config = MixtureConfig.load(config_path)
     domain = next(d for d in config.domains if d.name == name)
     try:
-        source = open_source(config, domain)
+        with parts_of(part_size):
+            source = open_source(config, domain)
     except (ConfigError, SourceError, OSError, ValueError) as error:
         return Prepared(name, "failed", str(error), time.time() - started)
     try:
@@ -119,7 +122,11 @@ def _score(config: MixtureConfig, name: str, source: Source) -> str:
 
 
 def prepare(
-    config_path: str | Path, workers: int | None = None, domains: list[str] | None = None, engine: str = "local"
+    config_path: str | Path,
+    workers: int | None = None,
+    domains: list[str] | None = None,
+    engine: str = "local",
+    part_size: int = PART_BYTES,
 ) -> list[Prepared]:
     """Prepare ``domains`` (default: all) of a mixture file, ``workers`` domains at once (default: one per core,
     at most one per domain); a progress bar counts the domains. Returns one ``Prepared`` per domain, in the
@@ -127,7 +134,10 @@ def prepare(
 
     ``engine``: ``local`` (worker processes on this machine) or ``ray`` (one Ray task per domain: on the cluster
     at ``$RAY_ADDRESS``, or on a local one started for the run; the caches must then be on storage every node
-    sees, ``cache_dir`` or ``$ONLINEMIX_CACHE_DIR``, which the tasks are given). Either writes the same files."""
+    sees, ``cache_dir`` or ``$ONLINEMIX_CACHE_DIR``, which the tasks are given). Either writes the same files.
+
+    ``part_size``: the bytes of a large file each task tokenizes (see *Units of work*): smaller parts spread a
+    domain over more workers and balance them better, at a small cost per part (a task, a folder, a copy)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     config = MixtureConfig.load(config_path)
@@ -137,9 +147,13 @@ def prepare(
         raise ConfigError(f"prepare: {unknown[0]!r} is not a domain of {config_path} (it has {', '.join(names)})")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if part_size < 1 << 20:
+        raise ValueError(f"part_size must be at least 1 MiB, got {part_size:,} bytes")
     chosen = [name for name in names if domains is None or name in domains]
     path = str(Path(config_path).resolve())
-    parts = {name: _parts_to_make(config, name) for name in chosen}  # file sizes, for the domains split by file
+    parts = {
+        name: _parts_to_make(config, name, part_size) for name in chosen
+    }  # part sizes, for the domains made in parts
     # the largest first: the last worker to finish is not the one that started the largest task last
     sizes = {d.name: _input_bytes(d.path, Path(config_path).parent) for d in config.domains}
     whole = sorted((name for name in chosen if not parts[name]), key=lambda name: -sizes[name])
@@ -152,7 +166,8 @@ def prepare(
     with tqdm(total=total, desc="preparing", unit="task") as bar, engine_runner(engine, workers, run_task) as run:
 
         def wave(tasks: list[Task]) -> dict[Task, Prepared]:
-            return {task: result for (_, task), result in run([(path, task) for task in tasks], bar).items()}
+            done = run([(path, task, part_size) for task in tasks], bar)
+            return {task: result for (_, task, _), result in done.items()}
 
         results = wave(first_wave)
         failed = {name: r for (name, number), r in results.items() if number is not None and r.status == "failed"}
@@ -164,23 +179,23 @@ def prepare(
         results[name, None] = Prepared(name, "failed", failure.detail, seconds)
     for name in chosen:
         if parts[name] and results[name, None].status == "built":
-            results[name, None].detail += f" (from {len(parts[name])} files)"
+            results[name, None].detail += f" (from {len(parts[name])} parts)"
     return [results[name, None] for name in chosen]
 
 
-def _parts_to_make(config: MixtureConfig, name: str) -> list[int]:
-    """The sizes of the files a domain is tokenized from one by one: empty when it is tokenized whole (one file,
-    a format that is not a sequence of files, no tokenizing at all) or its cache is there already."""
+def _parts_to_make(config: MixtureConfig, name: str, part_size: int) -> list[int]:
+    """The sizes of the parts a domain is tokenized in: empty when it is tokenized whole (one part, a format that
+    is not a sequence of files, no tokenizing at all) or its cache is there already."""
     domain = next(d for d in config.domains if d.name == name)
     try:
         documents = tokenized_documents(config, domain)
-        parts = file_parts(documents) if documents is not None else []
+        parts = file_parts(documents, part_size) if documents is not None else []
         if not parts:
             return []
         key = cache_key(documents, tokenizer_of(config, domain))
         if (cache_entry(token_cache_root(config.cache_dir), documents.kind, key) / "meta.json").exists():
             return []
-        return [part.files[0].stat().st_size for part in parts]
+        return [part.input_bytes() for part in parts]
     except (ConfigError, SourceError, OSError, ValueError):
         return []  # the domain's own task says what is wrong
 
@@ -199,7 +214,7 @@ def _input_bytes(path: Path | str | list[str] | None, base_dir: Path) -> int:
 Task = tuple[str, "int | None"]  # (domain, file number): a part; (domain, None): the domain
 
 
-def run_task(path: str, task: Task) -> Prepared:
+def run_task(path: str, task: Task, part_size: int = PART_BYTES) -> Prepared:
     """One task, in whichever process the engine runs it."""
     name, number = task
-    return prepare_domain(path, name) if number is None else prepare_part(path, name, number)
+    return prepare_domain(path, name, part_size) if number is None else prepare_part(path, name, number, part_size)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -53,12 +51,15 @@ from onlinemix.loaders.dataset import MixedDataset
 from onlinemix.loaders.plan import UNLIMITED
 from onlinemix.loaders.state_digest import seal, unseal
 from onlinemix.mixing.controllers.base import Controller, ControllerContext
-from onlinemix.mixing.limits import DEFAULT_REPEAT_BUDGET, MemorisationGuard
+from onlinemix.mixing.limits import MemorisationGuard
+from onlinemix.mixing.metrics import MixingMetrics
+from onlinemix.mixing.publisher import Publisher
+from onlinemix.mixing.repeats import RepeatWatch
 from onlinemix.mixing.schedule_log import ScheduleLogError, ScheduleWriter
 from onlinemix.mixing.settings import check_mixer_options, parse_mixing
+from onlinemix.mixing.stats import DomainStats
 
 LOG_IN_CHECKPOINT = 64 << 20  # bytes: a schedule log up to this size travels in every checkpoint
-OVERDRAWN = 2.0  # times the repeat budget a domain may be projected to be drawn before the build warns
 logger = logging.getLogger("onlinemix")
 
 
@@ -160,15 +161,16 @@ class OnlineMixer:
         }
         self.log_path = None if log is None else Path(log)
         self._log: ScheduleWriter | None = None  # opened on first publication, or by load_state_dict
+        # each domain's training losses since the last step (the metrics' figures; the controller keeps its own
+        # signal, which may be another: an excess loss, a reward)
+        self._losses = DomainStats(controller.num_domains, controller.device)
+        self.metrics = MixingMetrics(dataset.names, dataset.spec.global_batch_size * accumulation)
         self._initial = initial
         self.step_count = 0
         self.skipped = np.zeros(3)  # [non-finite losses, bad domain ids, rejected weight vectors] seen so far
-        self.repeat_warning = repeat_warning
-        self._warn_overdrawn(steps)
-        self._warned = np.zeros(dataset.spec.num_domains, dtype=bool)
-        self._failure: BaseException | None = None
-        self._pending: queue.Queue = queue.Queue()
-        self._publisher: threading.Thread | None = None
+        self.repeats = RepeatWatch(controller, dataset.names, dataset.spec, repeat_warning)
+        self.repeats.warn_overdrawn(steps, dataset.spec.global_batch_size * accumulation)
+        self._publisher = Publisher(self._publish)  # a GPU step's packet, published off the training thread
 
     @classmethod
     def from_config(
@@ -211,6 +213,7 @@ class OnlineMixer:
         """Feed per-sample (or per-token with ``mask``) losses and the batch's ``domain`` ids."""
         self._raise_failure()
         self.controller.observe(losses, domains, mask, **signals)
+        self._losses.add(losses, domains, mask)
 
     def observe_heldout(self, losses: torch.Tensor) -> None:
         """Feed each domain's loss on held-out windows of its own (``(k,)``, NaN where not measured): the
@@ -237,16 +240,15 @@ class OnlineMixer:
         self.channel.promised = self.step_count  # published now (CPU) or by the publisher thread (CUDA)
         if self.sync != "none" and self.check_every and self.step_count % self.check_every == 0:
             self.check_consistent(weights)
-        # the weights, the problem counts and the epochs drawn, in one copy to the host
-        controller = self.controller
-        packet = torch.cat([weights.detach(), controller.stats.problems, controller.epochs.drawn]).double()
+        # the weights, the problem counts, the epochs drawn and the metrics' figures, in one copy to the host
+        controller, (means, counts) = self.controller, self._losses.take_counts()
+        guard = controller.limit(MemorisationGuard)
+        heldout = guard.heldout if guard is not None else torch.full_like(weights, float("nan"))
+        held = controller.memorised().to(weights.dtype)
+        parts = [weights.detach(), controller.stats.problems, controller.epochs.drawn, held, heldout, means * counts]
+        packet = torch.cat([*parts, counts]).double()
         if packet.is_cuda:
-            host = torch.empty(packet.shape, dtype=packet.dtype, pin_memory=True)
-            host.copy_(packet, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._start_publisher()
-            self._pending.put((self.step_count, host, done))
+            self._publisher.submit(self.step_count, packet)
         else:
             self._publish(self.step_count, packet.numpy())
         return weights
@@ -286,39 +288,26 @@ class OnlineMixer:
 
     def flush(self) -> None:
         """Wait until every version handed to ``step()`` is published (e.g. before a checkpoint)."""
-        if self._publisher is not None:
-            self._pending.join()
+        self._publisher.flush()
         self._raise_failure()
 
     # -- publication ------------------------------------------------------------
 
-    def _start_publisher(self) -> None:
-        if self._publisher is None:
-            self._publisher = threading.Thread(target=self._publish_loop, name="onlinemix-publisher", daemon=True)
-            self._publisher.start()
-
-    def _publish_loop(self) -> None:
-        while True:
-            version, host, done = self._pending.get()
-            try:
-                done.synchronize()  # waits in this thread only; training goes on
-                self._publish(version, host.numpy())
-            except BaseException as error:  # surfaced on the trainer's next call
-                self._failure = error
-            finally:
-                self._pending.task_done()
-
     def _publish(self, version: int, packet: np.ndarray) -> None:
+        """One version's packet on the host: the metrics, the problems counted, the loader, the log."""
         k = self.controller.num_domains
-        weights, problems, drawn = packet[:k], packet[k : k + 3], packet[k + 3 :]
+        weights, problems = packet[:k], packet[k : k + 3]
+        drawn, held, heldout, loss_sums, loss_counts = packet[k + 3 :].reshape(5, k)
+        self.metrics.publish(version, weights, drawn, held, heldout, loss_sums, loss_counts)
         new = problems - self.skipped
         self.skipped = problems.copy()
+        failure = None
         if new[1] > 0:
-            self._failure = MixingError(f"step {version}: {int(new[1])} domain ids outside [0, {k}) were observed")
+            failure = MixingError(f"step {version}: {int(new[1])} domain ids outside [0, {k}) were observed")
         if new[0] > 0:
             message = f"step {version}: {int(new[0])} non-finite losses ({int(problems[0])} in all)"
             if self.nonfinite == "error":
-                self._failure = MixingError(message)
+                failure = MixingError(message)
             else:
                 warnings.warn(message + " were left out of the statistics", stacklevel=2)
         if new[2] > 0:
@@ -328,72 +317,21 @@ class OnlineMixer:
                 f"(a non-finite, negative or all-zero weight; {rejected} rejected in all)"
             )
             if self.nonfinite == "error":
-                self._failure = MixingError(message + "; look for NaN or overflowing feedback (losses, alignments)")
+                failure = MixingError(message + "; look for NaN or overflowing feedback (losses, alignments)")
             elif rejected & (rejected - 1) == 0:  # warn at 1, 2, 4, 8, ... rejections: a poisoned state repeats
                 warnings.warn(message + "; kept the last good weights (warned again at twice as many)", stacklevel=2)
+        if failure is not None:  # raised on the trainer's next call
+            self._publisher.failure = failure
         self.channel.publish(version, weights)
-        self._watch_repeats(version, weights, drawn)
+        self.repeats.watch(version, weights, drawn)
         if self.log_path is not None:
             if self._log is None:
                 self._log = ScheduleWriter(self.log_path, self.header)
                 self._log.append(0, self._initial)
             self._log.append(version, weights)
 
-    def _warn_overdrawn(self, steps: int | None) -> None:
-        """At build time, where the run's length is known: warn (once, every such domain in one message) when the
-        controller's weights will draw a domain without ``max_epochs`` more than ``OVERDRAWN`` times its repeat
-        budget (a fixed or scheduled mixture's own weights; an online controller's starting weights, which its
-        repeat budget never cuts). Repeated this often, a small domain is memorised: better said before the first
-        batch than at step 168."""
-        projected = self.controller.projected_epochs()
-        if projected is None or not self.repeat_warning:
-            return
-        guard = self.controller.limit(MemorisationGuard)
-        budget = guard.repeat_budget if guard is not None and guard.repeat_budget is not None else DEFAULT_REPEAT_BUDGET
-        spec = self.dataset.spec
-        over = np.flatnonzero((projected > OVERDRAWN * budget) & (spec.caps == UNLIMITED))
-        if not len(over):
-            return
-        what = "; ".join(f"{self.dataset.names[d]!r} ({spec.sizes[d]:,} samples) about {projected[d]:.0f} epochs"
-                         for d in over)  # fmt: skip
-        warnings.warn(
-            f"over this run's {steps:,} steps of {spec.global_batch_size * self.accumulation:,} samples, the "
-            f"{self.controller.name} controller's weights draw {what} (an online controller's: from its starting "
-            f"weights, which its repeat budget never cuts): over {OVERDRAWN:g}x the repeat budget of {budget:g} "
-            "epochs, a small domain is memorised. Lower its weight, or cap it with max_epochs in the mixture file",
-            stacklevel=3,
-        )
-
-    def _watch_repeats(self, version: int, weights: np.ndarray, drawn: np.ndarray) -> None:
-        """Warn once per domain when it has been drawn ``repeat_warning`` epochs over (``drawn``: the controller's
-        count, read back with the weights) and has no repeat cap: a controller that keeps the weight of a small
-        domain high makes the model memorise it."""
-        if not self.repeat_warning:
-            return
-        spec = self.dataset.spec
-        for d in np.flatnonzero((drawn >= self.repeat_warning) & ~self._warned & (spec.caps == UNLIMITED)):
-            self._warned[d] = True
-            warnings.warn(
-                f"step {version}: domain {self.dataset.names[d]!r} ({spec.sizes[d]:,} samples) has been drawn about "
-                f"{drawn[d]:.0f} epochs over (its weight is now {weights[d]:.3f}): repeated this often, a small "
-                f"domain is memorised. {self._budget_note()}Cap it with max_epochs in the mixture file (or hold out "
-                "what the controller aligns with)",
-                stacklevel=2,
-            )
-
-    def _budget_note(self) -> str:
-        guard = self.controller.limit(MemorisationGuard)
-        if guard is None or guard.repeat_budget is None:
-            return ""
-        return (
-            f"The controller holds it at most at its starting weight from {guard.repeat_budget:g} epochs "
-            "(repeat_budget). "
-        )
-
     def _raise_failure(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
+        self._publisher.raise_failure()
 
     # -- checkpoint -------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from onlinemix.loaders.channel import ReplayTable, VersionedSchedule
-from onlinemix.loaders.dataset import identity_mismatch
+from onlinemix.loaders.identity import identity_mismatch
 
 MAGIC = b"ONLINEMIX-SCHEDULE 1\n"
 HEADER_DEFAULTS = {"accumulation": 1}  # keys added after format 1 was first written

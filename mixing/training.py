@@ -168,6 +168,11 @@ class OnlineMixing:
         """One weight update, after each optimizer step (not each micro-batch)."""
         return self.mixer.step()
 
+    def metrics(self) -> dict[str, float]:
+        """The mixture's figures for a dashboard (``mixing/weight/<domain>``, ``mixing/loss/<domain>``, ...; see
+        ``mixing/metrics.py``), from the latest published weights: no host sync, so read it every few steps."""
+        return self.mixer.metrics.read()
+
     def state_dict(self, batch: int | None = None) -> dict[str, Any]:
         """Loader position, controller and channel state.
 

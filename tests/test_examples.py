@@ -149,3 +149,22 @@ def test_the_torchtitan_example_config_builds_the_mixing_trainer_and_its_data_lo
     assert isinstance(loader, MixingDataLoader)
     inputs, labels = next(iter(loader))
     assert inputs["input"].shape == labels.shape == (4, 16)
+
+
+def test_the_token_datasets_example_writes_each_tools_format_and_mixes_them(tmp_path):
+    """megatron-core, litdata and a raw memmap write the data, one mixture reads it (a script: litdata.optimize
+    starts its workers by spawning, which imports the caller's ``__main__``)."""
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("litdata")
+    import subprocess
+
+    script = EXAMPLES / "token_datasets.py"
+    result = subprocess.run([sys.executable, str(script), f"--out={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dataset = MixedDataset.from_config(tmp_path / "mixture.yaml")
+    assert dataset.names == ["megatron", "litdata", "olmo", "prose"]
+    assert [type(s).__name__ for s in dataset.sources] == ["MegatronSource", "LitDataTokens", "TokenBinSource",
+                                                           "TokenizedSource"]  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("batch:")]
+    assert len(lines) == 4 and {word.split(":")[0] for line in lines for word in line.split()[1:]} == set(dataset.names)
+    assert re.search(r"megatron: [\d,]+ windows; \d+ documents, [\d,]+ uint16 tokens in 1 \.bin file", result.stdout)

@@ -191,7 +191,11 @@ def test_torchtitan_trainer_config_builds_the_mixing_trainer_and_attach_wires_lo
     assert issubclass(MixingTrainer.Config, Trainer.Config) and MixingTrainer.Config._owner is MixingTrainer
     loader = build_titan_loader(titan_mixture(tmp_path), 1, 0)
     optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
-    trainer = SimpleNamespace(dataloader=loader, loss_fn=lambda *a: None, optimizers=optimizer)
+    logged = []
+    processor = SimpleNamespace(log=lambda step, *losses, extra_metrics=None: logged.append(extra_metrics))
+    trainer = SimpleNamespace(
+        dataloader=loader, loss_fn=lambda *a: None, optimizers=optimizer, metrics_processor=processor
+    )
     trainer.gradient_accumulation_steps = 2
     with pytest.raises(
         ValueError, match="gradient accumulation steps is 2 but the mixer was built with accumulation=1"
@@ -201,5 +205,8 @@ def test_torchtitan_trainer_config_builds_the_mixing_trainer_and_attach_wires_lo
     assert attach(trainer) is loader and isinstance(trainer.loss_fn, MixingLoss)
     trainer.optimizers.step()
     assert loader.mixing.mixer.step_count == 1  # the mixer stepped with the optimizer
+    trainer.metrics_processor.log(1, 2.0, 2.0, 1.0, extra_metrics={"n_tokens_seen": 5})
+    assert logged[0]["n_tokens_seen"] == 5 and logged[0]["mixing/version"] == 1  # the training log carries them
+    assert {f"mixing/weight/{name}" for name in loader.mixing.names} <= set(logged[0])
     with pytest.raises(TypeError, match=r"set config\.dataloader = MixingDataLoader\.Config"):
         attach(SimpleNamespace(dataloader=[], gradient_accumulation_steps=1))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import itertools
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,7 +139,7 @@ def test_a_domain_of_many_files_is_tokenized_file_by_file_into_the_cache_one_pro
         monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / f"prepared{workers}"))
         results = prepare(config, workers=workers)
         assert [r.status for r in results] == ["scanned", "built", "scanned", "built"]
-        assert results[3].detail.endswith("(from 4 files)")
+        assert results[3].detail.endswith("(from 4 parts)")
         assert jsonl_entries(tmp_path / f"prepared{workers}") == expected  # the parts are gone, the caches equal
 
 
@@ -257,3 +260,125 @@ def test_where_the_file_resamples_by_dsir_prepare_writes_the_sidecars_importance
     assert [r.status for r in prepare(config, workers=1)] == ["kept", "kept"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()} == written  # complete: not rewritten
     assert len(list(MixedDataset.from_config(config, num_batches=2))) == 2  # resampled by the sidecars
+
+
+# -- one large file, in parts --------------------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+def large_jsonl(path: Path, megabytes: float) -> Path:
+    """Lines of varied length (some blank, some long), about ``megabytes`` of them, no newline at the end."""
+    rng = np.random.default_rng(4)
+    lines, size = [], 0
+    while size < megabytes * MIB:
+        words = " ".join(f"w{int(x)}" for x in rng.integers(0, 5000, int(rng.integers(1, 400))))
+        line = "" if rng.random() < 0.02 else json.dumps({"text": f"{len(lines)} {words}", "n": len(lines)})
+        lines.append(line)
+        size += len(line) + 1
+    path.write_text("\n".join(lines))
+    return path
+
+
+def one_file_mixture(root: Path, source: str, path: str, **extra) -> Path:
+    config = {"seed": 0, "global_batch_size": 4, "seq_len": 64,
+              "domains": [{"name": "big", "source": source, "path": path, **extra}]}  # fmt: skip
+    (root / "mixture.yaml").write_text(yaml.safe_dump(config))
+    return root / "mixture.yaml"
+
+
+def test_line_pieces_cut_a_file_at_line_starts_and_cover_it(tmp_path):
+    from onlinemix.loaders.paths import line_pieces
+
+    path = large_jsonl(tmp_path / "big.jsonl", 3)
+    data = path.read_bytes()
+    pieces = line_pieces(path, MIB)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(data) and len(pieces) in (3, 4)
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(pieces))  # contiguous
+    assert all(data[start - 1 : start] == b"\n" for start, _ in pieces[1:])  # each after a newline
+    long_line = tmp_path / "long.jsonl"
+    long_line.write_bytes(b"a" * (3 * MIB) + b"\nb\n")  # a line longer than a piece: one piece holds it whole
+    assert line_pieces(long_line, MIB) == [(0, 3 * MIB + 1), (3 * MIB + 1, 3 * MIB + 3)]
+
+
+def test_one_large_jsonl_file_is_prepared_in_parts_into_the_cache_a_first_open_writes(tmp_path, monkeypatch):
+    large_jsonl(tmp_path / "big.jsonl", 3.5)
+    config = one_file_mixture(tmp_path, "jsonl", "big.jsonl")
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "first-open"))
+    MixedDataset.from_config(config)
+    expected = jsonl_entries(tmp_path / "first-open")
+    engines = [("local", 1), ("local", 2), ("local", 4)]
+    try:
+        import ray  # noqa: F401
+
+        engines.append(("ray", 2))
+    except ImportError:
+        pass
+    for engine, workers in engines:
+        monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / f"{engine}{workers}"))
+        (result,) = prepare(config, workers=workers, engine=engine, part_size=MIB)
+        assert result.status == "built" and result.detail.endswith("(from 4 parts)"), (engine, workers)
+        assert jsonl_entries(tmp_path / f"{engine}{workers}") == expected, (engine, workers)  # meta.json included
+
+
+def test_a_part_is_never_cut_again_whatever_part_size_its_build_sees(tmp_path, monkeypatch):
+    from onlinemix.loaders.cache.tokens import file_parts, parts_of
+
+    large_jsonl(tmp_path / "big.jsonl", 2.5)
+    config = one_file_mixture(tmp_path, "jsonl", "big.jsonl")
+    (source,) = MixedDataset.from_config(config).sources
+    parts = file_parts(source.documents, MIB)
+    assert len(parts) == 3 and all(file_parts(part, MIB) == [] for part in parts)
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "cache"))
+    with parts_of(MIB):  # in this process (one worker), each part's build sees the size it was cut by
+        (result,) = prepare(config, workers=1, part_size=MIB)
+    assert result.status == "built" and result.detail.endswith("(from 3 parts)")
+
+
+def test_a_bad_line_in_a_later_part_is_named_by_file_line_and_byte(tmp_path, monkeypatch):
+    path = large_jsonl(tmp_path / "big.jsonl", 2.5)
+    data = path.read_bytes()
+    cut = data.index(b"\n", 2 * MIB) + 1
+    path.write_bytes(data[:cut] + b"{broken\n" + data[cut:])
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "cache"))
+    (result,) = prepare(one_file_mixture(tmp_path, "jsonl", "big.jsonl"), workers=1, part_size=MIB)
+    assert result.status == "failed"
+    assert re.match(rf"{re.escape(str(path))}: line \d+ after byte [\d,]+ is not valid JSON", result.detail)
+
+
+def test_a_parquet_file_is_prepared_by_row_groups_into_the_cache_a_first_open_writes(tmp_path, monkeypatch):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line)["text"] for line in large_jsonl(tmp_path / "rows.jsonl", 3).read_text().splitlines()
+            if line]  # fmt: skip
+    pq.write_table(pyarrow.table({"text": rows}), tmp_path / "big.parquet", row_group_size=len(rows) // 9)
+    assert pq.ParquetFile(tmp_path / "big.parquet").num_row_groups >= 9
+    config = one_file_mixture(tmp_path, "parquet", "big.parquet")
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "first-open"))
+    MixedDataset.from_config(config)
+    expected = {p.name: cache_files(p) for p in (tmp_path / "first-open").iterdir() if p.name.startswith("parquet-")}
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "prepared"))
+    (result,) = prepare(config, workers=2, part_size=MIB)
+    parts = int(re.search(r"from (\d+) parts", result.detail)[1])
+    assert result.status == "built" and parts >= 2
+    found = {p.name: cache_files(p) for p in (tmp_path / "prepared").iterdir() if p.name.startswith("parquet-")}
+    assert found == expected
+
+
+def test_a_compressed_file_is_one_part(tmp_path, monkeypatch):
+    path = large_jsonl(tmp_path / "big.jsonl", 2.5)
+    with gzip.open(tmp_path / "big.jsonl.gz", "wb") as packed:
+        packed.write(path.read_bytes())
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "cache"))
+    (result,) = prepare(one_file_mixture(tmp_path, "jsonl", "big.jsonl.gz"), workers=2, part_size=MIB)
+    assert result.status == "built" and "parts" not in result.detail
+
+
+def test_the_part_size_must_be_a_size(tmp_path, capsys):
+    config = one_file_mixture(tmp_path, "jsonl", "big.jsonl")
+    large_jsonl(tmp_path / "big.jsonl", 0.1)
+    assert main(["prepare", str(config), "--part-size", "32"]) == 1
+    assert "a size must be a number and a unit" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="part_size must be at least 1 MiB"):
+        prepare(config, part_size=1000)

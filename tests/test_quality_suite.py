@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "quality"))
 corpora = pytest.importorskip("corpora")
 data = pytest.importorskip("data")
+results = pytest.importorskip("results")
 run = pytest.importorskip("run")
 scenarios = pytest.importorskip("scenarios")
 train = pytest.importorskip("train")
@@ -22,10 +23,10 @@ train = pytest.importorskip("train")
 def test_steps_to_reach_interpolates_between_evaluations():
     steps = np.array([0, 100, 200, 300])
     values = np.array([5.0, 3.0, 2.0, 1.5])
-    assert run.steps_to_reach(steps, values, 2.5) == pytest.approx(150.0)  # halfway from 3.0 to 2.0
-    assert run.steps_to_reach(steps, values, 2.0) == pytest.approx(200.0)
-    assert run.steps_to_reach(steps, values, 1.0) is None  # never reached
-    assert run.steps_to_reach(steps, np.array([5.0, 1.0, 1.0, 1.0]), 4.0) == pytest.approx(25.0)
+    assert results.steps_to_reach(steps, values, 2.5) == pytest.approx(150.0)  # halfway from 3.0 to 2.0
+    assert results.steps_to_reach(steps, values, 2.0) == pytest.approx(200.0)
+    assert results.steps_to_reach(steps, values, 1.0) is None  # never reached
+    assert results.steps_to_reach(steps, np.array([5.0, 1.0, 1.0, 1.0]), 4.0) == pytest.approx(25.0)
 
 
 def test_target_prior_spreads_over_the_asked_number_of_domains_and_favours_the_closest():
@@ -56,19 +57,25 @@ def synthetic_corpus(name: str) -> list[tuple[str, str]]:
     return [(f"{name}/{i}", " ".join(rng.choice(vocabulary, 300))) for i in range(80)]
 
 
-def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
+def tiny_suite(monkeypatch) -> None:
+    """The suite on synthetic corpora of a few KB and models of a few thousand parameters: its code, in seconds."""
     monkeypatch.setattr(corpora, "CORPORA", {name: (lambda n=name: synthetic_corpus(n)) for name in corpora.CORPORA})
     monkeypatch.setattr(data, "GENERAL", {name: (corpus, 20_000) for name, (corpus, _) in data.GENERAL.items()})
     monkeypatch.setattr(data, "HELDOUT_BYTES", 6_000)
     monkeypatch.setattr(data, "SPECIFIC_BYTES", 4_000)
     monkeypatch.setattr(data, "CLUSTERS", 8)
     monkeypatch.setattr(data, "CLUSTER_POOL", dict.fromkeys(data.CLUSTER_POOL, 8_000))
-    monkeypatch.setattr(train, "SIZES", {"small": {"width": 16, "layers": 1, "heads": 2}})
+    monkeypatch.setattr(train, "SIZES", {"small": {"width": 16, "layers": 1, "heads": 2},
+                                         "medium": {"width": 24, "layers": 2, "heads": 2}})  # fmt: skip
     monkeypatch.setattr(train, "EVAL_WINDOWS", 16)
     monkeypatch.setattr(train, "WARMUP_STEPS", 2)
     monkeypatch.setattr(run, "REFERENCE_STEPS", 50)
     monkeypatch.setattr(run, "PRIOR_STEPS", 6)
     monkeypatch.setattr(run, "TUNING_STEPS", 3)
+
+
+def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
+    tiny_suite(monkeypatch)
     argv = ["--out", str(tmp_path), "--scenarios", "targeted+specific", "--seeds", "2", "--steps", "12"]
     assert run.main([*argv, "--workers", "1"]) == 0
     summary = (tmp_path / "summary.md").read_text()
@@ -107,3 +114,37 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     capsys.readouterr()
     assert run.main([*argv, "--workers", "1"]) == 0  # everything kept: nothing trained again
     assert "runs to train" not in capsys.readouterr().out
+
+    # the larger size, from these results: uniform, the small size's grid point, its best online method, the proxy
+    # workflow at this size and the small model's run replayed; compute in runs of the larger size
+    sizes = pytest.importorskip("sizes")
+    argv = ["--small", str(tmp_path), "--out", str(tmp_path / "medium"), "--scenarios", "targeted+specific"]
+    assert sizes.main([*argv, "--seeds", "2", "--steps", "12", "--workers", "1"]) == 0
+    table = (tmp_path / "medium" / "sizes.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    online = sizes.best_online(tmp_path, scenarios.scenarios(tmp_path / "data", tmp_path)["targeted+specific"], 2)
+    for label in ("uniform", online, f"proxy-{online}", f"export-{online}", f"small-{online}",
+                  f"small-export-{online}"):  # fmt: skip
+        assert label in rows and rows[label][1] != "not run", label
+    share = train.parameters("small") / train.parameters("medium")
+    whole = [json.loads((tmp_path / f"medium/runs/targeted+specific/small/{online}-seed{s}.json").read_text())
+             for s in range(2)]  # fmt: skip
+    small_cost = np.mean([run["compute"] for run in whole]) / (12 * data.GLOBAL_BATCH * 3)
+    assert 0 < share < 1 and float(rows["uniform"][3]) == 1.0  # a run of the larger size: one
+    assert float(rows[f"small-{online}"][3]) == pytest.approx(1 + share * small_cost, abs=0.006)  # and its share
+    assert rows["uniform"][4] != "–"  # the small size's gain beside this size's
+    assert (tmp_path / "medium" / "targeted+specific.png").exists()
+
+
+def test_the_gpu_slice_runs_end_to_end_in_its_tiny_configuration(tmp_path, monkeypatch):
+    tiny_suite(monkeypatch)
+    gpu_slice = pytest.importorskip("gpu_slice")
+    assert gpu_slice.main(["--tiny", "--out", str(tmp_path), "--steps", "24"]) == 0
+    report = (tmp_path / "gpu_slice.md").read_text()
+    assert report.startswith("# GPU slice on CPU")
+    for label in ("uniform", "dga", "proxy-dga", "export-dga"):
+        assert f"| {label} | " in report, label
+    assert "CUDA tests" not in report  # none on the CPU
+    assert "| ODM | " in report and "| DGA | " in report  # the controller benchmark's rows
+    with pytest.raises(SystemExit):
+        gpu_slice.main(["--tiny", "--out", str(tmp_path), "--steps", "6"])  # too few for a quarter-length proxy

@@ -212,6 +212,8 @@ UNGUARDED = "-unguarded"
 WITH_PRIOR = "+prior"  # "ado+prior": ADO started from DSIR's prior over the clusters (~32) instead of uniform
 PROXY = "proxy-"  # "proxy-dga": DGA's schedule from a run of PROXY_SHRINK times fewer steps, stretched to this run
 EXPORT = "export-"  # "export-dga": the same run's mean weights as a static mixture (onlinemix schedule export)
+ACROSS = "small-"  # "small-dga": the small model's whole DGA run's schedule, replayed on a larger model (sizes.py)
+ACROSS_EXPORT = "small-export-"  # "small-export-dga": its mean weights as the larger model's static mixture
 PROXY_SHRINK = 4
 TARGET_BLIND = ["odm", "ado", "doremi"]  # the controllers that need no target: run in every scenario with one
 # what needs a sample of the target

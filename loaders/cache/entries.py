@@ -48,6 +48,7 @@ class CacheEntry:
     tokens: int
     documents: int
     tokenizer: str
+    backend: str  # the tokenizer backend that encoded it ("fastokens 0.3.5"; the ids are the same whichever did)
     inputs: list[str]  # the input files it was built from
     last_used: float  # seconds since the epoch: the last open (or the build)
     stale: str | None  # why nothing will read it again (an input changed or gone), or None
@@ -91,6 +92,7 @@ def entries(root: Path) -> list[CacheEntry]:
                 tokens=int(meta.get("tokens", 0)),
                 documents=int(meta.get("documents", 0)),
                 tokenizer=str(meta.get("tokenizer", "?")),
+                backend=str(meta.get("backend") or "?"),  # entries from before it was recorded: unknown
                 inputs=[path for path, _ in meta.get("inputs", [])],
                 last_used=meta_path.stat().st_mtime,
                 stale=_stale(meta) if meta else "meta.json cannot be read",

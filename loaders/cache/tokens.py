@@ -24,13 +24,19 @@ Processes of one machine build an entry once (a local lock); machines do not sha
 caches once (``onlinemix prepare``) before many nodes open them: two that build the same entry at once
 upload the same bytes.
 
-**Parts.** ``onlinemix prepare`` tokenizes a domain of many files file by file (each file's entry is a *part*)
-and assembles the domain's entry from them: the same bytes a single build writes.
+**Parts.** ``onlinemix prepare`` tokenizes a domain of many files file by file, and a large file piece by piece
+(JSONL at line starts, Parquet between row groups; each file's or piece's entry is a *part*), and assembles the
+domain's entry from them: the same bytes a single build writes.
+
+Over 400 lines on purpose: a single build and the assembly from parts must write the same bytes and the same
+``meta.json``, and they share the helpers that guarantee it (``_building``, ``_finish``, the entry's locks);
+kept together, one reads both paths side by side.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -73,7 +79,11 @@ from onlinemix.loaders.tokenizers import Tokenizer, token_dtype
 log = logging.getLogger("onlinemix")
 CACHE_VERSION = 2  # 2: checksums and input digests in meta.json, content-keyed
 _BATCH_DOCUMENTS = 256  # documents tokenized per call (a Hugging Face tokenizer encodes a batch in parallel)
-_BATCH_TOKENS = 1 << 22  # tokens buffered before they are written
+PART_BYTES = 32 << 20  # onlinemix prepare cuts a large JSONL or Parquet file into parts of about this size
+_part_size = contextvars.ContextVar("part_size", default=PART_BYTES)  # the parts a build assembles from (parts_of)
+# a domain's first documents (this many, up to this much text) are encoded by tokenizers too where another backend
+# encodes, and compared: tokenizers is ~40x slower, so the sample is small
+_CHECKED_DOCUMENTS, _CHECKED_CHARACTERS = 16, 16 << 10
 _PROGRESS_FROM = 16 << 20  # show a progress bar for inputs at least this large
 
 
@@ -230,32 +240,30 @@ def _hold(staged: Path) -> EntryLock | None:
 
 
 class _TokenWriter:
-    """Appends documents' token ids to a file in large writes, and records each document's length."""
+    """Writes batches of documents' token ids to a file as they come, and records each document's length."""
 
     def __init__(self, file, dtype: np.dtype, tokenizer: Tokenizer, where: str):
         self.file, self.dtype, self.tokenizer, self.where = file, dtype, tokenizer, where
-        self.lengths: list[int] = []
+        self.lengths: list[np.ndarray] = []
+        self.documents = 0
         self.characters = 0  # of the texts tokenized (the log's text size; input files may be compressed)
-        self.pending: list[np.ndarray] = []
-        self.buffered = 0
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents' ids end to end (``lengths``: each document's), checked against the vocabulary."""
         if len(ids) and (ids.min() < 0 or ids.max() >= self.tokenizer.vocab_size):
+            bad = np.flatnonzero((ids < 0) | (ids >= self.tokenizer.vocab_size))[0]
+            document = self.documents + int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
             raise SourceError(
-                f"{self.where}: document {len(self.lengths) + len(self.pending)} holds token id {int(ids.max())}, "
-                f"outside the vocabulary of {self.tokenizer.name} ({self.tokenizer.vocab_size} ids): set tokenizer: "
-                "to the one its token ids come from"
+                f"{self.where}: document {document} holds token id {int(ids[bad])}, outside the vocabulary of "
+                f"{self.tokenizer.name} ({self.tokenizer.vocab_size} ids): set tokenizer: to the one its token ids "
+                "come from"
             )
-        self.pending.append(ids)
-        self.buffered += len(ids)
-        if self.buffered >= _BATCH_TOKENS:
-            self.flush()
+        self.file.write(ids.astype(self.dtype, copy=False).data)  # the file object buffers; no copy made here
+        self.lengths.append(np.asarray(lengths, dtype=np.int64))
+        self.documents += len(lengths)
 
-    def flush(self) -> None:
-        if self.pending:
-            self.file.write(np.concatenate(self.pending).astype(self.dtype).tobytes())
-            self.lengths.extend(len(ids) for ids in self.pending)
-        self.pending, self.buffered = [], 0
+    def all_lengths(self) -> np.ndarray:
+        return np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
 
 
 @contextmanager
@@ -275,8 +283,6 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
     """Tokenize every document into a temporary folder beside ``folder``, then rename it into place."""
     dtype = token_dtype(tokenizer.vocab_size)
     total = documents.input_bytes()
-    log.info("tokenizing %s (%.1f MB of input files, as stored: compressed files count compressed) with %s into %s",
-             documents.path, total / 1e6, tokenizer.name, folder)  # fmt: skip
     bar = tqdm(
         total=total, unit="B", unit_scale=True, desc=f"tokenizing {documents.path}", disable=total < _PROGRESS_FROM
     )
@@ -284,33 +290,65 @@ def _build(documents: DocumentSource, tokenizer: Tokenizer, folder: Path, key: d
         with open(temporary / "tokens.bin", "wb") as out, bar:
             writer = _TokenWriter(out, dtype, tokenizer, str(documents.path))
             texts: list[str] = []
+
+            def encode() -> None:
+                if texts:
+                    if writer.documents == 0 and documents.starts_file() and hasattr(tokenizer, "check_backend"):
+                        tokenizer.check_backend(_sample(texts), str(documents.path))  # the domain's first texts
+                    writer.add(*tokenizer.encode_flat(texts, dtype))
+                    writer.characters += sum(len(text) for text in texts)
+                    texts.clear()
+
+            started = False
             for document in documents.documents(progress=bar.update):
+                if not started:  # the backend is loaded by now: say which it is
+                    started = True
+                    log.info("tokenizing %s (%.1f MB of input files, as stored) with %s (%s) into %s", documents.path,
+                             total / 1e6, tokenizer.name, backend_of(tokenizer), folder)  # fmt: skip
                 if isinstance(document, str):
                     texts.append(document)
-                    writer.characters += len(document)
-                    if len(texts) < _BATCH_DOCUMENTS:
-                        continue
-                for ids in tokenizer.encode_batch(texts):  # texts before this one keep their order
-                    writer.add(ids)
-                texts.clear()
-                if not isinstance(document, str):  # token ids already: as they are (their writer chose separators)
-                    writer.add(np.asarray(document, dtype=np.int64))
-            for ids in tokenizer.encode_batch(texts):
-                writer.add(ids)
-            writer.flush()
+                    if len(texts) >= _BATCH_DOCUMENTS:
+                        encode()
+                    continue
+                encode()  # texts before this one keep their order
+                ids = np.asarray(document, dtype=np.int64)  # token ids already: as they are (their writer chose)
+                writer.add(ids, np.array([len(ids)]))
+            encode()
             out.flush()
             os.fsync(out.fileno())
-        # full digests of the local inputs (what verify checks); an object would be read a second time for it
-        inputs = [[str(path.resolve()), full_digest(path)] for path in documents.input_files() if not is_url(path)]
+        # full digests of the local inputs (what verify checks); an object would be read a second time for it, and
+        # a part of a file (a byte range) leaves it to the part that starts the file
+        inputs = [[str(path.resolve()), full_digest(path)] for path in documents.input_files()
+                  if not is_url(path) and documents.starts_file()]  # fmt: skip
         stamps = {str(path.resolve()): file_stamp(path) for path in documents.input_files()}  # for staleness
-        _finish(temporary, folder, key, dtype, writer.lengths, inputs, stamps, writer.characters)
-    log.info("%s: %d documents, %.1f million characters of text, %d tokens", documents.path, len(writer.lengths),
-             writer.characters / 1e6, sum(writer.lengths))  # fmt: skip
+        lengths = writer.all_lengths()
+        _finish(temporary, folder, key, dtype, lengths, inputs, stamps, writer.characters, backend_of(tokenizer))
+    log.info("%s: %d documents, %.1f million characters of text, %d tokens", documents.path, len(lengths),
+             writer.characters / 1e6, int(lengths.sum()))  # fmt: skip
+
+
+def _sample(texts: list[str]) -> list[str]:
+    """The first texts, at most ``_CHECKED_DOCUMENTS`` of them and ``_CHECKED_CHARACTERS`` of text (the last one
+    cut there)."""
+    sample, left = [], _CHECKED_CHARACTERS
+    for text in texts[:_CHECKED_DOCUMENTS]:
+        sample.append(text[:left])
+        left -= len(sample[-1])
+        if left <= 0:
+            break
+    return sample
+
+
+def backend_of(tokenizer: Tokenizer) -> str:
+    """Which backend encodes with ``tokenizer`` (``fastokens 0.3.5``, ``tokenizers 0.22.2``, ``byte``)."""
+    if getattr(tokenizer, "encoder", None) is not None:  # loads it: the backend is known once loaded
+        return tokenizer.backend
+    return getattr(tokenizer, "backend", "") or type(tokenizer).__name__
 
 
 def _finish(
-    temporary: Path, folder: Path, key: dict, dtype: np.dtype, lengths: list[int], inputs: list, stamps: dict,
-    characters: int,
+    temporary: Path, folder: Path, key: dict, dtype: np.dtype, lengths: np.ndarray, inputs: list, stamps: dict,
+    characters: int, backend: str,
 ) -> None:  # fmt: skip
     """Write ``documents.npy`` and ``meta.json`` beside a complete ``tokens.bin`` in ``temporary``, then rename it
     into place as ``folder`` (the one way an entry is finished, whether tokenized or assembled from parts)."""
@@ -325,6 +363,7 @@ def _finish(
         "inputs": inputs,
         "stamps": stamps,
         "characters": characters,
+        "backend": backend,  # which tokenizer backend made it (the ids are the same whichever did)
     }
     (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     os.replace(temporary, folder)
@@ -333,25 +372,43 @@ def _finish(
 # ----------------------------------------------------------------------------- a domain from its files' parts
 
 
-def file_parts(documents: DocumentSource) -> list[DocumentSource]:
+def file_parts(documents: DocumentSource, size: int = PART_BYTES) -> list[DocumentSource]:
     """The one-file sources whose token caches (*parts*) concatenate, in order, to ``documents``' own: one per
-    input file of a source of several files whose documents are its files' documents in order (JSONL, text,
-    Parquet: ``per_file``); empty for any other source. ``onlinemix prepare`` tokenizes the parts on many
-    workers (and keeps each finished one, so a killed run resumes by file), then assembles the domain's cache."""
-    files = getattr(documents, "files", [])
-    if not documents.per_file or len(files) < 2:
+    input file of a source whose documents are its files' documents in order (JSONL, text, Parquet:
+    ``per_file``), and one per piece of about ``size`` bytes of a file that can be cut (``pieces``: JSONL at line
+    starts, Parquet between row groups); empty where that makes one part (the whole domain). ``onlinemix
+    prepare`` tokenizes the parts on many workers (and keeps each finished one, so a killed run resumes by part),
+    then assembles the domain's cache. A part is never cut again (its own build would wait on itself)."""
+    if not documents.per_file or documents.span is not None:
         return []
     parts = []
-    for file in files:
-        part = copy.copy(documents)
-        part.files, part.path = [file], str(file)
-        parts.append(part)
-    return parts
+    for file in getattr(documents, "files", []):
+        pieces = documents.pieces(file, size)
+        for span in pieces if len(pieces) > 1 else [None]:
+            part = copy.copy(documents)
+            part.files, part.span = [file], span
+            part.path = str(file) if span is None else f"{file} [{span[0]:,}:{span[1]:,}]"
+            parts.append(part)
+    return parts if len(parts) > 1 else []
+
+
+@contextmanager
+def parts_of(size: int) -> Iterator[None]:
+    """Within it, a build looks for the parts ``onlinemix prepare`` made of ``size`` bytes (``file_parts``)."""
+    token = _part_size.set(size)
+    try:
+        yield
+    finally:
+        _part_size.reset(token)
 
 
 def cache_key(documents: DocumentSource, tokenizer: Tokenizer) -> dict:
-    """What a token cache entry is keyed by: the documents' content and options, and the tokenizer."""
-    return {"version": CACHE_VERSION, "source": documents.fingerprint(), "tokenizer": tokenizer.fingerprint()}
+    """What a token cache entry is keyed by: the documents' content and options (and the piece, for a part of a
+    file), and the tokenizer."""
+    source = documents.fingerprint()
+    if documents.span is not None:
+        source = {"whole": source, "span": list(documents.span)}
+    return {"version": CACHE_VERSION, "source": source, "tokenizer": tokenizer.fingerprint()}
 
 
 def _build_or_assemble(
@@ -359,7 +416,9 @@ def _build_or_assemble(
 ) -> None:
     """Build ``folder``: from its parts when every one is in ``root`` (``onlinemix prepare`` made them), else by
     tokenizing the documents. Either way the files are the same, byte for byte."""
-    parts = [cache_entry(root, part.kind, cache_key(part, tokenizer)) for part in file_parts(documents)]
+    parts = [
+        cache_entry(root, part.kind, cache_key(part, tokenizer)) for part in file_parts(documents, _part_size.get())
+    ]
     holds = [_hold(staging_folder(part, cache_root())) for part in parts]  # no remover takes a part meanwhile
     if not parts or not all((part / "meta.json").exists() for part in parts):
         for hold in holds:
@@ -376,10 +435,11 @@ def _build_or_assemble(
                     shutil.copyfileobj(tokens, out, 16 << 20)
             out.flush()
             os.fsync(out.fileno())
-        lengths = np.concatenate([np.diff(part.starts) for part in opened]).tolist()
-        inputs = [entry for part in opened for entry in part.meta.get("inputs", [])]
+        lengths = np.concatenate([np.diff(part.starts) for part in opened])
+        inputs = [entry for part in opened for entry in part.meta.get("inputs", [])]  # the pieces' first parts
         stamps = {path: stamp for part in opened for path, stamp in part.meta.get("stamps", {}).items()}
         characters = sum(int(part.meta.get("characters", 0)) for part in opened)
-        _finish(temporary, folder, key, opened[0].dtype, lengths, inputs, stamps, characters)
+        backends = sorted({part.meta.get("backend", "") for part in opened} - {""})
+        _finish(temporary, folder, key, opened[0].dtype, lengths, inputs, stamps, characters, ", ".join(backends))
     for part in parts:  # the domain's cache holds them now (a part is only ever read by this assembly)
         remove_tree(part)

@@ -125,6 +125,12 @@ class Source(abc.ABC):
         """What identifies this source's samples in a checkpoint (beyond its length); JSON-able."""
         return None
 
+    @classmethod
+    def for_data(cls, path: Any, options: dict[str, Any]) -> type[Source]:
+        """The class that reads the data at ``path`` (a ``source:`` kind whose data comes in several forms picks
+        one here, e.g. LitData's token chunks or documents); this class by default."""
+        return cls
+
     def summary(self) -> str:
         """One line on what the source holds beyond its sample count, for ``onlinemix inspect`` ("" for none)."""
         return ""
@@ -161,6 +167,18 @@ class DocumentSource(Source):
     # Whether ``documents()`` is each of ``self.files``' documents, file after file (so that a copy holding one
     # of the files gives that file's share): ``onlinemix prepare`` then tokenizes the files on many workers.
     per_file: ClassVar[bool] = False
+    # In a part of one file (``cache.tokens.file_parts``): the piece of it this copy reads, as ``pieces`` gave it
+    span: tuple[int, int] | None = None
+
+    def pieces(self, file: StoragePath, size: int) -> list[tuple[int, int]]:
+        """Where one of this source's files may be cut into pieces of about ``size`` input bytes, each read on its
+        own (``span``) and their documents, piece after piece, the file's: ``[(start, stop), ...]``. Empty (the
+        default): the file is one piece. JSONL cuts at line starts, Parquet between row groups."""
+        return []
+
+    def starts_file(self) -> bool:
+        """Whether this source reads its files from their start (not a later piece of one)."""
+        return self.span is None or self.span[0] == 0
 
     @abc.abstractmethod
     def documents(self, progress: Callable[[int], Any] | None = None) -> Iterator[str | np.ndarray]:

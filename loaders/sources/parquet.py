@@ -75,17 +75,32 @@ class ParquetSource(DocumentSource):
     def documents(self, progress=None) -> Iterator[str | np.ndarray]:
         for file in self.files:
             parquet = parquet_file(file)
-            for group in range(parquet.num_row_groups):
+            for group in self._groups(parquet):
                 table = parquet.read_row_group(group, columns=[self.column])
                 yield from column_values(table.column(0).to_pylist(), str(file), self.column)
                 if progress is not None:
                     progress(parquet.metadata.row_group(group).total_byte_size)
 
+    def _groups(self, parquet) -> range:
+        """The row groups this source reads of a file: all, or those of its piece (``span``)."""
+        return range(*self.span) if self.span is not None else range(parquet.num_row_groups)
+
+    def pieces(self, file: StoragePath, size: int) -> list[tuple[int, int]]:
+        """Runs of whole row groups of about ``size`` bytes (uncompressed) each."""
+        metadata = parquet_file(file).metadata
+        cuts, gathered = [0], 0
+        for group in range(metadata.num_row_groups):
+            if gathered >= size:
+                cuts.append(group)
+                gathered = 0
+            gathered += metadata.row_group(group).total_byte_size
+        return list(zip(cuts, [*cuts[1:], metadata.num_row_groups]))
+
     def input_bytes(self) -> int:
         total = 0
         for file in self.files:
-            metadata = parquet_file(file).metadata
-            total += sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups))
+            parquet = parquet_file(file)
+            total += sum(parquet.metadata.row_group(g).total_byte_size for g in self._groups(parquet))
         return total
 
     def fingerprint(self) -> dict:

@@ -29,10 +29,11 @@ from onlinemix.loaders.cache.folder import cache_entry, cache_root
 from onlinemix.loaders.checksums import CHECKSUM_CHUNK, bad_chunk, file_stamp
 from onlinemix.loaders.sources.base import NothingToVerify, Source, SourceError
 from onlinemix.loaders.sources.gather import gather_windows
-from onlinemix.loaders.storage import StoragePath, as_path, mtime_ns, open_input, remote_windows
+from onlinemix.loaders.storage import StoragePath, as_path, mtime_ns, open_input, read_ranges, remote_windows
 from onlinemix.loaders.transforms import TokenWindow, Transform
 
 DTYPES = ("uint16", "uint32", "int32", "int64")
+NPY_MAGIC = b"\x93NUMPY"  # what numpy.save writes first
 SCAN_VERSION = 1
 log = logging.getLogger("onlinemix")
 
@@ -74,6 +75,11 @@ class TokenBinSource(Source):
         if self.path.is_dir():
             raise SourceError(f"{path} is a folder: a tokenbin domain is one file of token ids")
         size = self.path.stat().st_size
+        if read_ranges(self.path, [(0, len(NPY_MAGIC))])[0] == NPY_MAGIC:  # its header would be read as tokens
+            raise SourceError(
+                f"{path}: a .npy file with a header (numpy.save); a tokenbin domain is raw token ids, as np.memmap and "
+                "OLMo-core write them: rewrite it with np.load(path).tofile(new_path)"
+            )
         if size % self.dtype.itemsize:
             raise SourceError(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
         self.tokenizer = None  # set where the mixture knows it: then text() decodes with it

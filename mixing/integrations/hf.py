@@ -21,7 +21,9 @@ batches. ``OnlineMixingMixin`` fills those gaps, by the Trainer's own convention
 
 ``OnlineMixingCallback`` (added by the mixin) steps the mixer once per optimizer step, after the
 gradient-accumulation micro-batches, and saves the mixture's state into every checkpoint folder
-(atomically). ``MixingTrainer`` is the mixin on the stock ``Trainer``::
+(atomically). Every training log (each ``logging_steps``) carries ``mixing.metrics()`` (``mixing/weight/<domain>``,
+``mixing/loss/<domain>``, ...), so they reach whatever ``report_to`` names (TensorBoard, W&B, trackio, MLflow); the
+Trainer's own loggers put them under ``train/``. ``MixingTrainer`` is the mixin on the stock ``Trainer``::
 
     mixing = OnlineMixing.from_config("mixture.yaml", controller="odm", accumulation=2, device="cuda")
     args = TrainingArguments("runs/hf", max_steps=1000, gradient_accumulation_steps=2, save_steps=100)
@@ -151,6 +153,17 @@ class OnlineMixingMixin:
                 )
         aligned = torch.cat([inputs["input_ids"][:, :1], labels[:, :-1]], dim=1)  # labels[t] = input_ids[t]
         return model(**{**inputs, "labels": aligned})
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's ``log``, with ``mixing_metrics()`` added to each training log (the ones with ``loss``)."""
+        if "loss" in logs:
+            logs = {**logs, **self.mixing_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def mixing_metrics(self) -> dict[str, float]:
+        """The mixture's figures each training log carries: all of ``mixing.metrics()``. Override to keep fewer
+        (the Trainer also prints every log: with hundreds of domains, the weights alone may be enough)."""
+        return self.mixing.metrics()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, restoring the mixture's state from ``resume_from_checkpoint`` first."""

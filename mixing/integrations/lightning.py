@@ -21,6 +21,10 @@ the loss it optimises; the callback does the rest::
   batch ahead of the one it trains on, so the position saved is the batch
   after the last one *trained*, and the mixer needs ``lag >= 2`` (the
   prefetched batch must not wait for the step still running).
+- At each of Lightning's logging steps (``log_every_n_steps``) the callback logs ``mixing.metrics()``
+  through ``pl_module.log_dict`` (``mixing/weight/<domain>``, ``mixing/loss/<domain>``, ...), so they reach
+  the Trainer's loggers (TensorBoard, W&B, CSV, ...). Lightning writes a step's figures under the step before
+  it (its ``global_step`` counts steps begun): ``mixing/version`` says which weights they are.
 - ``train_dataloader()`` hands Lightning the loader without its own
   ``state_dict``: Lightning would checkpoint the fetched position, one batch
   too far.
@@ -87,6 +91,8 @@ class OnlineMixingCallback(pl.Callback):
         if trainer.global_step != self._steps:  # the optimizer stepped after this batch
             self._steps = trainer.global_step
             self.mixing.step()
+            if trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
+                pl_module.log_dict(self.mixing.metrics(), on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.mixing.mixer.flush()

@@ -20,7 +20,9 @@ config (``examples/torchtitan_mixed.py`` is one)::
   channel, under this data-parallel rank's key (as torchtitan's own ``ParallelAwareDataloader`` does);
 - ``MixingTrainer`` is torchtitan's ``Trainer`` plus ``attach``: ``MixingLoss`` wraps the trainer's loss
   function (its loss unchanged; each sample's mean token loss fed to the mixer with the domains of its
-  micro-batch) and the mixer steps after every optimizer step.
+  micro-batch) and the mixer steps after every optimizer step; every training log of its
+  ``metrics_processor`` carries ``mixing.metrics()`` (``mixing/weight/<domain>``, ``mixing/loss/<domain>``, ...)
+  to its TensorBoard or W&B logger.
 
 Every rank runs a mixer over its own slice of each global batch; the mixer all-reduces the statistics,
 so every rank publishes the same weights. (torchtitan's ``Trainer`` needs an accelerator; the pieces here
@@ -167,6 +169,17 @@ def step_after(optimizers: Any, mixing: OnlineMixing) -> None:
     optimizers.step = step_then_mix
 
 
+def log_with(metrics_processor: Any, mixing: OnlineMixing) -> None:
+    """Add ``mixing.metrics()`` to the ``extra_metrics`` of every ``metrics_processor.log`` (torchtitan's training
+    log, every ``metrics.log_freq`` steps): the figures reach its loggers and read the host copy only."""
+    log = metrics_processor.log
+
+    def log_and_mix(*args: Any, extra_metrics: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return log(*args, extra_metrics={**(extra_metrics or {}), **mixing.metrics()}, **kwargs)
+
+    metrics_processor.log = log_and_mix
+
+
 def check_matches(mixing: OnlineMixing, where: str, local_batch_size: int, tokenizer: Any) -> None:
     """The trainer's local batch size and tokenizer must be the mixture's (the file ``where``): an error names
     both."""
@@ -184,8 +197,8 @@ def check_matches(mixing: OnlineMixing, where: str, local_batch_size: int, token
 
 
 def attach(trainer: Any) -> MixingDataLoader:
-    """Wire the trainer's ``MixingDataLoader`` into its loss function and its optimizer step (after the
-    trainer's ``__init__``; ``MixingTrainer`` does it). Returns the data loader."""
+    """Wire the trainer's ``MixingDataLoader`` into its loss function, its optimizer step and its training log
+    (after the trainer's ``__init__``; ``MixingTrainer`` does it). Returns the data loader."""
     loader = trainer.dataloader
     if not isinstance(loader, MixingDataLoader):
         raise TypeError(
@@ -195,6 +208,7 @@ def attach(trainer: Any) -> MixingDataLoader:
     loader.mixing.check_accumulation(trainer.gradient_accumulation_steps, "the trainer's gradient accumulation steps")
     trainer.loss_fn = MixingLoss(trainer.loss_fn, loader)
     step_after(trainer.optimizers, loader.mixing)
+    log_with(trainer.metrics_processor, loader.mixing)
     return loader
 
 

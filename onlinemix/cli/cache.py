@@ -67,7 +67,7 @@ def list_entries(args: argparse.Namespace) -> None:
         status = f"STALE ({entry.stale})" if entry.stale else "ok"
         used = (now - entry.last_used) / 86400
         print(f"  {entry.folder.name}  {entry.size / 1e6:9,.1f} MB  {entry.tokens:>13,} tokens  "
-              f"used {used:5.1f} days ago  {entry.tokenizer}  {inputs}  {status}")  # fmt: skip
+              f"used {used:5.1f} days ago  {entry.tokenizer} ({entry.backend})  {inputs}  {status}")  # fmt: skip
 
 
 def prune(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from onlinemix.cli.common import Commands, command, load_mixture
+from onlinemix.loaders.cache.entries import parse_size
 from onlinemix.loaders.prepare import ENGINES, prepare
 from onlinemix.loaders.sources import SourceError
 
@@ -13,12 +14,12 @@ ABOUT = {
     "prepare": (
         "build every token cache a mixture needs before training (tokenize once, not in each job)",
         "Open every domain of CONFIG as a training run would, which builds what a first open builds: a text "
-        "domain's token cache (tokenized and packed), a token-bin file's recorded checksums. One domain per "
-        "worker process; a cache is written whole or not at all, so a killed run resumes where it stopped, and it"
-        " is the same file whatever the number of workers. Caches go to the mixture's cache_dir or "
-        "$ONLINEMIX_CACHE_DIR (shared storage lets every node read one prepared cache). Prints a line per domain;"
-        " exits 1 if any fails. Where the file resamples by DSIR sidecars and names their estimator (importance: "
-        "{estimator, sidecars}), it scores each domain into its sidecar too.",
+        "domain's token cache (tokenized and packed), a token-bin file's recorded checksums. One domain, file, or "
+        "part of a large file per worker process; a cache is written whole or not at all, so a killed run resumes "
+        "where it stopped, and it is the same file whatever the number of workers. Caches go to the mixture's "
+        "cache_dir or $ONLINEMIX_CACHE_DIR (shared storage lets every node read one prepared cache). Prints a line "
+        "per domain; exits 1 if any fails. Where the file resamples by DSIR sidecars and names their estimator "
+        "(importance: {estimator, sidecars}), it scores each domain into its sidecar too.",
     ),
 }
 
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> None:
     if args.workers == 0:
         raise ValueError("--workers must be >= 1")
     load_mixture(args.config)  # the whole file checked before any work
-    results = prepare(args.config, args.workers, args.domains, args.engine)
+    part_size = parse_size(args.part_size)
+    results = prepare(args.config, args.workers, args.domains, args.engine, part_size)
     for result in results:
         print(f"{result.domain}: {result.status} ({result.detail}; {result.seconds:.1f} s)")
     failed = [result.domain for result in results if result.status == "failed"]
@@ -50,4 +52,10 @@ def add(commands: Commands) -> None:
         default="local",
         help="local: worker processes here (default); ray: a Ray task per domain, on the cluster at $RAY_ADDRESS or "
         "a local one (pip install 'onlinemix[ray]')",
+    )
+    parser.add_argument(
+        "--part-size",
+        default="32MB",
+        help="a large JSONL or Parquet file is tokenized in parts of about this size, one task each (default 32MB):"
+        " smaller parts spread it over more workers, at a small cost per part",
     )
