@@ -132,6 +132,9 @@ def test_a_scenario_runs_end_to_end_writes_its_table_and_plot_and_resumes(tmp_pa
     small_cost = np.mean([run["compute"] for run in whole]) / (12 * data.GLOBAL_BATCH * 3)
     assert 0 < share < 1 and float(rows["uniform"][3]) == 1.0  # a run of the larger size: one
     assert float(rows[f"small-{online}"][3]) == pytest.approx(1 + share * small_cost, abs=0.006)  # and its share
+    searched = len(scenarios.scenarios(tmp_path / "data", tmp_path)["targeted+specific"].grid) + 2
+    for label in (label for label in rows if label.startswith("grid: ")):  # the small size's search, at its share
+        assert float(rows[label][3]) == pytest.approx(1 + share * searched, abs=0.006)
     assert rows["uniform"][4] != "–"  # the small size's gain beside this size's
     assert (tmp_path / "medium" / "targeted+specific.png").exists()
 

@@ -16,8 +16,9 @@ parameters, 9x the small model's) it trains, per seed:
   model (``small-<method>``) and exported (``small-export-<method>``): RegMix's and DoReMi's route, a small
   model finding the mixture for a large one.
 
-Compute is counted in runs of this size: a run's own, plus the run that made its schedule, a small run costing
-its share of parameters (the FLOPs of a window scale with them). It writes ``<out>/sizes.md`` (a table per
+Compute is counted in runs of this size: a run's own, plus the run that made its schedule (or, for the grid's
+point, the small size's search that chose it), a small run costing its share of parameters (the FLOPs of a
+window scale with them). It writes ``<out>/sizes.md`` (a table per
 scenario, with the small size's gains beside this size's) and a plot per scenario, and keeps every run: running
 it again resumes. Out of CI: an hour or more on two cores (``--workers``).
 """
@@ -93,10 +94,12 @@ def cost(args: argparse.Namespace, scenario: suite.Scenario, label: str, histori
     if label.startswith((suite.PROXY, suite.EXPORT)):
         made = [folder / "proxies" / f"{online}-seed{s}.json" for s in range(len(histories))]
         return own + results_mean(made, "compute") / plain
+    share = trainer.parameters("small") / trainer.parameters(args.size)
     if label.startswith(suite.ACROSS):  # ACROSS_EXPORT starts with it too
         made = [folder / "small" / f"{online}-seed{s}.json" for s in range(len(histories))]
-        share = trainer.parameters("small") / trainer.parameters(args.size)
         return own + share * results_mean(made, "compute") / plain
+    if label.startswith("grid: "):  # the search that chose the point: every point and the two baselines, small
+        return own + share * (len(scenario.grid) + 2)
     return own
 
 
