@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,24 @@ def write_config(root: Path, **overrides) -> Path:
 @pytest.fixture
 def example(tmp_path: Path) -> Path:
     return make_example(tmp_path)
+
+
+@contextmanager
+def lock_held_elsewhere(lock: Path) -> Iterator[None]:
+    """A cache entry's lock (``.<entry>.lock``) held exclusively by another process, as a builder holds it, for
+    the duration of the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from onlinemix.loaders.cache.folder import EntryLock; from pathlib import Path; "
+         f"import time; held = EntryLock(Path({str(lock)!r})); held.acquire(); print('held', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def byte_window(text: str, seq_len: int = 128) -> dict:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import make_example, write_jsonl
+from conftest import lock_held_elsewhere, make_example, write_jsonl
 
 from onlinemix.cli import main as onlinemix
 from onlinemix.loaders import MixedDataset
@@ -89,19 +87,8 @@ def test_the_size_limit_removes_the_least_recently_used_after_a_build(example, m
 def test_an_entry_being_built_is_never_removed(example):
     _, root = example
     (entry,) = cache.entries(root)
-    lock = root / f".{entry.folder.name}.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "from onlinemix.loaders.cache.folder import EntryLock; from pathlib import Path; "
-         f"import time; held = EntryLock(Path({str(lock)!r})); held.acquire(); print('held', flush=True); "
-         "time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(root / f".{entry.folder.name}.lock"):
         assert cache.clear(root) == [] and entry.folder.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert [e.folder for e in cache.clear(root)] == [entry.folder] and cache.entries(root) == []
 
 
