@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from onlinemix.loaders.build import estimator, open_source, tokenized_documents, tokenizer_of
 from onlinemix.loaders.cache.folder import cache_entry, token_cache_root
-from onlinemix.loaders.cache.tokens import PART_BYTES, TokenCache, cache_key, file_parts, parts_of
-from onlinemix.loaders.config import ConfigError, DomainConfig, MixtureConfig
+from onlinemix.loaders.cache.tokens import PART_BYTES, Cut, TokenCache, cache_key, part_cuts, part_of, parts_of
+from onlinemix.loaders.config import ConfigError, MixtureConfig
 from onlinemix.loaders.engines import ENGINES, engine_runner
 from onlinemix.loaders.importance.estimator import ImportanceError
 from onlinemix.loaders.importance.scoring import score_domain
 from onlinemix.loaders.paths import InputError, expand_paths
-from onlinemix.loaders.sources import Source, SourceError, TokenBinSource, TokenizedSource
+from onlinemix.loaders.sources import DocumentSource, Source, SourceError, TokenBinSource, TokenizedSource
 
 
 @dataclass
@@ -54,29 +54,31 @@ class Prepared:
     seconds: float
 
 
-def prepare_part(config_path: str, name: str, number: int, part_size: int = PART_BYTES) -> Prepared:
-    """Tokenize part ``number`` of domain ``name`` (a file, or a piece of a large one) into its token cache, if it
-    is not there (in a worker process)."""
+def prepare_part(config_path: str, name: str, cut: Cut) -> Prepared:
+    """Tokenize the part of domain ``name`` at ``cut`` (a file, or a piece of a large one: ``part_cuts``) into its
+    token cache, if it is not there (in a worker process)."""
     started = time.time()
     config = MixtureConfig.load(config_path)
     domain = next(d for d in config.domains if d.name == name)
+    documents = None
     try:
-        part = file_parts(tokenized_documents(config, domain), part_size)[number]
+        documents = tokenized_documents(config, domain)
+        part = part_of(documents, cut)
         cache = TokenCache.open(part, tokenizer_of(config, domain), token_cache_root(config.cache_dir))
-    except (ConfigError, SourceError, OSError, ValueError) as error:
-        file = _file(config, domain, number, part_size)
+    except (ConfigError, SourceError, OSError, ValueError, IndexError) as error:
+        file = _file(documents, cut)
         detail = str(error) if file in str(error) else f"{file}: {error}"  # named once
         return Prepared(name, "failed", detail, time.time() - started)
     detail = f"{int(cache.meta['tokens']):,} tokens of {part.path}"
     return Prepared(name, "built" if cache.built else "kept", detail, time.time() - started)
 
 
-def _file(config: MixtureConfig, domain: DomainConfig, number: int, part_size: int) -> str:
-    """How a message names part ``number`` of a domain (its file, when it can still be listed)."""
+def _file(documents: DocumentSource | None, cut: Cut) -> str:
+    """How a message names the part at ``cut`` (its file, when the domain's files could still be listed)."""
     try:
-        return str(file_parts(tokenized_documents(config, domain), part_size)[number].files[0])
+        return str(documents.files[cut[0]])
     except Exception:
-        return f"part {number}"
+        return f"file {cut[0]}"
 
 
 def prepare_domain(config_path: str, name: str, part_size: int = PART_BYTES) -> Prepared:
@@ -151,14 +153,12 @@ def prepare(
         raise ValueError(f"part_size must be at least 1 MiB, got {part_size:,} bytes")
     chosen = [name for name in names if domains is None or name in domains]
     path = str(Path(config_path).resolve())
-    parts = {
-        name: _parts_to_make(config, name, part_size) for name in chosen
-    }  # part sizes, for the domains made in parts
+    parts = {name: _parts_to_make(config, name, part_size) for name in chosen}  # for the domains made in parts
     # the largest first: the last worker to finish is not the one that started the largest task last
     sizes = {d.name: _input_bytes(d.path, Path(config_path).parent) for d in config.domains}
     whole = sorted((name for name in chosen if not parts[name]), key=lambda name: -sizes[name])
     files = [(name, number) for name in chosen for number in range(len(parts[name]))]
-    files.sort(key=lambda task: -parts[task[0]][task[1]])
+    files.sort(key=lambda task: -parts[task[0]][task[1]][1])
     first_wave: list[Task] = [*files, *((name, None) for name in whole)]
     workers = min(workers or os.cpu_count() or 1, len(first_wave))
     results: dict[tuple[str, int | None], Prepared] = {}
@@ -166,8 +166,10 @@ def prepare(
     with tqdm(total=total, desc="preparing", unit="task") as bar, engine_runner(engine, workers, run_task) as run:
 
         def wave(tasks: list[Task]) -> dict[Task, Prepared]:
-            done = run([(path, task, part_size) for task in tasks], bar)
-            return {task: result for (_, task, _), result in done.items()}
+            # a part's task is given its cut, found here once (finding it reads a little of every large file)
+            cuts = [None if number is None else parts[name][number][0] for name, number in tasks]
+            done = run([(path, task, part_size, cut) for task, cut in zip(tasks, cuts)], bar)
+            return {task: result for (_, task, _, _), result in done.items()}
 
         results = wave(first_wave)
         failed = {name: r for (name, number), r in results.items() if number is not None and r.status == "failed"}
@@ -183,19 +185,19 @@ def prepare(
     return [results[name, None] for name in chosen]
 
 
-def _parts_to_make(config: MixtureConfig, name: str, part_size: int) -> list[int]:
-    """The sizes of the parts a domain is tokenized in: empty when it is tokenized whole (one part, a format that
-    is not a sequence of files, no tokenizing at all) or its cache is there already."""
+def _parts_to_make(config: MixtureConfig, name: str, part_size: int) -> list[tuple[Cut, int]]:
+    """The parts a domain is tokenized in, each with its size: empty when it is tokenized whole (one part, a format
+    that is not a sequence of files, no tokenizing at all) or its cache is there already."""
     domain = next(d for d in config.domains if d.name == name)
     try:
         documents = tokenized_documents(config, domain)
-        parts = file_parts(documents, part_size) if documents is not None else []
-        if not parts:
+        cuts = part_cuts(documents, part_size) if documents is not None else []
+        if not cuts:
             return []
         key = cache_key(documents, tokenizer_of(config, domain))
         if (cache_entry(token_cache_root(config.cache_dir), documents.kind, key) / "meta.json").exists():
             return []
-        return [part.input_bytes() for part in parts]
+        return [(cut, part_of(documents, cut).input_bytes()) for cut in cuts]
     except (ConfigError, SourceError, OSError, ValueError):
         return []  # the domain's own task says what is wrong
 
@@ -211,10 +213,11 @@ def _input_bytes(path: Path | str | list[str] | None, base_dir: Path) -> int:
         return 0
 
 
-Task = tuple[str, "int | None"]  # (domain, file number): a part; (domain, None): the domain
+Task = tuple[str, "int | None"]  # (domain, part number): a part; (domain, None): the domain
 
 
-def run_task(path: str, task: Task, part_size: int = PART_BYTES) -> Prepared:
-    """One task, in whichever process the engine runs it."""
+def run_task(path: str, task: Task, part_size: int = PART_BYTES, cut: Cut | None = None) -> Prepared:
+    """One task, in whichever process the engine runs it: a domain's (assembled from its parts of ``part_size``,
+    or built whole), or the part at ``cut``."""
     name, number = task
-    return prepare_domain(path, name, part_size) if number is None else prepare_part(path, name, number, part_size)
+    return prepare_domain(path, name, part_size) if number is None else prepare_part(path, name, cut)

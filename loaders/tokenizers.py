@@ -13,10 +13,11 @@ Every tokenizer has a ``fingerprint``: a token cache, a checkpoint and a schedul
 that data tokenized one way is never read as another.
 
 **Backends.** A ``tokenizer.json`` is encoded with ``fastokens`` where it is installed (``pip install
-'onlinemix[fastokens]'``; 30-40x faster than ``tokenizers`` on one core) and can load the file, else with
-Hugging Face ``tokenizers`` (one log line says why). The ids are the same, so the fingerprint, the token caches
-and every checkpoint are the same whichever made them; each token cache checks it on a sample of its own
-documents when it is built (``check_backend``), and records which backend made it (``onlinemix cache list``).
+'onlinemix[fast]'``; 60-190x faster than ``tokenizers`` on one core in ``benchmarks/prepare_throughput.py``) and
+can load the file, else with Hugging Face ``tokenizers`` (one log line says why). The ids are the same, so the
+fingerprint, the token caches and every checkpoint are the same whichever made them; each token cache checks it
+on a sample of its own documents when it is built (``check_backend``), and records which backend made it
+(``onlinemix cache list``).
 ``$ONLINEMIX_TOKENIZER_BACKEND=tokenizers`` forces ``tokenizers``.
 """
 

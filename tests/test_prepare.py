@@ -335,6 +335,17 @@ def test_a_part_is_never_cut_again_whatever_part_size_its_build_sees(tmp_path, m
     assert result.status == "built" and result.detail.endswith("(from 3 parts)")
 
 
+def test_a_large_file_is_cut_once_to_plan_and_once_to_assemble_not_again_by_every_part(tmp_path, monkeypatch):
+    from onlinemix.loaders.sources import JsonlSource
+
+    large_jsonl(tmp_path / "big.jsonl", 3.5)
+    cuts, pieces = [], JsonlSource.pieces
+    monkeypatch.setattr(JsonlSource, "pieces", lambda self, file, size: cuts.append(size) or pieces(self, file, size))
+    monkeypatch.setenv("ONLINEMIX_CACHE_DIR", str(tmp_path / "cache"))
+    (result,) = prepare(one_file_mixture(tmp_path, "jsonl", "big.jsonl"), workers=1, part_size=MIB)
+    assert result.detail.endswith("(from 4 parts)") and cuts == [MIB, MIB]  # each part's task is given its cut
+
+
 def test_a_bad_line_in_a_later_part_is_named_by_file_line_and_byte(tmp_path, monkeypatch):
     path = large_jsonl(tmp_path / "big.jsonl", 2.5)
     data = path.read_bytes()

@@ -372,24 +372,40 @@ def _finish(
 # ----------------------------------------------------------------------------- a domain from its files' parts
 
 
+Cut = tuple[int, "tuple[int, int] | None"]  # a part: (the number of its file in ``files``, the piece of it or None)
+
+
 def file_parts(documents: DocumentSource, size: int = PART_BYTES) -> list[DocumentSource]:
-    """The one-file sources whose token caches (*parts*) concatenate, in order, to ``documents``' own: one per
-    input file of a source whose documents are its files' documents in order (JSONL, text, Parquet:
-    ``per_file``), and one per piece of about ``size`` bytes of a file that can be cut (``pieces``: JSONL at line
-    starts, Parquet between row groups); empty where that makes one part (the whole domain). ``onlinemix
-    prepare`` tokenizes the parts on many workers (and keeps each finished one, so a killed run resumes by part),
-    then assembles the domain's cache. A part is never cut again (its own build would wait on itself)."""
+    """The one-file sources whose token caches (*parts*) concatenate, in order, to ``documents``' own (see
+    ``part_cuts``); empty where that makes one part (the whole domain). ``onlinemix prepare`` tokenizes the parts on
+    many workers (and keeps each finished one, so a killed run resumes by part), then assembles the domain's
+    cache."""
+    return [part_of(documents, cut) for cut in part_cuts(documents, size)]
+
+
+def part_cuts(documents: DocumentSource, size: int = PART_BYTES) -> list[Cut]:
+    """Where ``documents`` is cut into parts: one per input file of a source whose documents are its files'
+    documents in order (JSONL, text, Parquet: ``per_file``), and one per piece of about ``size`` bytes of a file
+    that can be cut (``pieces``: JSONL at line starts, Parquet between row groups); empty where that makes one
+    part. A part is never cut again (its own build would wait on itself). Finding the pieces reads a little of
+    every large file: ``onlinemix prepare`` does it once and hands each task its cut."""
     if not documents.per_file or documents.span is not None:
         return []
-    parts = []
-    for file in getattr(documents, "files", []):
+    cuts: list[Cut] = []
+    for number, file in enumerate(getattr(documents, "files", [])):
         pieces = documents.pieces(file, size)
-        for span in pieces if len(pieces) > 1 else [None]:
-            part = copy.copy(documents)
-            part.files, part.span = [file], span
-            part.path = str(file) if span is None else f"{file} [{span[0]:,}:{span[1]:,}]"
-            parts.append(part)
-    return parts if len(parts) > 1 else []
+        cuts.extend((number, span) for span in (pieces if len(pieces) > 1 else [None]))
+    return cuts if len(cuts) > 1 else []
+
+
+def part_of(documents: DocumentSource, cut: Cut) -> DocumentSource:
+    """The part of ``documents`` at ``cut`` (from ``part_cuts``): a copy reading one file, or one piece of it."""
+    number, span = cut
+    file = documents.files[number]
+    part = copy.copy(documents)
+    part.files, part.span = [file], None if span is None else tuple(span)
+    part.path = str(file) if span is None else f"{file} [{span[0]:,}:{span[1]:,}]"
+    return part
 
 
 @contextmanager

@@ -167,7 +167,7 @@ class DocumentSource(Source):
     # Whether ``documents()`` is each of ``self.files``' documents, file after file (so that a copy holding one
     # of the files gives that file's share): ``onlinemix prepare`` then tokenizes the files on many workers.
     per_file: ClassVar[bool] = False
-    # In a part of one file (``cache.tokens.file_parts``): the piece of it this copy reads, as ``pieces`` gave it
+    # In a part of one file (``cache.tokens.part_of``): the piece of it this copy reads, as ``pieces`` gave it
     span: tuple[int, int] | None = None
 
     def pieces(self, file: StoragePath, size: int) -> list[tuple[int, int]]:

@@ -112,7 +112,7 @@ def text_of(record: Any, field: str, where: str) -> str:
 class JsonlSource(DocumentSource):
     """Documents of JSONL files (see the module docstring)."""
 
-    per_file = True  # its documents are its files' documents, file after file (see tokenized.file_parts)
+    per_file = True  # its documents are its files' documents, file after file (see cache.tokens.part_cuts)
     kind = "jsonl"
     options: ClassVar[dict[str, type]] = {"field": str}
     suffixes = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")

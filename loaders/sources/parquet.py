@@ -46,7 +46,7 @@ def column_values(values: list, where: str, column: str) -> Iterator[str | np.nd
 class ParquetSource(DocumentSource):
     """One document per Parquet row (see the module docstring)."""
 
-    per_file = True  # its documents are its files' documents, file after file (see tokenized.file_parts)
+    per_file = True  # its documents are its files' documents, file after file (see cache.tokens.part_cuts)
     kind = "parquet"
     options: ClassVar[dict[str, type]] = {"column": str}
     suffixes = (".parquet",)

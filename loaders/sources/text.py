@@ -23,7 +23,7 @@ _TEXT = (".txt", ".md", ".rst", ".text")
 class TextSource(DocumentSource):
     """One document per text file (see the module docstring)."""
 
-    per_file = True  # its documents are its files' documents, file after file (see tokenized.file_parts)
+    per_file = True  # its documents are its files' documents, file after file (see cache.tokens.part_cuts)
     kind = "text"
     suffixes = tuple(f"{suffix}{compressed}" for suffix in _TEXT for compressed in ("", ".gz", ".zst"))
 
